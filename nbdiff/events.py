@@ -1,0 +1,83 @@
+"""The records the decoder yields: every consumer (chat, visualize, bench, API, tests) reads these.
+
+They are plain dataclasses of ints, floats and strings so they serialise to JSON lines as they are
+(`to_json` / `event_from_json`), which is how `visualize --record/--replay` shares a run.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Union
+
+
+@dataclass
+class StepEvent:
+    """One denoising step (or the AR step that gives a block its first token) for one sequence."""
+
+    seq: int
+    """Index of the sequence in the batch."""
+    block: int
+    """Index of the active block (0 = first generated block)."""
+    step: int
+    """Global step counter of this sequence (denoising steps plus AR steps)."""
+    positions: list[int]
+    """Offsets inside the block committed at this step."""
+    tokens: list[int]
+    """Token ids committed at those offsets."""
+    texts: list[str]
+    """Their text (empty strings when the decoder has no tokenizer)."""
+    confidences: list[float]
+    """Confidence of each committed token under the chosen rule."""
+    masks_left: int
+    """Masked positions still left in the block after this step."""
+    block_size: int
+    """Size of the active block."""
+    sub_block: int = 0
+    """Index of the sub-block being decoded."""
+    kind: str = "step"
+
+
+@dataclass
+class BlockEvent:
+    """A block committed to the context (its keys/values are now in the cache)."""
+
+    seq: int
+    block: int
+    tokens: list[int]
+    text: str
+    kind: str = "block"
+
+
+@dataclass
+class FinalEvent:
+    """End of a generation, totals over the batch."""
+
+    new_tokens: int
+    forwards: int
+    """Every forward pass: prefill, denoising steps and commit passes."""
+    tokens_per_forward: float
+    seconds: float
+    tokens_per_second: float
+    finish_reason: str
+    """'eos', 'length' or 'cancelled' (first sequence's reason for batches; see finish_reasons)."""
+    texts: list[str] = field(default_factory=list)
+    finish_reasons: list[str] = field(default_factory=list)
+    steps: int = 0
+    """Denoising steps (model calls that committed tokens inside blocks)."""
+    prompt_tokens: int = 0
+    kind: str = "final"
+
+
+Event = Union[StepEvent, BlockEvent, FinalEvent]
+_KINDS = {"step": StepEvent, "block": BlockEvent, "final": FinalEvent}
+
+
+def to_json(event: Event) -> str:
+    return json.dumps(asdict(event), ensure_ascii=False)
+
+
+def event_from_json(line: str | dict[str, Any]) -> Event:
+    data = json.loads(line) if isinstance(line, str) else dict(line)
+    cls = _KINDS[data.get("kind", "")]
+    return cls(**data)

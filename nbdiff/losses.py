@@ -1,0 +1,92 @@
+"""The two NBDiff losses, read through the AR shift.
+
+- L_MDM: cross-entropy at every masked position j of the noised copy, read from the noised logits
+  at j - 1 (same block, because a block's first token is never masked).
+- L_AR: next-token cross-entropy over the clean copy (logits at i predict token i + 1), never
+  across a document boundary.
+- L = L_MDM + lambda * L_AR (lambda = 0.5 in the paper).
+
+Weighting of L_MDM: 'none' averages over masked tokens (the paper shows no 1/t factor);
+'inverse-t' weights each masked token by 1/t and divides by the number of eligible tokens, the
+usual ELBO form of masked diffusion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import NBDiffError
+
+WEIGHTINGS = ("none", "inverse-t")
+
+
+@dataclass
+class LossParts:
+    """Scalar losses of one batch, plus the counts behind them (for honest averaging in logs)."""
+
+    total: torch.Tensor
+    mdm: torch.Tensor
+    ar: torch.Tensor
+    mdm_tokens: int
+    ar_tokens: int
+    mdm_correct: int
+    """Masked positions whose argmax prediction is right (for masked-token accuracy)."""
+
+
+def _shifted_ce(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """CE of logits[:, j-1] against targets[:, j] for every j with where[:, j]; returns (ce, correct).
+
+    logits: [B, L, V]; targets, where: [B, L]. Position 0 is never selected.
+    """
+    sel = where[:, 1:]  # target positions 1..L-1
+    pred = logits[:, :-1][sel]  # [N, V]
+    gold = targets[:, 1:][sel]  # [N]
+    if pred.numel() == 0:
+        zero = logits.sum() * 0.0  # keeps the graph (and DDP) happy
+        return zero.reshape(1)[:0], torch.zeros(0, dtype=torch.bool, device=logits.device)
+    ce = F.cross_entropy(pred.float(), gold, reduction="none")
+    return ce, pred.argmax(-1) == gold
+
+
+def mdm_loss(
+    noised_logits: torch.Tensor,
+    clean_ids: torch.Tensor,
+    masked: torch.Tensor,
+    t: torch.Tensor,
+    weighting: str = "none",
+    eligible: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int, int]:
+    """L_MDM over masked positions. Returns (loss, number of masked tokens, number correct)."""
+    if weighting not in WEIGHTINGS:
+        raise NBDiffError(f"loss weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    ce, correct = _shifted_ce(noised_logits, clean_ids, masked)
+    n = int(ce.numel())
+    if n == 0:
+        return noised_logits.sum() * 0.0, 0, 0
+    if weighting == "none":
+        loss = ce.mean()
+    else:
+        w = 1.0 / t[:, 1:][masked[:, 1:]].float()
+        denom = int(eligible[:, 1:].sum()) if eligible is not None else n
+        loss = (ce * w).sum() / max(denom, 1)
+    return loss, n, int(correct.sum())
+
+
+def ar_loss(clean_logits: torch.Tensor, clean_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """L_AR: mean next-token CE at every position j with target_mask[:, j] (predicted from j - 1).
+
+    target_mask must already exclude document starts (a token is not predicted from another
+    document) and untrained tokens (padding, chat prompts).
+    """
+    ce, _ = _shifted_ce(clean_logits, clean_ids, target_mask)
+    if ce.numel() == 0:
+        return clean_logits.sum() * 0.0, 0
+    return ce.mean(), int(ce.numel())
+
+
+def combine(mdm: torch.Tensor, ar: torch.Tensor, ar_weight: float) -> torch.Tensor:
+    """L = L_MDM + lambda * L_AR."""
+    return mdm + ar_weight * ar if ar_weight else mdm

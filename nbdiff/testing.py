@@ -1,0 +1,112 @@
+"""Tiny random models and a tiny real tokenizer, for tests, benchmarks and examples.
+
+`tiny_model("qwen3")` is one line; nothing is downloaded. The tokenizer is a byte-level BPE
+trained in memory on a few hundred words, with ChatML special tokens and a chat template, so the
+chat, convert and adapt paths run exactly as they do on a real checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+
+_TRAIN_TEXT = (
+    "It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+    "must be in want of a wife. However little known the feelings or views of such a man may be "
+    "on his first entering a neighbourhood, this truth is so well fixed in the minds of the "
+    "surrounding families, that he is considered the rightful property of some one or other of "
+    "their daughters. def add(a, b):\n    return a + b\n1 + 2 = 3. 12 * 4 = 48. The quick brown fox "
+    "jumps over the lazy dog. Hello, how are you today? I am fine, thank you. Once upon a time."
+)
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] "
+    "+ '<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def tiny_tokenizer(vocab_size: int = 384, mask_token: bool = False):
+    """A PreTrainedTokenizerFast (byte-level BPE) with <|endoftext|>, <|im_start|>, <|im_end|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_TRAIN_TEXT] * 4, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    if mask_token:
+        fast.add_special_tokens({"mask_token": "<|mask|>"})
+    return fast
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 384, **overrides):
+    """A small transformers config of the given family (about 0.3M parameters by default)."""
+    from transformers import AutoConfig
+
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}")
+    kwargs = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=arch in ("qwen2", "qwen3"),
+        bos_token_id=None,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "qwen3":
+        kwargs["head_dim"] = 16
+    if arch == "mistral":
+        kwargs["sliding_window"] = None
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(arch, **kwargs)
+    config.architectures = [type(config).__name__.replace("Config", "ForCausalLM")]
+    return config
+
+
+def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **overrides):
+    """A random-weight causal LM of the given family, in eval mode, fp32."""
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config(arch, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
+        # random init is small; scale up so different inputs give clearly different logits
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, **overrides):
+    """Write a plain (unconverted) Hugging Face folder: tiny model + tiny tokenizer."""
+    tok = tiny_tokenizer()
+    model = tiny_model(arch, seed=seed, vocab_size=len(tok), **overrides)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,58 @@
+"""The `nbdiff` command line: registers one command per module, nothing else.
+
+Each entry of COMMANDS is "module:function". Command modules import only typer/rich at the top
+and load torch/transformers inside the function, so `nbdiff --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import typer
+
+from .console import handle_errors
+
+# name -> "module:function" (order = order in --help)
+COMMANDS: dict[str, str] = {
+    "info": "nbdiff_cli.info:info",
+}
+
+app = typer.Typer(
+    name="nbdiff",
+    help="Turn an autoregressive LM into a block-diffusion LM (NBDiff): convert, adapt, chat, visualize.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _register() -> None:
+    for name, target in COMMANDS.items():
+        module_name, func_name = target.split(":")
+        func = getattr(importlib.import_module(module_name), func_name)
+        app.command(name)(handle_errors(func))
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.", is_eager=True),
+) -> None:
+    if version:
+        from importlib.metadata import PackageNotFoundError, version as pkg_version
+
+        try:
+            typer.echo(f"nbdiff {pkg_version('nbdiff')}")
+        except PackageNotFoundError:
+            typer.echo("nbdiff (not installed)")
+        raise typer.Exit()
+
+
+_register()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""`nbdiff info DIR`: what a model folder is, and its block-diffusion settings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .console import console
+
+
+def info(
+    model_dir: Annotated[Path, typer.Argument(help="A model folder (converted by nbdiff or plain Hugging Face).")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the settings as JSON.")] = False,
+) -> None:
+    """Show a model folder's architecture, size and nbdiff settings."""
+    import json
+
+    from rich.table import Table
+
+    from nbdiff.errors import NBDiffError
+    from nbdiff.settings import read_settings
+
+    if not model_dir.is_dir():
+        raise NBDiffError(f"{model_dir} is not a folder", "pass the folder written by `nbdiff convert`")
+    settings = read_settings(model_dir)
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    weights = sorted(model_dir.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in weights)
+    if json_out:
+        payload = {
+            "architecture": (config.get("architectures") or ["?"])[0],
+            "model_type": config.get("model_type"),
+            "weight_files": len(weights),
+            "weight_bytes": size,
+            "nbdiff": settings.to_dict() if settings else None,
+        }
+        console.print_json(json.dumps(payload))
+        return
+    table = Table(title=str(model_dir), show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("architecture", str((config.get("architectures") or ["?"])[0]))
+    table.add_row("model type", str(config.get("model_type")))
+    table.add_row("vocabulary", str(config.get("vocab_size")))
+    table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
+    table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
+    if settings is None:
+        table.add_row("nbdiff", "[yellow]not converted[/] (run `nbdiff convert` on it)")
+    else:
+        table.add_row("block size", str(settings.block_size))
+        table.add_row("adapted block size", str(settings.adapted_block_size))
+        table.add_row("mask token", f"{settings.mask_token!r} (id {settings.mask_token_id})")
+        table.add_row("context mask", settings.context_mask)
+        table.add_row("shift", str(settings.shift))
+        table.add_row("source", settings.source or "?")
+        for key, value in settings.extra.items():
+            table.add_row(key, str(value))
+    console.print(table)
