@@ -35,6 +35,8 @@ class StepEvent:
     """Size of the active block."""
     sub_block: int = 0
     """Index of the sub-block being decoded."""
+    ar: bool = False
+    """True for the AR step that gives a block its first token (from the previous forward's last logits)."""
     kind: str = "step"
 
 
@@ -66,6 +68,10 @@ class FinalEvent:
     steps: int = 0
     """Denoising steps (model calls that committed tokens inside blocks)."""
     prompt_tokens: int = 0
+    tokens: list[list[int]] = field(default_factory=list)
+    """Generated token ids per sequence (up to and including EOS)."""
+    notes: list[str] = field(default_factory=list)
+    """Things the caller should tell the user (e.g. max_new_tokens shortened to fit the context)."""
     kind: str = "final"
 
 

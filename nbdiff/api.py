@@ -1,0 +1,187 @@
+"""The Python API: load a folder, stream decoding events, or generate text in one call.
+
+    import nbdiff
+    model, tokenizer = nbdiff.load("smollm2-nbdiff", quantize="nf4")
+    for event in nbdiff.stream(model, tokenizer, "Write a haiku", block_size=8):
+        ...                                   # StepEvent / BlockEvent records, then a FinalEvent
+    text, final = nbdiff.generate(model, tokenizer, [{"role": "user", "content": "Hi"}], threshold=0.8)
+
+A prompt is a string, a list of chat messages, or a list of either (a batch). Strings and
+message lists go through the tokenizer's chat template when it has one (`raw=True` for a plain
+continuation). Decoding options come from a `DecodeOptions`, overridden by keyword arguments;
+`block_size=None` means the model folder's block size (1 for a never-converted folder).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import fields
+from typing import Any, Iterator, Sequence, Union
+
+from .decoding import DecodeOptions
+from .errors import NBDiffError
+from .events import Event, FinalEvent
+from .loading import context_length, load_model, model_settings
+
+Message = dict
+PromptLike = Union[str, Sequence[Message]]
+
+
+def load(path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load a converted (or plain) model folder. Returns (model, tokenizer)."""
+    return load_model(path, quantize=quantize, device=device, dtype=dtype)
+
+
+def resolve_options(model, options: DecodeOptions | None = None, **overrides: Any) -> tuple[DecodeOptions, list[str]]:
+    """Options with keyword overrides applied and block_size filled from the model. Returns (options, notes)."""
+    options = options or DecodeOptions()
+    known = set(DecodeOptions.field_names())
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise NBDiffError(f"unknown decoding option(s): {', '.join(unknown)}", f"known: {', '.join(sorted(known))}")
+    if overrides:
+        options = options.with_(**overrides)
+    settings = model_settings(model)
+    notes: list[str] = []
+    if options.block_size is None:
+        if settings is None:
+            options = options.with_(block_size=1)
+            notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")
+        else:
+            options = options.with_(block_size=settings.block_size)
+    if settings is None and options.block_size > 1:
+        raise NBDiffError(
+            f"--block-size {options.block_size} needs a converted model (this folder has no mask token)",
+            "run `nbdiff convert SOURCE --out DIR` and pass DIR, or use --block-size 1",
+        )
+    if settings is not None and options.block_size > settings.adapted_block_size:
+        notes.append(
+            f"block size {options.block_size} is above the block size this model was adapted to "
+            f"({settings.adapted_block_size}): expect poor text"
+        )
+    return options, notes
+
+
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(m, dict) for m in value)
+
+
+def encode(tokenizer, prompt: PromptLike, *, system: str | None = None, raw: bool = False) -> list[int]:
+    """Token ids of one prompt (a string or a list of chat messages)."""
+    if isinstance(prompt, str):
+        if not prompt.strip():
+            raise NBDiffError("the prompt is empty", "pass some text with --prompt")
+        messages = [{"role": "user", "content": prompt}]
+    elif _is_messages(prompt):
+        messages = list(prompt)
+        if not any(str(m.get("content", "")).strip() for m in messages):
+            raise NBDiffError("the conversation is empty", "add a message with some text")
+    else:
+        raise NBDiffError(
+            f"a prompt must be a string or a list of {{'role', 'content'}} messages, got {type(prompt).__name__}"
+        )
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages = [{"role": "system", "content": system}] + messages
+    if not raw and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    # plain continuation: the turns' texts one after another
+    text = "\n\n".join(str(m.get("content", "")) for m in messages) if len(messages) > 1 else messages[0]["content"]
+    return list(tokenizer(text)["input_ids"])
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    """Every id that ends a reply: generation config, model config and tokenizer EOS."""
+    ids: list[int] = []
+    for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+    return ids
+
+
+def _prompts(tokenizer, prompt_or_messages, system, raw) -> tuple[list[list[int]], bool]:
+    """(token-id prompts, is_batch)."""
+    value = prompt_or_messages
+    if isinstance(value, str) or _is_messages(value):
+        return [encode(tokenizer, value, system=system, raw=raw)], False
+    if isinstance(value, (list, tuple)) and value:
+        return [encode(tokenizer, p, system=system, raw=raw) for p in value], True
+    raise NBDiffError("nothing to decode: the prompt list is empty", "pass a string or a list of messages")
+
+
+def stream(
+    model,
+    tokenizer,
+    prompt_or_messages,
+    options: DecodeOptions | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    system: str | None = None,
+    raw: bool = False,
+    **overrides: Any,
+) -> Iterator[Event]:
+    """Decode and yield StepEvent / BlockEvent records, then one FinalEvent.
+
+    Errors in the input (empty prompt, prompt longer than the context, bad options) are raised
+    by the first `next()`; set `cancel` to stop before the next forward pass.
+    """
+    from .decoder import decode
+
+    opts, notes = resolve_options(model, options, **overrides)
+    prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
+    limit = context_length(model)
+    longest = max(len(p) for p in prompts)
+    if limit is not None:
+        if longest >= limit:
+            raise NBDiffError(
+                f"the prompt has {longest} tokens but the model's context is {limit}",
+                "shorten the prompt (in chat: /clear)",
+            )
+        if longest + opts.max_new_tokens > limit:
+            opts = opts.with_(max_new_tokens=limit - longest)
+            notes.append(f"max_new_tokens shortened to {opts.max_new_tokens} to fit the context of {limit}")
+    settings = model_settings(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    events = decode(
+        model,
+        prompts,
+        opts,
+        mask_token_id=settings.mask_token_id if settings is not None else -1,
+        eos_token_ids=eos_ids(model, tokenizer),
+        pad_token_id=pad,
+        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
+        token_text=lambda t: tokenizer.decode([t]),
+        cancel=cancel,
+    )
+    for event in events:
+        if isinstance(event, FinalEvent):
+            event.notes = notes + event.notes
+        yield event
+
+
+def generate(
+    model,
+    tokenizer,
+    prompt_or_messages,
+    options: DecodeOptions | None = None,
+    *,
+    cancel: threading.Event | None = None,
+    system: str | None = None,
+    raw: bool = False,
+    **overrides: Any,
+) -> tuple[str | list[str], FinalEvent]:
+    """Decode to the end. Returns (text, final record); a batch input gives a list of texts."""
+    batch = not (isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages))
+    final = None
+    for event in stream(model, tokenizer, prompt_or_messages, options, cancel=cancel, system=system, raw=raw, **overrides):
+        if isinstance(event, FinalEvent):
+            final = event
+    assert final is not None  # decode always ends with a FinalEvent
+    return (final.texts if batch else final.texts[0]), final
+
+
+def option_fields() -> list[str]:
+    """Names of the decoding options (what `**overrides` and chat's /set accept)."""
+    return [f.name for f in fields(DecodeOptions)]

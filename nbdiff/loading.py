@@ -1,0 +1,118 @@
+"""Load a model folder for decoding: device, dtype, sdpa attention, safetensors only, no remote code.
+
+A folder converted by `nbdiff convert` carries its block-diffusion settings in config.json
+(`nbdiff.settings`). A plain, never-converted Hugging Face folder also loads: it has no mask
+token, so it decodes only at block size 1 (plain AR; `model_settings` returns None and the CLI says
+how to convert); asking it for a larger block size is an NBDiffError that names `nbdiff convert`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .errors import NBDiffError
+from .quantize import bnb_config, normalize
+from .settings import BlockDiffusionSettings, read_settings, settings_from_config
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def _choice(value) -> str:
+    return str(getattr(value, "value", value)).lower()
+
+
+def resolve_device(device: str = "auto") -> str:
+    """'auto' -> cuda if available, else mps, else cpu; an unavailable explicit device is an error."""
+    device = _choice(device)
+    if device not in DEVICES:
+        raise NBDiffError(f"--device must be one of {', '.join(DEVICES)}, got {device!r}")
+    cuda, mps = torch.cuda.is_available(), getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if device == "auto":
+        return "cuda" if cuda else "mps" if mps else "cpu"
+    if (device == "cuda" and not cuda) or (device == "mps" and not mps):
+        raise NBDiffError(f"--device {device} is not available on this machine", "use --device cpu or --device auto")
+    return device
+
+
+def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
+    """'auto' -> bf16 on CUDA (fp16 if the GPU lacks bf16), fp16 on MPS, fp32 on CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _choice(dtype)
+    if name == "auto":
+        if device == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float16 if device == "mps" else torch.float32
+    if name not in DTYPES:
+        raise NBDiffError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
+    return DTYPES[name]
+
+
+def check_folder(path: str | Path) -> Path:
+    """A model folder with config.json and safetensors weights, or an NBDiffError saying what to do."""
+    folder = Path(path).expanduser()
+    convert_hint = f"run `nbdiff convert {path} --out DIR` first, then pass DIR"
+    if not folder.exists():
+        raise NBDiffError(f"model folder {path} does not exist", convert_hint)
+    if folder.is_file():
+        raise NBDiffError(f"{path} is a file, not a model folder", convert_hint)
+    if not (folder / "config.json").is_file():
+        raise NBDiffError(f"{path} has no config.json, so it is not a Hugging Face model folder", convert_hint)
+    if not any(folder.glob("*.safetensors")):
+        raise NBDiffError(
+            f"{path} has no *.safetensors weights (nbdiff loads safetensors only)", convert_hint
+        )
+    return folder
+
+
+def load_model(path: str | Path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
+    """Load (model, tokenizer) from a folder, in eval mode with sdpa attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    folder = check_folder(path)
+    read_settings(folder)  # validates the nbdiff section early, with a clear message
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    kind = normalize(quantize)
+    kwargs = dict(dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=True)
+    if kind is not None:
+        kwargs["quantization_config"] = bnb_config(kind, torch_dtype)
+        kwargs["device_map"] = {"": dev}
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the library never prints
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise NBDiffError(f"cannot load {path}: {str(exc).splitlines()[0]}", "is it a causal LM folder?") from None
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    if kind is None:
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    settings = model_settings(model)
+    if settings is not None:
+        vocab = model.get_input_embeddings().weight.shape[0]
+        if settings.mask_token_id >= vocab:
+            raise NBDiffError(
+                f"{path}: mask token id {settings.mask_token_id} is outside the vocabulary ({vocab})",
+                "re-run `nbdiff convert`",
+            )
+    return model, tokenizer
+
+
+def model_settings(model) -> BlockDiffusionSettings | None:
+    """The block-diffusion settings a loaded model carries, or None if it was never converted."""
+    return settings_from_config(model.config)
+
+
+def context_length(model) -> int | None:
+    """The model's maximum number of positions, if its config says."""
+    return getattr(model.config, "max_position_embeddings", None)
