@@ -14,7 +14,9 @@ from .console import handle_errors
 
 # name -> "module:function" (order = order in --help)
 COMMANDS: dict[str, str] = {
+    "convert": "nbdiff_cli.convert:convert",
     "info": "nbdiff_cli.info:info",
+    "visualize": "nbdiff_cli.visualize:visualize",
 }
 
 app = typer.Typer(

@@ -1,0 +1,98 @@
+"""`nbdiff visualize`: watch tokens unmask inside each block, live (a Textual app).
+
+Modules: `app` (the App and its factory `make_app(backend)`), `widgets` (drawing and the options
+form), `state` (events folded into what is drawn), `backends` (live decoder, replay, fake), `trace`
+(record/replay JSON lines). This module imports only typer at the top: textual, torch and the
+decoder load inside the command, so `nbdiff --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ..options import (
+    BlockSize,
+    Confidence,
+    ConfidenceOpt,
+    Device,
+    DeviceChoice,
+    Dtype,
+    DtypeChoice,
+    MaxNewTokens,
+    ModelArg,
+    Quantize,
+    QuantizeChoice,
+    Seed,
+    SubBlocks,
+    SystemPrompt,
+    Temperature,
+    Threshold,
+    TopK,
+    TopP,
+)
+
+TRACE = "Trace"
+
+
+def visualize(
+    model: ModelArg = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt to run at start (or type one in the app).")] = None,
+    block_size: BlockSize = None,
+    sub_blocks: SubBlocks = 1,
+    threshold: Threshold = 0.9,
+    confidence: ConfidenceOpt = Confidence.prob,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNewTokens = 128,
+    seed: Seed = None,
+    system: SystemPrompt = None,
+    device: Device = DeviceChoice.auto,
+    dtype: Dtype = DtypeChoice.auto,
+    quantize: Quantize = QuantizeChoice.none,
+    record: Annotated[Optional[Path], typer.Option("--record", help="Write the run's events to this file (JSON lines).",
+                                                   rich_help_panel=TRACE)] = None,
+    replay: Annotated[Optional[Path], typer.Option("--replay", help="Play a recorded trace, no model needed.",
+                                                   rich_help_panel=TRACE)] = None,
+    speed: Annotated[float, typer.Option("--speed", help="Animation speed in steps per second (0 = as fast as the model).",
+                                         rich_help_panel=TRACE)] = 8.0,
+    demo: Annotated[bool, typer.Option("--demo", help="Synthetic events, no model (to try the interface).",
+                                       rich_help_panel=TRACE)] = False,
+) -> None:
+    """Watch the decoder unmask tokens block by block, live, in the terminal.
+
+    Keys: / prompt, p pause, n single step, + - speed, c colour by confidence or step,
+    o block size / sub-blocks / threshold, r run again, s save an SVG screenshot, q quit.
+    """
+    from nbdiff.decoding import DecodeOptions
+    from nbdiff.errors import NBDiffError
+
+    if speed < 0:
+        raise NBDiffError(f"--speed must be >= 0, got {speed}", "steps per second; 0 = as fast as the model")
+    options = DecodeOptions(
+        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence.value,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+    )
+    from .backends import FakeBackend, LiveBackend, ReplayBackend
+
+    if replay is not None:
+        if record is not None:
+            raise NBDiffError("--record and --replay exclude each other", "a replay is already a trace; copy the file")
+        backend = ReplayBackend(replay)
+    elif demo:
+        backend = FakeBackend(delay=0.05)
+    elif model is None:
+        raise NBDiffError(
+            "no model given", "pass a converted folder (`nbdiff convert` makes one), --replay TRACE or --demo"
+        )
+    else:
+        backend = LiveBackend(model, quantize=None if quantize == QuantizeChoice.none else quantize.value,
+                              device=device.value, dtype=dtype.value, system=system)
+
+    from .app import make_app
+
+    app = make_app(backend, prompt=prompt or "", options=options, speed=speed, record=record)
+    app.run()
