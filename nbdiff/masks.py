@@ -114,5 +114,6 @@ def to_model_mask(mask: torch.Tensor, model, dtype: torch.dtype | None = None) -
 
 
 def attention_implementation(model) -> str:
-    config = getattr(model, "config", model)
+    # DDP/FSDP wrappers hide the model (and its config) behind `.module`
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None) or model
     return getattr(config, "_attn_implementation", None) or "eager"
