@@ -15,6 +15,8 @@ from .console import handle_errors
 # name -> "module:function" (order = order in --help)
 COMMANDS: dict[str, str] = {
     "convert": "nbdiff_cli.convert:convert",
+    "adapt": "nbdiff_cli.adapt:adapt",
+    "plot": "nbdiff_cli.plot:plot",
     "info": "nbdiff_cli.info:info",
     "visualize": "nbdiff_cli.visualize:visualize",
 }

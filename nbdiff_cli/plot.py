@@ -1,0 +1,87 @@
+"""`nbdiff plot METRICS.jsonl -o loss.png`: loss curves and block-size steps of an adapt run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .console import console
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """Train and eval records of a metrics.jsonl (bad lines are skipped)."""
+    from nbdiff.errors import NBDiffError
+
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise NBDiffError(f"{path} not found", "pass the metrics.jsonl of an `nbdiff adapt` run (or its --out folder)")
+    train, evals = [], []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict):
+            continue
+        if rec.get("event") == "train":
+            train.append(rec)
+        elif rec.get("event") == "eval":
+            evals.append(rec)
+    if not train and not evals:
+        raise NBDiffError(f"{path} holds no training records", "is it the metrics.jsonl of `nbdiff adapt`?")
+    return train, evals
+
+
+def plot(
+    metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of an adapt run (or the run's --out folder).", show_default=False)],
+    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write. [default: loss.png next to the metrics]",
+                                                   show_default=False)] = None,
+    title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
+) -> None:
+    """Draw the loss curves (total, MDM, AR, held-out) and the block-size steps to a PNG."""
+    train, evals = read_metrics(metrics)
+    if output is None:
+        output = (metrics if metrics.is_dir() else metrics.parent) / "loss.png"
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, axb) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    if train:
+        steps = [r["step"] for r in train]
+        ax.plot(steps, [r["loss"] for r in train], label="loss (train)", color="black", lw=1.2)
+        ax.plot(steps, [r["mdm"] for r in train], label="MDM (train)", color="tab:blue", lw=1, alpha=0.8)
+        ax.plot(steps, [r["ar"] for r in train], label="AR (train)", color="tab:orange", lw=1, alpha=0.8)
+        axb.step(steps, [r["block_size"] for r in train], where="post", color="tab:green")
+        # vertical guides where the block size grows
+        for prev, cur in zip(train, train[1:]):
+            if cur["block_size"] != prev["block_size"]:
+                ax.axvline(cur["step"], color="tab:green", lw=0.6, ls=":")
+    if evals:
+        es = [r["step"] for r in evals]
+        ax.plot(es, [r["ar"] for r in evals], "o--", color="tab:orange", ms=3, label="AR (held-out)")
+        sizes = sorted({b for r in evals for b in r.get("mdm", {})}, key=int)
+        cmap = plt.get_cmap("viridis")
+        for i, b in enumerate(sizes):
+            pts = [(r["step"], r["mdm"][b]) for r in evals if b in r.get("mdm", {})]
+            ax.plot(*zip(*pts), "s--", ms=3, lw=0.8, color=cmap(i / max(1, len(sizes) - 1)), label=f"MDM b={b} (held-out)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"nbdiff adapt: {metrics}")
+    axb.set_yscale("log", base=2)
+    axb.set_ylabel("block size")
+    axb.set_xlabel("optimizer step")
+    axb.grid(alpha=0.3)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(output)
+    console.print(f"wrote {output} ({len(train)} train records, {len(evals)} evaluations)")
