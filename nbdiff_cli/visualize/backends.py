@@ -73,11 +73,9 @@ class LiveBackend:
         from nbdiff import api
 
         self.prepare()
-        messages: Any = prompt
-        if self.system:
-            messages = [{"role": "system", "content": self.system}, {"role": "user", "content": prompt}]
         start = time.perf_counter()
-        for event in api.stream(self.model, self.tokenizer, messages, options, cancel=cancel):
+        events = api.stream(self.model, self.tokenizer, prompt, options, cancel=cancel, system=self.system)
+        for event in events:
             yield time.perf_counter() - start, event
             if cancel.is_set():
                 return
@@ -147,7 +145,7 @@ class FakeBackend:
         seed = options.seed if options.seed is not None else zlib.crc32(prompt.encode())
         rng = random.Random(seed)
         n_blocks = -(-options.max_new_tokens // b)
-        forwards, steps, made, texts = 1, 0, 0, []  # forwards starts at 1: the prefill
+        forwards, steps, denoise, made, texts = 1, 0, 0, 0, []  # forwards starts at 1: the prefill
         reason = "length"
 
         def tick() -> float:
@@ -157,12 +155,12 @@ class FakeBackend:
 
         for block in range(n_blocks):
             size = min(b, options.max_new_tokens - made)
-            tokens = [rng.randrange(len(_WORDS)) for _ in range(b)]
-            masked = set(range(1, b))
+            tokens = [rng.randrange(len(_WORDS)) for _ in range(size)]
+            masked = set(range(1, size))
             # AR step: the first token comes from the previous pass's logits (no extra forward)
             steps += 1
             yield tick(), StepEvent(0, block, steps, [0], [tokens[0]], [_WORDS[tokens[0]]], [1.0],
-                                    len(masked), b, 0)
+                                    len(masked), size, 0, ar=True)
             while masked:
                 if cancel.is_set():
                     return
@@ -174,11 +172,11 @@ class FakeBackend:
                 chosen = sorted({best} | {p for p in window if conf[p] > options.threshold})
                 masked -= set(chosen)
                 forwards += 1
+                denoise += 1
                 steps += 1
                 yield tick(), StepEvent(0, block, steps, chosen, [tokens[p] for p in chosen],
                                         [_WORDS[tokens[p]] for p in chosen], [round(conf[p], 4) for p in chosen],
-                                        len(masked), b, current)
-            forwards += 1  # the causal commit pass
+                                        len(masked), size, current)
             text = "".join(_WORDS[t] for t in tokens[:size])
             texts.append(text)
             made += size
@@ -186,9 +184,11 @@ class FakeBackend:
             if cancel.is_set():
                 reason = "cancelled"
                 break
+            if made < options.max_new_tokens:
+                forwards += 1  # the causal commit pass (the last block needs none)
         seconds = forwards * self.step_seconds
         yield seconds, FinalEvent(
             new_tokens=made, forwards=forwards, tokens_per_forward=round(made / forwards, 4),
             seconds=round(seconds, 4), tokens_per_second=round(made / seconds, 4), finish_reason=reason,
-            texts=["".join(texts)], finish_reasons=[reason], steps=steps, prompt_tokens=len(prompt.split()),
+            texts=["".join(texts)], finish_reasons=[reason], steps=denoise, prompt_tokens=len(prompt.split()),
         )

@@ -37,6 +37,9 @@ class RunView:
     block_size: int = 0
     sub_block: int = 0
     sub_blocks: int = 1
+    full_block_size: int = 0
+    """Largest block size seen: the last block may be shorter, but its sub-blocks keep the size
+    full_block_size // sub_blocks, as in the decoder."""
     tiles: list[Tile | None] = field(default_factory=list)
     """The active block, one entry per position; None = still masked."""
     block_steps: int = 0
@@ -73,6 +76,7 @@ class RunView:
             self.block_size = event.block_size
             self.tiles = [None] * event.block_size
             self.block_steps = 0
+            self.full_block_size = max(self.full_block_size, event.block_size)
         self.sub_block = event.sub_block
         for pos, tok, text, conf in zip(event.positions, event.tokens, event.texts, event.confidences):
             if 0 <= pos < len(self.tiles):
@@ -83,6 +87,12 @@ class RunView:
         self.per_step.append(len(event.positions))
 
     # ---- derived figures -------------------------------------------------------------------
+
+    @property
+    def sub_block_size(self) -> int:
+        sub = max(1, self.sub_blocks)
+        full = self.full_block_size or self.block_size
+        return full // sub if full and full % sub == 0 else max(full, 1)
 
     @property
     def done(self) -> bool:

@@ -67,23 +67,28 @@ def render_tiles(view: RunView, colour_by: str = "confidence") -> Text:
         out.append("waiting for the first block…", style="dim italic")
         return out
     n = len(view.tiles)
-    sub_blocks = max(1, view.sub_blocks)
-    part = n // sub_blocks if n % sub_blocks == 0 else n
-    current = -1 if view.active_committed else view.sub_block
+    part = view.sub_block_size
+    marked = view.sub_blocks > 1 and part < max(n, view.full_block_size)
+    current = None if view.active_committed else view.sub_block
+
+    def bar(*touching: int) -> None:
+        # the bar between two sub-blocks is highlighted when either side is the current one
+        here = current in touching
+        out.append("┃" if here else "│", style="bold #ffd75f" if here else "#6c6c6c")
+
     for pos, tile in enumerate(view.tiles):
-        if pos % part == 0 and sub_blocks > 1:
-            here = pos // part == current
-            out.append("┃" if here else "│", style="bold #ffd75f" if here else "#6c6c6c")
+        if marked and pos % part == 0:
+            bar(pos // part, pos // part - 1)
         if tile is None:
             out.append(" ░░ ", style="#808080 on #303030")
         else:
             colour = step_colour(tile.step_in_block) if colour_by == "step" else confidence_colour(tile.confidence)
             out.append(f" {tile_label(tile)} ", style=f"bold #000000 on {colour}")
-        last_of_part = (pos + 1) % part == 0
-        if last_of_part and sub_blocks > 1 and pos + 1 == n:
-            here = pos // part == current
-            out.append("┃" if here else "│", style="bold #ffd75f" if here else "#6c6c6c")
-        elif not (last_of_part and sub_blocks > 1):
+        end_of_part = (pos + 1) % part == 0 or pos + 1 == n
+        if marked and end_of_part:
+            if pos + 1 == n:
+                bar(pos // part)  # closing bar of the last sub-block
+        else:
             out.append(" ")
     return out
 
