@@ -134,8 +134,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _check_out_dir(out: Path, source: Source, force: bool) -> None:
-    src = source.folder.resolve()
-    if out == src or src in out.parents or (source.kind == "folder" and out in src.parents):
+    src = source.path.resolve()
+    if out == src or (source.kind == "folder" and (src in out.parents or out in src.parents)):
         raise NBDiffError(f"output folder {out} overlaps the source {src}", "choose another --out")
     if out.exists() and not out.is_dir():
         raise NBDiffError(f"output path {out} exists and is not a folder", "choose another --out")

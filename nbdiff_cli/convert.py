@@ -47,7 +47,7 @@ def convert(
         TransferSpeedColumn(),
         TimeElapsedColumn(),
         console=err_console,
-        transient=False,
+        transient=True,  # the summary table replaces it; an error stays a single line
     )
     task = progress.add_task(labels["load"], total=None)
 

