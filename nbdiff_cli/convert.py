@@ -34,11 +34,15 @@ def convert(
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
 
+    from nbdiff.settings import check_block_size
+    from nbdiff.sources import resolve_source
+
+    # Fail fast (bad block size, unknown alias, offline hub) before torch is even imported.
+    check_block_size(block_size)
+    resolved = resolve_source(source)
+
     from nbdiff.convert import ConvertProgress
     from nbdiff.convert import convert as run_convert
-    from nbdiff.settings import check_block_size
-
-    check_block_size(block_size)  # fail before anything slow
     labels = {"load": "reading source", "weights": "writing weights", "files": "writing config + tokenizer", "done": "done"}
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -58,7 +62,7 @@ def convert(
 
     with progress:
         result = run_convert(
-            source, out, block_size=block_size, mask_token=mask_token, dtype=dtype.value, force=force, on_progress=on_progress
+            resolved, out, block_size=block_size, mask_token=mask_token, dtype=dtype.value, force=force, on_progress=on_progress
         )
 
     table = Table(title=f"converted {result.source}", show_header=False, title_justify="left")
