@@ -99,9 +99,10 @@ def adapt(
 
     _quiet_libraries()
     panel = _Panel(cfg)
-    from accelerate import PartialState
+    import os
 
-    main = PartialState().is_main_process
+    # under torchrun / accelerate launch only rank 0 talks (the trainer creates the process group)
+    main = int(os.environ.get("RANK", "0")) == 0
     with panel.live(enabled=main):
         result = run_adapt(cfg, callback=panel.update)
     if not main:

@@ -1,0 +1,296 @@
+"""`nbdiff adapt`: the recipe, the loop, resume, bad input, LoRA/QLoRA, the CLI and `nbdiff plot`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapt_helpers import TEXT, converted_tiny, text_file
+from nbdiff.errors import NBDiffError
+from nbdiff.recipe import AdaptConfig
+from nbdiff.trainer import adapt
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return converted_tiny(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return text_file(tmp_path_factory.mktemp("data") / "a.txt", repeats=30)
+
+
+def cfg(model_dir, data_file, out, **kw) -> AdaptConfig:
+    base = dict(model=str(model_dir), data=[str(data_file)], out=str(out), steps=6, seq_len=32, block_size=4,
+                batch_size=2, lr=3e-3, eval_fraction=0)
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def train_losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["event"] == "train"]
+
+
+# ----------------------------------------------------------------------------- the recipe
+
+
+def test_block_size_1_is_plain_ar(model_dir, data_file, tmp_path):
+    """b = 1: nothing is masked, L_MDM = 0, and the trained loss is lambda x the model's own causal LM loss."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nbdiff.data import build_dataset
+    from nbdiff.layout import parallel_forward
+    from nbdiff.losses import ar_loss, mdm_loss
+    from nbdiff.trainer import make_micro_batch
+
+    c = cfg(model_dir, data_file, tmp_path / "o", block_size=1, curriculum="none")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = build_dataset(c.data, tok, 32, 0, eval_fraction=0).train
+    mb = make_micro_batch(rows, [0, 1], c, 1, mask_token_id=tok.mask_token_id)
+    assert not bool(mb.masked.any()) and bool((mb.x_t == mb.x_0).all())
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    noised, clean = parallel_forward(model, mb.x_t, mb.x_0, mb.position_ids, mb.doc_ids, 1)
+    mdm, n, _ = mdm_loss(noised, mb.x_0, mb.masked, mb.t)
+    assert n == 0 and float(mdm.detach()) == 0.0
+    ar, _ = ar_loss(clean, mb.x_0, mb.ar_target)
+    labels = mb.x_0.masked_fill(~(mb.ar_target), -100)  # HF shifts labels itself
+    ref = model(input_ids=mb.x_0, position_ids=mb.position_ids, labels=labels).loss
+    assert float(ar.detach()) == pytest.approx(float(ref.detach()), abs=1e-5)
+
+    res = adapt(cfg(model_dir, data_file, tmp_path / "run", block_size=1, curriculum="none", steps=2,
+                    seq_len=32, ar_loss_weight=0.5))
+    for rec in res.last, *map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()):
+        if rec.get("event") == "train":
+            assert rec["mdm"] == 0.0 and rec["masked_tokens"] == 0
+            assert rec["loss"] == pytest.approx(0.5 * rec["ar"], rel=1e-6)
+
+
+def test_loss_decreases_and_output_folder_loads(model_dir, data_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nbdiff.settings import read_settings
+
+    out = tmp_path / "run"
+    records = []
+    res = adapt(cfg(model_dir, data_file, out, steps=30, curriculum="1,2,4", growth_steps=10, eval_fraction=0.1),
+                callback=records.append)
+    losses = train_losses(out)
+    assert len(losses) == 30
+    mdm = [r["mdm"] for r in records if r["event"] == "train" and r["block_size"] == 4]
+    assert sum(mdm[-5:]) / 5 < 0.85 * sum(mdm[:5]) / 5  # MDM at the final block size goes down
+    ev = [r for r in records if r["event"] == "eval"]
+    assert ev[0]["step"] == 0 and ev[-1]["step"] == 30
+    assert ev[-1]["mdm"]["4"] < ev[0]["mdm"]["4"] and ev[-1]["ar"] < ev[0]["ar"]
+    assert {r["event"] for r in records} >= {"start", "train", "eval", "done"}
+    assert res.status == "completed" and res.block_size == 4 and res.steps == 30
+    s = read_settings(out)
+    assert s.adapted_block_size == 4 and s.extra["adapt"]["steps"] == 30 and s.extra["adapt"]["tokens"] == res.tokens
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
+    assert (out / "tokenizer.json").is_file() and (out / "recipe.yaml").is_file()
+    assert not (out / ".final-tmp").exists()
+
+
+def test_complementary_masks_cover_every_eligible_token(model_dir, data_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from nbdiff.data import build_dataset
+    from nbdiff.trainer import make_micro_batch
+
+    c = cfg(model_dir, data_file, tmp_path / "o", complementary_masks=True, block_size=8, seq_len=64)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rows = build_dataset(c.data, tok, 64, 0, eval_fraction=0).train
+    mb = make_micro_batch(rows, [0, 1, 2], c, 8, tok.mask_token_id)
+    assert mb.x_t.shape[0] == 6
+    m1, m2, elig = mb.masked[:3], mb.masked[3:], mb.eligible[:3]
+    assert bool(((m1 | m2) == elig).all()) and not bool((m1 & m2).any())
+    assert bool(elig.any())
+    res = adapt(cfg(model_dir, data_file, tmp_path / "run", complementary_masks=True, steps=2))
+    assert res.status == "completed"
+
+
+def test_inverse_t_and_block_causal_and_annealing_run(model_dir, data_file, tmp_path):
+    c = cfg(model_dir, data_file, tmp_path / "run", loss_weighting="inverse-t", context_mask="block-causal",
+            ar_loss_weight=1.0, ar_loss_weight_final=0.0, curriculum="none", steps=2, grad_accum=2)
+    assert c.ar_weight_at(1) == 1.0 and c.ar_weight_at(2) == 0.5 and c.ar_weight_at(4) == 0.0
+    records = []
+    adapt(c, callback=records.append)
+    train = [r for r in records if r["event"] == "train"]
+    assert all(r["ar_weight"] == 0.0 and r["loss"] == pytest.approx(r["mdm"]) for r in train)
+
+
+# ----------------------------------------------------------------------------- checkpoints and resume
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(model_dir, data_file, tmp_path):
+    kw = dict(steps=6, grad_accum=2, curriculum="1,2,4", growth_steps=3)
+    full = adapt(cfg(model_dir, data_file, tmp_path / "a", **kw))
+
+    def ctrl_c(rec):
+        if rec["event"] == "train" and rec["step"] == 3:
+            raise KeyboardInterrupt
+
+    part = adapt(cfg(model_dir, data_file, tmp_path / "b", **kw), callback=ctrl_c)
+    assert part.status == "interrupted" and part.steps == 3
+    assert part.checkpoint.name == "step-00000003" and (part.checkpoint / "state.json").is_file()
+    assert not (tmp_path / "b" / "model.safetensors").exists()  # no final model for an interrupted run
+    rest = adapt(cfg(model_dir, data_file, tmp_path / "b", resume=True, **kw))
+    assert rest.status == "completed" and rest.steps == 6 and rest.tokens == full.tokens
+    a, b = train_losses(tmp_path / "a"), train_losses(tmp_path / "b")
+    assert len(a) == len(b) == 6
+    assert a == pytest.approx(b, abs=1e-6)
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+
+
+def test_resume_refuses_changed_settings_and_missing_checkpoint(model_dir, data_file, tmp_path):
+    def stop(rec):
+        if rec["event"] == "train" and rec["step"] == 2:
+            raise KeyboardInterrupt
+
+    adapt(cfg(model_dir, data_file, tmp_path / "r"), callback=stop)
+    with pytest.raises(NBDiffError, match=r"changed settings: block-size: 4 -> 8; lr: 0.003 -> 0.001"):
+        adapt(cfg(model_dir, data_file, tmp_path / "r", resume=True, lr=1e-3, block_size=8))
+    with pytest.raises(NBDiffError, match="not empty") as err:
+        adapt(cfg(model_dir, data_file, tmp_path / "r"))
+    assert "--resume" in err.value.hint
+    with pytest.raises(NBDiffError, match="no checkpoint"):
+        adapt(cfg(model_dir, data_file, tmp_path / "fresh", resume=True))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch):
+    import nbdiff.trainer as trainer
+
+    real = trainer.parallel_forward
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        noised, clean = real(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:  # steps 1-3 are fine, step 4 produces NaN logits
+            noised = noised * float("nan")
+        return noised, clean
+
+    monkeypatch.setattr(trainer, "parallel_forward", poisoned)
+    with pytest.raises(NBDiffError, match=r"loss became nan at step 4.*step-00000002"):
+        adapt(cfg(model_dir, data_file, tmp_path / "n", save_every=2, block_size=2, curriculum="none"))
+    ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000002"]
+    assert not (tmp_path / "n" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_bad_input(model_dir, data_file, tmp_path):
+    from nbdiff.testing import save_tiny_checkpoint
+
+    plain = save_tiny_checkpoint(tmp_path / "plain")
+    with pytest.raises(NBDiffError, match="never converted") as err:
+        adapt(cfg(plain, data_file, tmp_path / "o"))
+    assert "nbdiff convert" in err.value.hint
+    with pytest.raises(NBDiffError, match="--seq-len 100 is not a multiple of the final block size 32") as err:
+        cfg(model_dir, data_file, tmp_path / "o", seq_len=100, block_size=32)
+    assert "--seq-len 96 or 128" in err.value.hint
+    with pytest.raises(NBDiffError, match="exceeds the model's context"):
+        adapt(cfg(model_dir, data_file, tmp_path / "o", seq_len=1024))
+    with pytest.raises(NBDiffError, match="--block-size must be a power of two"):
+        cfg(model_dir, data_file, tmp_path / "o", block_size=6)
+    with pytest.raises(NBDiffError, match="--curriculum ends at 8"):
+        cfg(model_dir, data_file, tmp_path / "o", curriculum="1,2,8", block_size=4)
+    with pytest.raises(NBDiffError, match="--lora-rank"):
+        cfg(model_dir, data_file, tmp_path / "o", quantize="nf4")
+    with pytest.raises(NBDiffError, match="--context-mask"):
+        cfg(model_dir, data_file, tmp_path / "o", context_mask="full")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    with pytest.raises(NBDiffError, match="no usable training text"):
+        adapt(cfg(model_dir, empty, tmp_path / "o2"))
+
+
+# ----------------------------------------------------------------------------- LoRA / QLoRA
+
+
+def test_lora_trains_the_mask_row_and_exports(model_dir, data_file, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    mask_id = AutoTokenizer.from_pretrained(model_dir).mask_token_id
+    res = adapt(cfg(model_dir, data_file, tmp_path / "merged", lora_rank=4, steps=4, curriculum="none"))
+    assert res.status == "completed"
+    src, new = load_file(str(model_dir / "model.safetensors")), load_file(str(tmp_path / "merged" / "model.safetensors"))
+    emb = "model.embed_tokens.weight"
+    changed = (src[emb] - new[emb]).abs().amax(dim=1) > 0
+    assert changed.nonzero().flatten().tolist() == [mask_id]  # only the mask token's row moved
+    assert float((src["model.layers.0.self_attn.q_proj.weight"] - new["model.layers.0.self_attn.q_proj.weight"]).abs().max()) > 0
+    adapt(cfg(model_dir, data_file, tmp_path / "adapter", lora_rank=4, steps=1, export="adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "adapter" / "nbdiff.json").read_text())["adapted_block_size"] == 4
+
+
+def test_qlora_nf4_on_cpu(model_dir, data_file, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM
+
+    records = []
+    res = adapt(cfg(model_dir, data_file, tmp_path / "q", lora_rank=4, quantize="nf4", steps=3, curriculum="none"),
+                callback=records.append)
+    assert res.status == "completed"
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records if r["event"] == "train")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q")  # merged full-precision weights
+    assert model.get_input_embeddings().weight.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------- recipe file and CLI
+
+
+def test_command_line_beats_file_beats_default(tmp_path, model_dir, data_file):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("steps: 7\nlr: 0.01\nblock-size: 8\nseq_len: 64\n", encoding="utf-8")
+    c = AdaptConfig.build(file=recipe, model=str(model_dir), data=[str(data_file)], out="o", lr=0.02, seed=None)
+    assert (c.steps, c.lr, c.block_size, c.seq_len, c.ar_loss_weight) == (7, 0.02, 8, 64, 0.5)
+    c.save_yaml(tmp_path / "saved.yaml")
+    assert AdaptConfig.build(file=tmp_path / "saved.yaml") == c
+    recipe.write_text("stepz: 3\n", encoding="utf-8")
+    with pytest.raises(NBDiffError, match="unknown settings: stepz"):
+        AdaptConfig.build(file=recipe)
+
+
+def test_cli_adapt_and_plot(model_dir, data_file, tmp_path):
+    from nbdiff_cli.app import app
+
+    runner = CliRunner()
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["adapt", str(model_dir), "--data", str(data_file), "--data", str(data_file),
+                                 "--out", str(out), "--steps", "3", "--seq-len", "32", "--block-size", "2",
+                                 "--lr", "3e-3", "--batch-size", "2", "--eval-fraction", "0.1"])
+    assert result.exit_code == 0, result.output
+    assert "step 3/3" in result.output and "done" in result.output
+    assert (out / "metrics.jsonl").is_file() and (out / "config.json").is_file()
+    png = tmp_path / "loss.png"
+    result = runner.invoke(app, ["plot", str(out / "metrics.jsonl"), "-o", str(png)])
+    assert result.exit_code == 0, result.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+    result = runner.invoke(app, ["adapt", str(model_dir), "--out", str(tmp_path / "x")])
+    assert result.exit_code == 1 and "no training data" in result.output
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("not json\n", encoding="utf-8")
+    result = runner.invoke(app, ["plot", str(bad)])
+    assert result.exit_code == 1 and "no training records" in result.output
+    result = runner.invoke(app, ["adapt", "--help"])
+    assert result.exit_code == 0 and "--ar-loss-weight" in result.output and "repeat" in result.output
