@@ -22,7 +22,7 @@ from nbdiff_cli.visualize.app import SPEEDS, make_app
 from nbdiff_cli.visualize.backends import FakeBackend, LiveBackend, ReplayBackend
 from nbdiff_cli.visualize.state import RunView
 from nbdiff_cli.visualize.trace import TraceHeader, TraceWriter, read_trace
-from nbdiff_cli.visualize.widgets import confidence_colour, render_tiles
+from nbdiff_cli.visualize.widgets import confidence_colour, render_step_bars, render_tiles
 from textual.widgets import Input, Static
 
 pytestmark = pytest.mark.anyio
@@ -140,6 +140,7 @@ def test_tiles_mark_masks_and_current_sub_block():
     text = render_tiles(view).plain
     assert text.count("░░") == 3 and "hi" in text
     assert text == "┃ hi   ░░ ┃ ░░   ░░ │"  # the current sub-block's two bars are heavy
+    assert render_step_bars([1, 4, 2, 0, 8], width=4).plain == "▄▂ █ max 8"  # last 4 steps, zero base
     assert confidence_colour(1.0) != confidence_colour(0.0)
     assert confidence_colour(-0.01) == confidence_colour(0.99004983)  # negative entropy -> exp(-H)
 

@@ -20,7 +20,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, VerticalScroll
 from textual.message import Message
 from textual.timer import Timer
-from textual.widgets import Footer, Header, Input, Label, Sparkline, Static
+from textual.widgets import Footer, Header, Input, Label, Static
 
 from nbdiff.decoding import DecodeOptions
 from nbdiff.errors import NBDiffError
@@ -29,7 +29,7 @@ from nbdiff.events import Event, StepEvent
 from .backends import Backend
 from .state import RunView
 from .trace import TraceHeader, TraceWriter
-from .widgets import OptionsScreen, render_legend, render_status, render_text, render_tiles
+from .widgets import OptionsScreen, StepBars, render_legend, render_status, render_text, render_tiles
 
 SPEEDS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 0.0)
 """Steps shown per second; 0 = as fast as the model produces them."""
@@ -114,7 +114,7 @@ class VisualizeApp(App):
         yield Static(id="status")
         with Horizontal(id="spark-row"):
             yield Label("tokens/step ", id="spark-label")
-            yield Sparkline([], summary_function=max, id="spark")
+            yield StepBars(id="spark")
         yield Input(self.prompt, placeholder="type a prompt, Enter runs it", id="prompt")
         yield Footer(compact=True, show_command_palette=False)
 
@@ -165,12 +165,13 @@ class VisualizeApp(App):
             if self.record is not None and not self.backend.replay:
                 header = TraceHeader(prompt, options.to_dict(), self.backend.name)
                 writer = TraceWriter(self.record, header)
+            # after a cancel the decoder still ends with its block and final records (no extra
+            # forward pass): they go to the trace, not to the UI, which has moved on
             for t, event in self.backend.run(prompt, options, cancel):
                 if writer is not None:
                     writer.write(event, t)
-                self.post_message(Decoded(run_id, t, event))
-                if cancel.is_set():
-                    break
+                if not cancel.is_set():
+                    self.post_message(Decoded(run_id, t, event))
         except NBDiffError as exc:
             error = (exc.message, exc.hint)
         except Exception as exc:  # noqa: BLE001 - shown in the UI instead of killing it
@@ -258,7 +259,7 @@ class VisualizeApp(App):
         self.query_one("#status", Static).update(
             render_status(view, speed=speed_label(self.speed), paused=self.paused, state=self.state)
         )
-        self.query_one("#spark", Sparkline).data = list(view.per_step) or [0]
+        self.query_one("#spark", StepBars).data = list(view.per_step)
         self.query_one("#text-box", VerticalScroll).scroll_end(animate=False)
 
     # ---- actions -----------------------------------------------------------------------------

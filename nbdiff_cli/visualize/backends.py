@@ -6,7 +6,8 @@
 
 `prepare()` (model loading) and `run()` are called in the app's thread worker, never on the UI
 thread. `run()` yields `(t, event)`: t = seconds since the run started when the event was made.
-A backend stops at the next event once `cancel` is set.
+Once `cancel` is set a backend stops before its next forward pass (it may still yield the
+closing block and final records, as the decoder does).
 """
 
 from __future__ import annotations
@@ -75,10 +76,8 @@ class LiveBackend:
         self.prepare()
         start = time.perf_counter()
         events = api.stream(self.model, self.tokenizer, prompt, options, cancel=cancel, system=self.system)
-        for event in events:
+        for event in events:  # the decoder checks `cancel` before every forward pass
             yield time.perf_counter() - start, event
-            if cancel.is_set():
-                return
 
 
 class ReplayBackend:
@@ -163,7 +162,7 @@ class FakeBackend:
                                     len(masked), size, 0, ar=True)
             while masked:
                 if cancel.is_set():
-                    return
+                    break
                 part = b // sub
                 current = min(p // part for p in masked)
                 window = sorted(p for p in masked if p // part == current)

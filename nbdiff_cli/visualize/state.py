@@ -50,7 +50,7 @@ class RunView:
     """Tokens committed so far."""
     committed_blocks: int = 0
     per_step: list[int] = field(default_factory=list)
-    """Tokens committed at each step (the sparkline)."""
+    """Tokens committed at each step (the step bars)."""
     seconds: float = 0.0
     """Recorded time of the latest event, seconds since the run started."""
     final: FinalEvent | None = None

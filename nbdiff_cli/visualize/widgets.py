@@ -11,7 +11,9 @@ import math
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Grid, Horizontal, Vertical
+from textual.reactive import reactive
 from textual.screen import ModalScreen
+from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static
 
 from nbdiff.decoding import DecodeOptions
@@ -133,6 +135,33 @@ def render_status(view: RunView, *, speed: str, paused: bool, state: str) -> Tex
     shown = "⏸ paused" if paused else state
     out.append(shown.replace(" ", "\u00a0"), style="bold #ffd75f" if paused else "#5fd75f")
     return out
+
+
+BARS = " ▁▂▃▄▅▆▇█"
+
+
+def render_step_bars(per_step: list[int], width: int) -> Text:
+    """Tokens committed at each of the last `width` steps, one column per step, on a zero
+    baseline (unlike a min-max sparkline, a run of 1-token steps stays visible)."""
+    shown = per_step[-width:] if width > 0 else []
+    top = max(max(shown, default=0), 2)
+    out = Text()
+    for value in shown:
+        level = 0 if value <= 0 else max(1, round(value / top * (len(BARS) - 1)))
+        out.append(BARS[level], style="#5fafff" if value <= 1 else "#5fd75f")
+    if shown:
+        out.append(f" max {max(shown)}", style="dim")
+    return out
+
+
+class StepBars(Widget):
+    """A bar per denoising step: how many tokens it committed (newest on the right)."""
+
+    data: reactive[list[int]] = reactive(list, always_update=True)
+
+    def render(self) -> Text:
+        # leave room for the " max N" label
+        return render_step_bars(self.data, max(0, self.size.width - 7))
 
 
 def render_legend(colour_by: str) -> str:
