@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -241,9 +241,9 @@ def _check_gguf_magic(path: Path) -> None:
         raise NBDiffError(f"{path.name} is not a GGUF file (bad magic bytes)", "pass a GGUF model file or a Hugging Face folder")
 
 
-def _load_gguf(source: Source):
-    """Dequantize a GGUF model with transformers; returns (config without quantization, state dict)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_gguf(source: Source, dtype: torch.dtype):
+    """Read a GGUF file's config; returns (config, a function that dequantizes its weights)."""
+    from transformers import AutoConfig
 
     _check_gguf_magic(source.path)
     folder, name = str(source.path.parent), source.path.name
@@ -253,15 +253,15 @@ def _load_gguf(source: Source):
     except Exception as exc:
         raise NBDiffError(f"{name} is not a GGUF model transformers can read ({_first_line(exc)})",
                           "pass a GGUF file of a supported architecture (llama, qwen2, qwen3, mistral, ...)") from None
-    return config, lambda: _load_gguf_weights(folder, name)
+    return config, lambda: _load_gguf_weights(folder, name, dtype)
 
 
-def _load_gguf_weights(folder: str, name: str) -> dict[str, torch.Tensor]:
+def _load_gguf_weights(folder: str, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     from transformers import AutoModelForCausalLM
 
     try:
         with _quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=dtype)
     except Exception as exc:
         raise NBDiffError(f"cannot dequantize {name} ({_first_line(exc)})") from None
     # The dequantized weights are plain tensors; only the state dict is kept, and the config's
@@ -404,7 +404,8 @@ def convert(
 
     report(ConvertProgress("load"))
     if src.kind == "gguf":
-        config, load_weights = _load_gguf(src)
+        # dequantize straight to the target dtype (bf16 halves the peak for large GGUF files)
+        config, load_weights = _load_gguf(src, DTYPES.get(dtype, torch.float32))
     else:
         config, load_weights = _load_config(src), None
     config = _strip_quantization(config)

@@ -17,7 +17,6 @@ import torch
 from typer.testing import CliRunner
 
 from nbdiff.convert import ConvertProgress, convert
-from nbdiff.errors import NBDiffError
 from nbdiff.settings import read_settings
 from nbdiff.testing import ARCHITECTURES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from nbdiff_cli.app import app
