@@ -294,3 +294,12 @@ def test_cli_adapt_and_plot(model_dir, data_file, tmp_path):
     assert result.exit_code == 1 and "no training records" in result.output
     result = runner.invoke(app, ["adapt", "--help"])
     assert result.exit_code == 0 and "--ar-loss-weight" in result.output and "repeat" in result.output
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu.yaml", "gpu-7b.yaml"])
+def test_example_recipes_are_valid(name):
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "recipes" / name
+    c = AdaptConfig.build(file=path, model="m", data=["d"], out="o")
+    assert c.curriculum_schedule().final_block_size == c.block_size
