@@ -328,8 +328,11 @@ def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
         data = build_dataset(config.data, tokenizer, config.seq_len, config.seed, config.eval_fraction,
                              config.eval_max_rows, cache_dir)
 
-    if config.seed is not None:
-        torch.manual_seed(config.seed)  # LoRA initialisation
+    fingerprint = _data_fingerprint(data)
+    if ckpt is not None and ckpt.state.get("data_fingerprint", fingerprint) != fingerprint:
+        raise NBDiffError("--resume: the training data changed since the checkpoint was written",
+                          "resume with the same data files, or start a new run in another --out")
+    torch.manual_seed(config.seed)  # LoRA initialisation
     model = _load_model(config, settings, acc.device)
     names = _trainable_names(model)
     if not names:
@@ -403,6 +406,7 @@ def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
             weights = {k: v for k, v in state_dict.items() if k in set(names)}
             state = {"tokens": tokens, "block_size": curriculum.block_size_at(at_step - 1),
                      "data_slot": at_step * per_step_rows, "curriculum_step": at_step, "world_size": world,
+                     "data_fingerprint": fingerprint,
                      "recipe": config.to_dict(), "elapsed": time.perf_counter() - run.started}
             last_ckpt_path = finish_checkpoint(out, at_step, weights, state, keep=config.keep_checkpoints)
         acc.wait_for_everyone()
@@ -504,6 +508,13 @@ def _is_fsdp(acc) -> bool:
     from accelerate.utils import DistributedType
 
     return acc.distributed_type == DistributedType.FSDP
+
+
+def _data_fingerprint(data: Dataset) -> str:
+    """Cheap identity of the packed data (shape and token sums), so --resume can refuse changed data."""
+    t = data.train.input_ids
+    e = data.eval.input_ids if data.eval is not None else torch.zeros(0, dtype=torch.int64)
+    return f"{tuple(t.shape)}:{int(t.sum())}:{int(t[:, ::7].sum())}:{tuple(e.shape)}:{int(e.sum())}"
 
 
 def _check_positions(config: AdaptConfig) -> None:

@@ -101,6 +101,11 @@ def test_loss_decreases_and_output_folder_loads(model_dir, data_file, tmp_path):
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(model_dir).config.vocab_size
     assert (out / "tokenizer.json").is_file() and (out / "recipe.yaml").is_file()
     assert not (out / ".final-tmp").exists()
+    import nbdiff  # the decoder loads the folder and decodes at the adapted block size
+
+    m, tok = nbdiff.load(out, device="cpu")
+    text, final = nbdiff.generate(m, tok, "Hello", block_size=4, max_new_tokens=8)
+    assert final.new_tokens == 8 and isinstance(text, str)
 
 
 def test_complementary_masks_cover_every_eligible_token(model_dir, data_file, tmp_path):
@@ -165,6 +170,11 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(model_dir, data_
     adapt(cfg(model_dir, data_file, tmp_path / "r"), callback=stop)
     with pytest.raises(NBDiffError, match=r"changed settings: block-size: 4 -> 8; lr: 0.003 -> 0.001"):
         adapt(cfg(model_dir, data_file, tmp_path / "r", resume=True, lr=1e-3, block_size=8))
+    own = text_file(tmp_path / "own.txt", repeats=30)
+    adapt(cfg(model_dir, own, tmp_path / "d"), callback=stop)
+    text_file(own, repeats=31)  # same path, new content
+    with pytest.raises(NBDiffError, match="training data changed"):
+        adapt(cfg(model_dir, own, tmp_path / "d", resume=True))
     with pytest.raises(NBDiffError, match="not empty") as err:
         adapt(cfg(model_dir, data_file, tmp_path / "r"))
     assert "--resume" in err.value.hint
