@@ -257,6 +257,83 @@ def test_family_ignoring_masks_fails_before_writing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
+def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
+    """A tiny llama GGUF (F32 tensors, the tiny BPE tokenizer, tied embeddings) written with gguf."""
+    import gguf
+    import numpy as np
+
+    from nbdiff.testing import CHAT_TEMPLATE
+
+    tok = tiny_tokenizer()
+    vocab = len(tok)
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    id_to_tok = {i: t for t, i in tok.get_vocab().items()}
+    specials = set(tok.all_special_tokens)
+    hidden, inter, layers, heads, kv = 64, 128, 2, 4, 2
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(256)
+    w.add_embedding_length(hidden)
+    w.add_feed_forward_length(inter)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(hidden // heads)
+    w.add_vocab_size(vocab)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([id_to_tok[i] for i in range(vocab)])
+    w.add_token_types([3 if id_to_tok[i] in specials else 1 for i in range(vocab)])  # 3 = control
+    w.add_token_merges(merges)
+    w.add_eos_token_id(tok.eos_token_id)
+    w.add_pad_token_id(tok.pad_token_id)
+    w.add_chat_template(CHAT_TEMPLATE)
+    g = np.random.default_rng(seed)
+
+    def rand(*shape):  # numpy [out, in], as GGUFWriter expects
+        return (g.standard_normal(shape) * 0.08).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    for i in range(layers):
+        p = f"blk.{i}."
+        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "attn_q.weight", rand(hidden, hidden))
+        w.add_tensor(p + "attn_k.weight", rand(kv * hidden // heads, hidden))
+        w.add_tensor(p + "attn_v.weight", rand(kv * hidden // heads, hidden))
+        w.add_tensor(p + "attn_output.weight", rand(hidden, hidden))
+        w.add_tensor(p + "ffn_gate.weight", rand(inter, hidden))
+        w.add_tensor(p + "ffn_up.weight", rand(inter, hidden))
+        w.add_tensor(p + "ffn_down.weight", rand(hidden, inter))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_gguf_round_trip(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = write_tiny_gguf(tmp_path / "Tiny-Llama.F32.gguf")
+    result = cli(str(gguf_path), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
+    assert read_settings(out).mask_token_id == 384
+    assert AutoTokenizer.from_pretrained(str(out)).chat_template
+
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+    converted = load(out)
+    ids = input_ids(384)
+    torch.testing.assert_close(logits(converted, ids)[..., :384], logits(reference, ids), rtol=1e-5, atol=1e-5)
+    assert converted.get_output_embeddings().weight.data_ptr() == converted.get_input_embeddings().weight.data_ptr()
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: one line, non-zero exit, nothing written
 
