@@ -409,8 +409,6 @@ def convert(
     else:
         config, load_weights = _load_config(src), None
     config = _strip_quantization(config)
-    if not getattr(config, "architectures", None):
-        config.architectures = None  # filled from the model class below
 
     from .compat import probe_mask_support
 

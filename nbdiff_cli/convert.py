@@ -30,7 +30,11 @@ def convert(
     dtype: ConvertDtype = DtypeChoice.auto,
     force: Force = False,
 ) -> None:
-    """Convert an autoregressive checkpoint into a block-diffusion initialisation (weights unchanged)."""
+    """Convert an autoregressive checkpoint into a block-diffusion initialisation (weights unchanged).
+
+    Writes ./<name>-nbdiff unless --out is given: safetensors, tokenizer, generation config and a
+    model card, with the block-diffusion settings in config.json. Nothing is written on error.
+    """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
 
