@@ -313,3 +313,35 @@ def test_example_recipes_are_valid(name):
     path = Path(__file__).resolve().parent.parent / "examples" / "recipes" / name
     c = AdaptConfig.build(file=path, model="m", data=["d"], out="o")
     assert c.curriculum_schedule().final_block_size == c.block_size
+
+
+def test_every_recipe_field_is_a_flag():
+    import inspect
+    from dataclasses import fields
+
+    from nbdiff_cli.adapt import adapt as command
+
+    params = set(inspect.signature(command).parameters)
+    assert {f.name for f in fields(AdaptConfig)} <= params
+
+
+def test_live_panel_renders_every_record():
+    from rich.console import Console
+
+    from nbdiff_cli.adapt import _Panel
+
+    panel = _Panel(AdaptConfig(model="m", data=["d"], out="o", steps=10, seq_len=32, block_size=4))
+    panel._tty = True  # render as in a terminal, without starting a Live display
+    panel.update({"event": "start", "data": {"documents": 3, "tokens": 900, "skipped_empty": 1, "skipped_non_utf8": 0,
+                                             "skipped_no_field": 0, "skipped_no_assistant": 0},
+                  "train_rows": 20, "eval_rows": 2, "out": "o", "device": "cpu", "world_size": 1})
+    panel.update({"event": "train", "step": 4, "steps": 10, "block_size": 2, "loss": 3.5, "mdm": 2.5, "ar": 2.0,
+                  "ar_weight": 0.5, "lr": 1e-3, "tokens": 4096, "tokens_per_s": 1234.0, "eta_s": 75.0,
+                  "peak_memory_bytes": 3 * 2**30})
+    panel.update({"event": "eval", "step": 4, "ar": 2.1, "mdm": {"2": 2.4, "4": 3.3}, "acc": {"2": 0.5, "4": 0.3}})
+    console = Console(width=120, record=True)
+    console.print(panel.render())
+    text = console.export_text()
+    for expected in ("4/10", "2 -> 4", "3.5000", "2.5000", "1,234", "0:01:15", "3.0 GiB", "1.00e-03", "b4 3.300",
+                     "1 skipped"):
+        assert expected in text, expected
