@@ -176,7 +176,7 @@ async def test_pause_stops_the_step_counter_and_n_single_steps():
         frozen = app.view.steps
         await pilot.pause(0.4)  # about 12 ticks at 32 steps/s
         assert app.view.steps == frozen
-        assert "paused" in status_text(app)
+        assert "PAUSED" in status_text(app)
         await pilot.press("n")
         assert app.view.steps == frozen + 1
         await pilot.press("p")

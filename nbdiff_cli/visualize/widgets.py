@@ -132,7 +132,7 @@ def render_status(view: RunView, *, speed: str, paused: bool, state: str) -> Tex
     item("tok/fwd", f"{view.tokens_per_forward:.2f}")
     item("tok/s", f"{view.tokens_per_second:.1f}")
     item("speed", speed)
-    shown = "⏸ paused" if paused else state
+    shown = "PAUSED" if paused else state
     out.append(shown.replace(" ", "\u00a0"), style="bold #ffd75f" if paused else "#5fd75f")
     return out
 
