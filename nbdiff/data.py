@@ -215,12 +215,29 @@ def _file_hash(path: Path) -> str:
     return h.hexdigest()[:24]
 
 
-def _encode_text(text: str, tokenizer) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+def _encode_texts(texts: list[str], tokenizer) -> list[list[int]]:
+    if not texts:
+        return []
+    out = []
     eos = tokenizer.eos_token_id
-    if eos is not None and (not ids or ids[-1] != eos):
-        ids = ids + [eos]  # the model learns where a document ends
-    return ids
+    for ids in tokenizer(texts, add_special_tokens=True, verbose=False)["input_ids"]:
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids = ids + [eos]  # the model learns where a document ends
+        out.append(ids)
+    return out
+
+
+def _encode_text(text: str, tokenizer) -> list[int]:
+    return _encode_texts([text], tokenizer)[0]
+
+
+def _flat(docs: list[list], dtype) -> torch.Tensor:
+    import numpy as np
+
+    if not docs:
+        return torch.zeros(0, dtype=dtype)
+    np_dtype = np.int64 if dtype == torch.int64 else np.bool_
+    return torch.from_numpy(np.concatenate([np.asarray(d, dtype=np_dtype) for d in docs]))
 
 
 def render_chat(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
@@ -291,6 +308,13 @@ def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bo
         records = _records_jsonl(path, stats)
     else:
         records = _records_parquet(path)
+    pending: list[str] = []  # text records are tokenised in batches (much faster than one call each)
+
+    def flush() -> None:
+        for ids in _encode_texts(pending, tokenizer):
+            add(ids, [True] * len(ids))
+        pending.clear()
+
     for rec in records:
         if "messages" in rec and rec["messages"] is not None:
             if not _valid_messages(rec["messages"]):
@@ -308,10 +332,12 @@ def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bo
             elif not text.strip():
                 stats.skipped_empty += 1
             else:
-                ids = _encode_text(text, tokenizer)
-                add(ids, [True] * len(ids))
+                pending.append(text)
+                if len(pending) >= 512:
+                    flush()
         else:
             stats.skipped_no_field += 1
+    flush()
     if not docs and stats.skipped_no_field:
         raise NBDiffError(f"{path} has no record with a `text` (string) or `messages` (chat list) field",
                           'each line should look like {"text": "..."} or {"messages": [{"role": ..., "content": ...}]}')
@@ -324,8 +350,8 @@ def _save_cache(path: Path, docs, masks, stats: DataStats) -> None:
     lengths = torch.tensor([len(d) for d in docs], dtype=torch.int64)
     offsets = torch.zeros(len(docs) + 1, dtype=torch.int64)
     offsets[1:] = lengths.cumsum(0)
-    tokens = torch.tensor([t for d in docs for t in d], dtype=torch.int64)
-    trainable = torch.tensor([m for ms in masks for m in ms], dtype=torch.bool)
+    tokens = _flat(docs, torch.int64)
+    trainable = _flat(masks, torch.bool)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({"tokens": tokens, "trainable": trainable.to(torch.uint8), "offsets": offsets}, str(tmp),
@@ -365,8 +391,7 @@ def load_corpus(paths: list[str | Path], tokenizer, cache_dir: str | Path | None
             if part is None:
                 offsets = torch.zeros(len(docs) + 1, dtype=torch.int64)
                 offsets[1:] = torch.tensor([len(d) for d in docs], dtype=torch.int64).cumsum(0)
-                part = Corpus(torch.tensor([t for d in docs for t in d], dtype=torch.int64),
-                              torch.tensor([m for ms in masks for m in ms], dtype=torch.bool), offsets, stats)
+                part = Corpus(_flat(docs, torch.int64), _flat(masks, torch.bool), offsets, stats)
         parts.append(part)
         total.add(part.stats)
     tokens = torch.cat([p.tokens for p in parts]) if parts else torch.zeros(0, dtype=torch.int64)
