@@ -236,7 +236,7 @@ def _load_model(config: AdaptConfig, settings: BlockDiffusionSettings, device: t
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32,
         )
-        kwargs["device_map"] = {"": str(device) if gpu else "cpu"}
+        kwargs["device_map"] = {"": (device.index or 0) if gpu else "cpu"}  # this process's GPU under DDP
     model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
     probe_mask_support(model.config, config.attn_implementation)
     vocab = model.get_input_embeddings().weight.shape[0]

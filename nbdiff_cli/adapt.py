@@ -131,6 +131,7 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of peft/transformers internals
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -231,7 +232,10 @@ class _Panel:
         if self.eval:
             mdm = "  ".join(f"b{b} {v:.3f}" for b, v in self.eval["mdm"].items())
             grid.add_row("eval", f"step {self.eval['step']}", "AR / MDM", f"{self.eval['ar']:.3f} / {mdm}")
+        body = grid
         if self.note:
-            grid.add_row("", "", "", "")
-            grid.add_row("[dim]" + self.note + "[/]", "", "", "")
-        return Panel(grid, title=f"nbdiff adapt  [dim]{time.strftime('%H:%M:%S')}[/]", border_style="cyan")
+            from rich.console import Group
+            from rich.text import Text
+
+            body = Group(grid, Text(""), Text(self.note, style="dim"))
+        return Panel(body, title=f"nbdiff adapt  [dim]{time.strftime('%H:%M:%S')}[/]", border_style="cyan")
