@@ -345,3 +345,14 @@ def test_live_panel_renders_every_record():
     for expected in ("4/10", "2 -> 4", "3.5000", "2.5000", "1,234", "0:01:15", "3.0 GiB", "1.00e-03", "b4 3.300",
                      "1 skipped"):
         assert expected in text, expected
+
+
+def test_training_modules_import_no_ui_libraries():
+    import subprocess
+    import sys
+
+    code = ("import sys, nbdiff.trainer, nbdiff.data, nbdiff.evaluation, nbdiff.checkpoint, nbdiff.recipe; "
+            "print([m for m in ('rich', 'typer', 'textual') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
