@@ -356,3 +356,41 @@ def test_training_modules_import_no_ui_libraries():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_chat_rows_train_only_assistant_tokens(model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from adapt_helpers import jsonl_file
+    from nbdiff.data import build_dataset, row_index
+    from nbdiff.trainer import make_micro_batch
+
+    chat = [{"role": "user", "content": "Hello, how are you today?"},
+            {"role": "assistant", "content": "I am fine, thank you. The quick brown fox jumps over the lazy dog."}]
+    path = jsonl_file(tmp_path / "chat.jsonl", [{"messages": chat}] * 6)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    c = cfg(model_dir, path, tmp_path / "o", block_size=4, seq_len=32)
+    rows = build_dataset([path], tok, 32, 0, eval_fraction=0).train
+    mb = make_micro_batch(rows, list(range(len(rows))), c, 4, tok.mask_token_id)
+    trainable = rows.trainable[[row_index(s, len(rows), 0) for s in range(len(rows))]]  # rows in batch order
+    assert bool(mb.masked.any()) and not bool((mb.masked & ~trainable).any())  # prompt never masked
+    assert not bool((mb.ar_target & ~trainable).any())  # prompt never an AR target
+    assert bool((~trainable & (rows.doc_ids[:1] >= 0)).any())  # there are prompt tokens to leave alone
+    res = adapt(cfg(model_dir, path, tmp_path / "run", steps=2))
+    assert res.status == "completed"
+
+
+def test_cli_reports_an_interrupted_run(model_dir, data_file, tmp_path, monkeypatch):
+    import nbdiff.trainer as trainer
+    from nbdiff.trainer import AdaptResult
+    from nbdiff_cli.app import app
+
+    def fake(config, callback=None):
+        return AdaptResult(out_dir=tmp_path, status="interrupted", steps=3, tokens=10, block_size=2, seconds=1.0,
+                           checkpoint=tmp_path / "checkpoints" / "step-00000003")
+
+    monkeypatch.setattr(trainer, "adapt", fake)
+    result = CliRunner().invoke(app, ["adapt", str(model_dir), "--data", str(data_file), "--out", str(tmp_path / "o"),
+                                      "--seq-len", "32", "--block-size", "4"])
+    assert result.exit_code == 130
+    assert "interrupted at step 3" in result.output and "--resume" in result.output
