@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -353,7 +354,7 @@ def _save_cache(path: Path, docs, masks, stats: DataStats) -> None:
     tokens = _flat(docs, torch.int64)
     trainable = _flat(masks, torch.bool)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs sharing a cache dir never share a temp file
     save_file({"tokens": tokens, "trainable": trainable.to(torch.uint8), "offsets": offsets}, str(tmp),
               metadata={"stats": json.dumps(stats.__dict__)})
     tmp.replace(path)  # atomic: a cache file is complete or absent

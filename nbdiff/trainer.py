@@ -413,7 +413,8 @@ def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
         if acc.is_main_process:
             if not _is_fsdp(acc):
                 write_optimizer(staging, optimizer.state_dict())
-            weights = {k: v for k, v in state_dict.items() if k in set(names)}
+            wanted = set(names)
+            weights = {k: v for k, v in state_dict.items() if k in wanted}
             state = {"tokens": tokens, "block_size": curriculum.block_size_at(at_step - 1),
                      "data_slot": at_step * per_step_rows, "curriculum_step": at_step, "world_size": world,
                      "data_fingerprint": fingerprint,
