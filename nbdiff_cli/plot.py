@@ -37,19 +37,31 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 
 
 def plot(
-    metrics: Annotated[Path, typer.Argument(help="metrics.jsonl of an adapt run (or the run's --out folder).", show_default=False)],
+    metrics: Annotated[list[Path], typer.Argument(help="metrics.jsonl of an adapt run (or its --out folder); several runs are overlaid.",
+                                                  show_default=False)],
     output: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write. [default: loss.png next to the metrics]",
                                                    show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
 ) -> None:
-    """Draw the loss curves (total, MDM, AR, held-out) and the block-size steps to a PNG."""
-    train, evals = read_metrics(metrics)
+    """Draw the loss curves (total, MDM, AR, held-out) and the block-size steps to a PNG.
+
+    With several runs, each run gets one colour: train loss (solid), held-out MDM loss at the largest
+    block size (dashed) and held-out AR loss (dotted).
+    """
+    runs = [(m, *read_metrics(m)) for m in metrics]
     if output is None:
-        output = (metrics if metrics.is_dir() else metrics.parent) / "loss.png"
+        first = metrics[0]
+        output = (first if first.is_dir() else first.parent) / "loss.png"
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    if len(runs) > 1:
+        _plot_runs(plt, runs, output, title)
+        console.print(f"wrote {output} ({len(runs)} runs)")
+        return
+    metrics, train, evals = runs[0]
 
     fig, (ax, axb) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     if train:
@@ -85,3 +97,39 @@ def plot(
     plt.close(fig)
     tmp.replace(output)
     console.print(f"wrote {output} ({len(train)} train records, {len(evals)} evaluations)")
+
+
+def _run_name(path: Path) -> str:
+    return (path if path.is_dir() else path.parent).name or str(path)
+
+
+def _plot_runs(plt, runs, output: Path, title: str | None) -> None:
+    fig, (ax, axb) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    colors = plt.get_cmap("tab10")
+    for i, (path, train, evals) in enumerate(runs):
+        c, name = colors(i % 10), _run_name(path)
+        if train:
+            steps = [r["step"] for r in train]
+            ax.plot(steps, [r["loss"] for r in train], color=c, lw=1, alpha=0.7, label=f"{name}: loss (train)")
+            axb.step(steps, [r["block_size"] for r in train], where="post", color=c, lw=1)
+        if evals:
+            top = max((b for r in evals for b in r.get("mdm", {})), key=int, default=None)
+            if top is not None:
+                pts = [(r["step"], r["mdm"][top]) for r in evals if top in r.get("mdm", {})]
+                ax.plot(*zip(*pts), "s--", ms=3, color=c, label=f"{name}: MDM b={top} (held-out)")
+            ax.plot([r["step"] for r in evals], [r["ar"] for r in evals], "o:", ms=3, color=c,
+                    label=f"{name}: AR (held-out)")
+    ax.set_ylabel("cross-entropy (nats)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "nbdiff adapt: " + ", ".join(_run_name(p) for p, _, _ in runs))
+    axb.set_yscale("log", base=2)
+    axb.set_ylabel("block size")
+    axb.set_xlabel("optimizer step")
+    axb.grid(alpha=0.3)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(output)

@@ -295,6 +295,9 @@ def test_cli_adapt_and_plot(model_dir, data_file, tmp_path):
     result = runner.invoke(app, ["plot", str(out / "metrics.jsonl"), "-o", str(png)])
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    both = tmp_path / "both.png"
+    result = runner.invoke(app, ["plot", str(out), str(out / "metrics.jsonl"), "-o", str(both)])
+    assert result.exit_code == 0 and "2 runs" in result.output and both.stat().st_size > 10_000
 
     result = runner.invoke(app, ["adapt", str(model_dir), "--out", str(tmp_path / "x")])
     assert result.exit_code == 1 and "no training data" in result.output
