@@ -145,6 +145,32 @@ def test_tiles_mark_masks_and_current_sub_block():
     assert confidence_colour(-0.01) == confidence_colour(0.99004983)  # negative entropy -> exp(-H)
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--replay", "nope.jsonl"], "not found"),
+        (["--demo", "--speed", "-1"], "--speed"),
+        (["--demo", "--threshold", "0"], "--threshold"),
+        (["--demo", "-b", "8", "--sub-blocks", "3"], "does not divide"),
+        (["missing-folder"], "does not exist"),
+        ([], "no model given"),
+    ],
+)
+def test_command_refuses_bad_input_before_opening_the_screen(tmp_path, monkeypatch, args, message):
+    import typer
+    from typer.testing import CliRunner
+
+    from nbdiff_cli.console import handle_errors
+    from nbdiff_cli.visualize import visualize
+
+    monkeypatch.chdir(tmp_path)
+    cli = typer.Typer()
+    cli.command()(handle_errors(visualize))
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1
+    assert message in result.output
+
+
 # ---- the app with the fake backend -------------------------------------------------------------
 
 

@@ -64,8 +64,7 @@ def visualize(
 ) -> None:
     """Watch the decoder unmask tokens block by block, live, in the terminal.
 
-    Keys: / prompt, p pause, n single step, + - speed, c colour by confidence or step,
-    o block size / sub-blocks / threshold, r run again, s save an SVG screenshot, q quit.
+    Keys: / new prompt, p pause, n single step, + and - speed, c colour by confidence or by step, o block size, sub-blocks and threshold, r run again, s save an SVG screenshot, q quit.
     """
     from nbdiff.decoding import DecodeOptions
     from nbdiff.errors import NBDiffError
@@ -89,6 +88,9 @@ def visualize(
             "no model given", "pass a converted folder (`nbdiff convert` makes one), --replay TRACE or --demo"
         )
     else:
+        from nbdiff.loading import check_folder
+
+        check_folder(model)  # a missing folder fails here, not after the screen has opened
         backend = LiveBackend(model, quantize=None if quantize == QuantizeChoice.none else quantize.value,
                               device=device.value, dtype=dtype.value, system=system)
 
