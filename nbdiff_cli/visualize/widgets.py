@@ -165,9 +165,12 @@ class StepBars(Widget):
 
 
 def render_legend(colour_by: str) -> str:
+    """Border subtitle of the tiles (Textual content markup): what the colours mean."""
     if colour_by == "step":
-        return "colour: step in block [c]"
-    return "colour: confidence [c]"
+        swatches = "".join(f"[{c}]■[/]" for c in STEP_PALETTE[:6])
+        return f"colour: step in block 0 {swatches} 5 (c)"
+    swatches = "".join(f"[{confidence_colour(v)}]■[/]" for v in (0.0, 0.25, 0.5, 0.75, 1.0))
+    return f"colour: confidence low {swatches} high (c)"
 
 
 class OptionsScreen(ModalScreen[DecodeOptions | None]):
