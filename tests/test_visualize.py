@@ -154,6 +154,8 @@ def test_tiles_mark_masks_and_current_sub_block():
         (["--demo", "-b", "8", "--sub-blocks", "3"], "does not divide"),
         (["missing-folder"], "does not exist"),
         ([], "no model given"),
+        (["--demo", "--record", "no/such/dir/t.jsonl"], "does not exist"),
+        (["--replay", "a.jsonl", "--record", "b.jsonl"], "exclude each other"),
     ],
 )
 def test_command_refuses_bad_input_before_opening_the_screen(tmp_path, monkeypatch, args, message):
@@ -242,6 +244,16 @@ async def test_new_prompt_cancels_the_running_one():
         assert app.view.prompt == "second"
         assert app.view.final.new_tokens == 64  # counts of the second run only
         assert app.view.tokens == 64
+
+
+async def test_quit_cancels_the_run():
+    app = make_app(FakeBackend(delay=0.05), prompt="slow", options=OPTIONS.with_(max_new_tokens=400), speed=0)
+    async with app.run_test() as pilot:
+        await wait_until(pilot, lambda: app.view.steps >= 1)
+        cancel = app._cancel
+        await pilot.press("q")
+        assert cancel.is_set()
+    assert app.view.final is None  # it stopped long before its 400 tokens
 
 
 async def test_options_form_reruns_with_new_block_size():

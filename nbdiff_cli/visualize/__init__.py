@@ -75,6 +75,8 @@ def visualize(
         block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence.value,
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
     )
+    if record is not None and not record.parent.is_dir():
+        raise NBDiffError(f"--record {record}: folder {record.parent} does not exist", "create it or pick another path")
     from .backends import FakeBackend, LiveBackend, ReplayBackend
 
     if replay is not None:

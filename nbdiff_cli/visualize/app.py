@@ -139,6 +139,7 @@ class VisualizeApp(App):
         self._run_id += 1
         self.runs_started += 1
         self._queue.clear()
+        self.paused = False
         self.prompt = prompt
         self.view = RunView(prompt=prompt, sub_blocks=self.options.sub_blocks)
         self.producer_done = False
@@ -159,7 +160,7 @@ class VisualizeApp(App):
         writer = None
         error: tuple[str, str | None] | None = None
         try:
-            if getattr(self.backend, "model", True) is None:
+            if not getattr(self.backend, "loaded", True):
                 self.post_message(Loading(run_id))
             self.backend.prepare()
             if self.record is not None and not self.backend.replay:
@@ -192,8 +193,6 @@ class VisualizeApp(App):
         self._queue.append((message.t, message.event))
         if self.state != "decoding":
             self.state = "decoding"
-        if self.speed == 0 and not self.paused:
-            self.release(None)
 
     def on_run_ended(self, message: RunEnded) -> None:
         if message.run_id != self._run_id:
@@ -211,13 +210,13 @@ class VisualizeApp(App):
     def _restart_timer(self) -> None:
         if self._timer is not None:
             self._timer.stop()
-            self._timer = None
-        if self.speed > 0:
-            self._timer = self.set_interval(1.0 / self.speed, self._tick)
+        # at max speed, show whatever has arrived 30 times a second (a fast model on a GPU makes
+        # hundreds of events a second; redrawing for each would only cost the UI thread)
+        self._timer = self.set_interval(1.0 / self.speed if self.speed > 0 else 1 / 30, self._tick)
 
     def _tick(self) -> None:
         if not self.paused and self._queue:
-            self.release(1)
+            self.release(1 if self.speed > 0 else None)
 
     def release(self, steps: int | None) -> int:
         """Show queued events up to `steps` step events (None = all), plus the block/final events
@@ -283,8 +282,6 @@ class VisualizeApp(App):
 
     def action_pause(self) -> None:
         self.paused = not self.paused
-        if not self.paused and self.speed == 0:
-            self.release(None)
         self.refresh_view()
 
     def action_step(self) -> None:
@@ -299,11 +296,13 @@ class VisualizeApp(App):
         self._set_speed(-1)
 
     def _set_speed(self, direction: int) -> None:
-        index = SPEEDS.index(self.speed) if self.speed in SPEEDS else 4
+        # nearest preset to the current speed (a --speed value need not be one); max is the last
+        if self.speed == 0:
+            index = len(SPEEDS) - 1
+        else:
+            index = min(range(len(SPEEDS) - 1), key=lambda i: abs(SPEEDS[i] - self.speed))
         self.speed = SPEEDS[min(len(SPEEDS) - 1, max(0, index + direction))]
         self._restart_timer()
-        if self.speed == 0 and not self.paused:
-            self.release(None)
         self.refresh_view()
 
     def action_colour(self) -> None:

@@ -61,6 +61,10 @@ class LiveBackend:
         backend.model, backend.tokenizer = model, tokenizer
         return backend
 
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
     def prepare(self) -> None:
         with self._lock:
             if self.model is None:
