@@ -107,6 +107,10 @@ def test_trace_round_trip_and_bad_trace(tmp_path):
     original = [e for _, e in FakeBackend().run(header.prompt, OPTIONS, threading.Event())]
     assert replayed == original
     assert [t for t, _ in events] == sorted(t for t, _ in events)
+    # a field from a newer nbdiff is ignored, an unknown kind is an error with its line number
+    newer = tmp_path / "newer.jsonl"
+    newer.write_text('{"t": 1.0, "kind": "block", "seq": 0, "block": 0, "tokens": [1], "text": "a", "future": 1}\n')
+    assert read_trace(newer)[1] == [(1.0, BlockEvent(0, 0, [1], "a"))]
     (tmp_path / "bad.jsonl").write_text('{"kind": "header"}\n{"kind": "nope"}\n')
     with pytest.raises(NBDiffError, match="bad.jsonl:2"):
         read_trace(tmp_path / "bad.jsonl")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterator
 
 from nbdiff.errors import NBDiffError
-from nbdiff.events import Event, event_from_json, to_json
+from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent, event_from_json, to_json
 
+_RECORDS = {"step": StepEvent, "block": BlockEvent, "final": FinalEvent}
 FORMAT = "nbdiff-trace"
 VERSION = 1
 
@@ -44,6 +45,11 @@ def event_line(event: Event, t: float) -> str:
 def parse_line(line: str) -> tuple[float, Event]:
     data = json.loads(line)
     t = float(data.pop("t", 0.0))
+    # fields this version's records do not know (a trace from a newer nbdiff) are dropped
+    cls = _RECORDS.get(data.get("kind", ""))
+    if cls is not None:
+        known = {f.name for f in fields(cls)}
+        data = {k: v for k, v in data.items() if k in known}
     return t, event_from_json(data)
 
 
