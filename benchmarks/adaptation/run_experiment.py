@@ -44,8 +44,11 @@ def source_dir(root: Path) -> Path:
     return root / "tiny-ar-nbdiff"
 
 
+RUNS = "runs"  # set from --runs: a second set of runs (e.g. longer) lives beside the first
+
+
 def run_dir(root: Path, name: str) -> Path:
-    return root / "runs" / name
+    return root / RUNS / name
 
 
 def adapt_command(args, name: str) -> list[str]:
@@ -92,7 +95,7 @@ def cmd_adapt(args) -> None:
             name = pending.pop(0)
             cmd = adapt_command(args, name)
             print("$", " ".join(cmd), flush=True)
-            log = open(args.root / "logs" / f"adapt-{name}.log", "w")
+            log = open(args.root / "logs" / f"adapt-{RUNS}-{name}.log", "w")
             running[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), cmd)
         time.sleep(5)
         for name, (proc, t0, cmd) in list(running.items()):
@@ -101,7 +104,7 @@ def cmd_adapt(args) -> None:
                                 "threads": args.threads, "parallel": args.parallel}
                 print(name, timing[name], flush=True)
                 del running[name]
-    path = args.root / "adapt_timing.json"
+    path = args.root / f"adapt_timing-{RUNS}.json"
     old = json.loads(path.read_text()) if path.is_file() else {}
     old.update(timing)
     path.write_text(json.dumps(old, indent=2))
@@ -160,7 +163,7 @@ def cmd_evaluate(args) -> None:
         results[name] = res
         print(name, json.dumps(res), flush=True)
     meta = {"eval_rows": len(rows), "seq_len": args.seq_len, "tokens": int(rows.real_tokens)}
-    (args.root / "results.json").write_text(json.dumps({"meta": meta, "models": results}, indent=2))
+    (args.root / f"results-{RUNS}.json").write_text(json.dumps({"meta": meta, "models": results}, indent=2))
     print_table(results, meta)
 
 
@@ -200,14 +203,14 @@ def cmd_decode(args) -> None:
             tpf, texts, secs = [], [], 0.0
             for p in prompts:
                 text, final = nbdiff.generate(model, tok, p, raw=True, block_size=b, max_new_tokens=args.new_tokens,
-                                              threshold=0.9)
+                                              threshold=args.threshold)
                 tpf.append(final.tokens_per_forward)
                 texts.append(text)
                 secs += final.seconds
             out[f"{name}/b{b}"] = {"tokens_per_forward": sum(tpf) / len(tpf), "per_prompt": tpf, "texts": texts,
                                    "seconds": round(secs, 2)}
             print(name, b, f"{sum(tpf) / len(tpf):.2f} tokens/forward", repr(texts[0][:120]), flush=True)
-    (args.root / "decode.json").write_text(json.dumps({"prompts": prompts, "results": out}, indent=2))
+    (args.root / f"decode-{RUNS}-t{args.threshold}.json").write_text(json.dumps({"prompts": prompts, "results": out}, indent=2))
 
 
 def cmd_plot(args) -> None:
@@ -216,7 +219,7 @@ def cmd_plot(args) -> None:
     for name in VARIANTS:
         metrics = run_dir(args.root, name) / "metrics.jsonl"
         if metrics.is_file():
-            cmd = ["nbdiff", "plot", str(metrics), "--out", str(docs / f"adaptation-{name}.png"),
+            cmd = ["nbdiff", "plot", str(metrics), "--out", str(docs / f"adaptation-{RUNS}-{name}.png"),
                    "--title", f"tiny Llama on Austen: {name}"]
             print("$", " ".join(cmd), flush=True)
             subprocess.run(cmd, check=True)
@@ -232,6 +235,7 @@ def cmd_compare(args) -> None:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     panels = [("AR loss (b=1)", lambda r: r["ar"])] + [
         (f"MDM loss b={b}", lambda r, b=b: r["mdm"].get(str(b))) for b in (2, 4, 8)]
+    colors = dict(zip(VARIANTS, ("tab:blue", "tab:orange", "tab:green", "tab:red")))
     for name in VARIANTS:
         metrics = run_dir(args.root, name) / "metrics.jsonl"
         if not metrics.is_file():
@@ -241,14 +245,18 @@ def cmd_compare(args) -> None:
             if i == 0 and name == "block-causal":
                 continue  # its in-run "ar" is read from a block-causal clean copy at b=8: it sees its own block
             pts = [(r["step"], get(r)) for r in evals if get(r) is not None]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name, color=colors[name])
             ax.set_title(title)
             ax.set_xlabel("step")
-    axes[0].legend()
+    handles = [plt.Line2D([], [], color=c, marker="o", label=n) for n, c in colors.items()
+               if (run_dir(args.root, n) / "metrics.jsonl").is_file()]
+    axes[0].legend(handles=handles, fontsize=8)
+    axes[0].text(0.02, 0.02, "block-causal: not shown (its in-run AR\nfigure is read through a block-causal mask)",
+                 transform=axes[0].transAxes, fontsize=7)
     fig.suptitle("nbdiff adapt on a 3.3M tiny Llama (curriculum 1,2,4,8); held-out rows of the training stream, "
                  "each run with its own context mask")
     fig.tight_layout()
-    out = Path(args.docs) / "adaptation.png"
+    out = Path(args.docs) / f"adaptation-{RUNS}.png"
     fig.savefig(out, dpi=100)
     print("wrote", out)
 
@@ -266,8 +274,12 @@ def main() -> None:
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--eval-rows", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--threshold", type=float, default=0.9, help="decode: confidence threshold")
     ap.add_argument("--docs", default="docs")
+    ap.add_argument("--runs", default="runs", help="sub-folder of --root holding this set of runs")
     args = ap.parse_args()
+    global RUNS
+    RUNS = args.runs
     {"convert": cmd_convert, "adapt": cmd_adapt, "evaluate": cmd_evaluate, "decode": cmd_decode,
      "plot": cmd_plot, "compare": cmd_compare}[args.stage](args)
 
