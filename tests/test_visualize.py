@@ -196,7 +196,14 @@ async def test_typed_prompt_runs_and_counts_equal_final_record():
         assert f"tok/s {final.tokens_per_second:.1f}" in shown
         assert "done (length)" in shown
         assert app.view.text == final.texts[0]
-        assert app.query_one("#prompt", Input).has_focus is False  # keys drive the app again
+        prompt_box = app.query_one("#prompt", Input)
+        assert not prompt_box.has_focus  # keys drive the app again
+        await pilot.press("slash")
+        assert prompt_box.has_focus
+        await pilot.press("p")  # typed into the prompt, not a pause
+        assert not app.paused and prompt_box.value.endswith("p")
+        await pilot.press("escape")
+        assert not prompt_box.has_focus
 
 
 async def test_pause_stops_the_step_counter_and_n_single_steps():
