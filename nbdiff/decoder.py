@@ -344,5 +344,6 @@ def decode(
         steps=denoise_forwards,
         prompt_tokens=sum(len(p) for p in prompts),
         tokens=produced,
+        block_size=b,
     )
 

@@ -70,6 +70,8 @@ class FinalEvent:
     prompt_tokens: int = 0
     tokens: list[list[int]] = field(default_factory=list)
     """Generated token ids per sequence (up to and including EOS)."""
+    block_size: int = 0
+    """Block size the decoder used."""
     notes: list[str] = field(default_factory=list)
     """Things the caller should tell the user (e.g. max_new_tokens shortened to fit the context)."""
     kind: str = "final"

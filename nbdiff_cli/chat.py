@@ -1,0 +1,246 @@
+"""`nbdiff chat MODEL`: multi-turn chat that prints each block as the decoder commits it.
+
+Commands: /help, /clear, /set NAME VALUE (any decoding option), /set (show them), /exit.
+A line of three double quotes starts and ends multi-line input. Ctrl-C stops the current reply
+(the decoder stops at its next forward) and keeps the session; Ctrl-D / end of input exits.
+Works with stdin from a pipe: lines are read with readline when stdin is not a terminal.
+Decoding runs in a worker thread that posts events to a queue, so Ctrl-C always reaches the
+main thread and becomes the decoder's cancel event.
+"""
+
+from __future__ import annotations
+
+import queue
+import sys
+import threading
+from typing import Optional
+
+import typer
+
+from .console import console
+from .generate import load_for_decoding, make_options
+from .options import (
+    BlockSize,
+    Confidence,
+    ConfidenceOpt,
+    Device,
+    DeviceChoice,
+    Dtype,
+    DtypeChoice,
+    MaxNewTokens,
+    ModelArg,
+    Quantize,
+    QuantizeChoice,
+    Seed,
+    SubBlocks,
+    SystemPrompt,
+    Temperature,
+    Threshold,
+    TopK,
+    TopP,
+)
+
+HELP = """commands:
+  /help              this help
+  /clear             forget the conversation
+  /set NAME VALUE    change a decoding option, e.g. /set threshold 0.8, /set block_size 8, /set seed none
+  /set               show the decoding options
+  /exit              leave (Ctrl-D works too)
+  \"\"\"                start / end multi-line input
+Ctrl-C stops the current reply."""
+
+FENCE = '"""'
+
+
+def _read_line(prompt: str) -> str:
+    """One line of input without its newline; EOFError at end of input."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        return input(prompt)
+    console.print(prompt, end="", markup=False, highlight=False)
+    line = sys.stdin.readline()
+    if not line:
+        console.print()
+        raise EOFError
+    return line.rstrip("\r\n")
+
+
+def _read_message() -> str:
+    """A user message: one line, or the lines between two lines of three double quotes."""
+    line = _read_line(">>> ")
+    if not line.strip().startswith(FENCE):
+        return line
+    first = line.strip()[len(FENCE):]
+    if first.endswith(FENCE):  # """one line"""
+        return first[: -len(FENCE)]
+    lines = [first] if first else []
+    while True:
+        line = _read_line("... ")
+        if line.rstrip().endswith(FENCE):
+            lines.append(line.rstrip()[: -len(FENCE)])
+            return "\n".join(lines).strip("\n")
+        lines.append(line)
+
+
+def parse_set(options, text: str):
+    """Apply `/set NAME VALUE` to options; returns the new (validated) options or raises NBDiffError."""
+    from dataclasses import fields
+
+    from nbdiff.errors import NBDiffError
+
+    parts = text.split(maxsplit=1)
+    if len(parts) != 2:
+        raise NBDiffError("usage: /set NAME VALUE", "e.g. /set threshold 0.8")
+    name, raw = parts[0].replace("-", "_"), parts[1].strip()
+    kinds = {f.name: str(f.type) for f in fields(options)}
+    if name not in kinds:
+        raise NBDiffError(f"unknown option {name!r}", f"options: {', '.join(kinds)}")
+    kind = kinds[name]
+    if raw.lower() in ("none", "default") and "None" in kind:
+        value = None
+    else:
+        try:
+            value = float(raw) if "float" in kind else int(raw) if "int" in kind else raw
+        except ValueError:
+            raise NBDiffError(f"{name} needs a number, got {raw!r}") from None
+    return options.with_(**{name: value})
+
+
+def _stats(final) -> str:
+    return (
+        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward, "
+        f"{final.tokens_per_second:.1f} tokens/s" + ("" if final.finish_reason != "cancelled" else ", stopped")
+    )
+
+
+def _reply(model, tokenizer, messages, options, system):
+    """Stream one reply; returns (text, final or None). Ctrl-C cancels and still returns what was said."""
+    from nbdiff.api import stream
+    from nbdiff.events import BlockEvent, FinalEvent
+
+    events: queue.Queue = queue.Queue()
+    cancel = threading.Event()
+
+    def work():
+        try:
+            for event in stream(model, tokenizer, messages, options, cancel=cancel, system=system):
+                events.put(event)
+        except BaseException as exc:  # handed to the main thread, which reports it
+            events.put(exc)
+        events.put(None)
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    parts, final, error = [], None, None
+    while True:
+        try:
+            item = events.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        except KeyboardInterrupt:
+            cancel.set()  # the decoder stops before its next forward; keep draining
+            continue
+        if item is None:
+            break
+        if isinstance(item, BaseException):
+            error = item
+        elif isinstance(item, BlockEvent):
+            parts.append(item.text)
+            console.out(item.text, end="", highlight=False)  # model text is printed as-is, never as markup
+        elif isinstance(item, FinalEvent):
+            final = item
+    worker.join()
+    if error is not None:
+        raise error
+    console.out("")
+    return "".join(parts), final
+
+
+def chat(
+    model: ModelArg = None,
+    block_size: BlockSize = None,
+    sub_blocks: SubBlocks = 1,
+    threshold: Threshold = 0.9,
+    confidence: ConfidenceOpt = Confidence.prob,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNewTokens = 256,
+    seed: Seed = None,
+    system: SystemPrompt = None,
+    device: Device = DeviceChoice.auto,
+    dtype: Dtype = DtypeChoice.auto,
+    quantize: Quantize = QuantizeChoice.none,
+) -> None:
+    """Chat with a model; each block is printed as it is committed. /help lists the commands."""
+    from nbdiff.api import resolve_options
+    from nbdiff.errors import NBDiffError
+
+    options = make_options(
+        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+    )
+    mdl, tok = load_for_decoding(model, device, dtype, quantize)
+    templated = bool(getattr(tok, "chat_template", None))
+    console.print(
+        f"[bold]nbdiff chat[/] {'' if templated else '(no chat template: plain continuation) '}"
+        "[dim]/help for commands, Ctrl-D to leave[/]"
+    )
+    messages: list[dict] = []
+    said: set[str] = set()  # notes already shown (each is said once per session)
+    while True:
+        try:
+            text = _read_message()
+        except EOFError:
+            break
+        except KeyboardInterrupt:
+            console.print("\n[dim](Ctrl-D or /exit to leave)[/]")
+            continue
+        stripped = text.strip()
+        if not stripped:
+            continue
+        if stripped.startswith("/"):
+            command, _, rest = stripped.partition(" ")
+            if command in ("/exit", "/quit"):
+                break
+            if command == "/help":
+                console.print(HELP, markup=False, highlight=False)
+            elif command == "/clear":
+                messages.clear()
+                console.print("[dim]conversation cleared[/]")
+            elif command == "/set":
+                if not rest.strip():
+                    for name, value in options.to_dict().items():
+                        console.print(f"  {name} = {value!r}", markup=False, highlight=False)
+                    continue
+                try:
+                    options = parse_set(options, rest)
+                    console.print(f"[dim]set {rest.split()[0]}[/]")
+                except NBDiffError as exc:
+                    console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+            else:
+                console.print(f"unknown command {command} (/help lists them)", style="red", markup=False, highlight=False)
+            continue
+        messages.append({"role": "user", "content": text})
+        try:
+            _, notes = resolve_options(mdl, options)
+            for note in notes:  # e.g. block size above the adapted one: said once, before the reply
+                if note not in said:
+                    said.add(note)
+                    console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
+            reply, final = _reply(mdl, tok, messages, options, system)
+        except NBDiffError as exc:
+            messages.pop()
+            console.print(f"error: {exc}", style="red", markup=False, highlight=False)
+            continue
+        messages.append({"role": "assistant", "content": reply})
+        if final is not None:
+            for note in final.notes:
+                if note not in said:
+                    said.add(note)
+                    console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
+            console.print(_stats(final), style="dim", markup=False, highlight=False)
+    console.print("[dim]bye[/]")

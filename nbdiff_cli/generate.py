@@ -1,0 +1,113 @@
+"""`nbdiff generate MODEL --prompt TEXT`: one reply, printed as blocks are committed, or one JSON object."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .console import console, err_console
+from .options import (
+    BlockSize,
+    ConfidenceOpt,
+    Confidence,
+    Device,
+    DeviceChoice,
+    Dtype,
+    DtypeChoice,
+    MaxNewTokens,
+    ModelArg,
+    Quantize,
+    QuantizeChoice,
+    Seed,
+    SubBlocks,
+    SystemPrompt,
+    Temperature,
+    Threshold,
+    TopK,
+    TopP,
+)
+
+
+def load_for_decoding(model: Optional[str], device, dtype, quantize):
+    """Load MODEL for a decoding command (one-line errors name `nbdiff convert`)."""
+    from nbdiff.api import load
+    from nbdiff.errors import NBDiffError
+
+    if not model:
+        raise NBDiffError("no model given", "pass the folder written by `nbdiff convert`, e.g. `nbdiff generate DIR --prompt hi`")
+    return load(model, quantize=quantize.value, device=device.value, dtype=dtype.value)
+
+
+def make_options(**values):
+    """DecodeOptions from command-line values (validated there, with the flag names)."""
+    from nbdiff.decoding import DecodeOptions
+
+    values["confidence"] = getattr(values["confidence"], "value", values["confidence"])
+    return DecodeOptions(**values)
+
+
+def generate(
+    model: ModelArg = None,
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user message when the tokenizer has a chat template).")] = "",
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and speed figures) instead of streaming.")] = False,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain continuation: do not apply the chat template.")] = False,
+    block_size: BlockSize = None,
+    sub_blocks: SubBlocks = 1,
+    threshold: Threshold = 0.9,
+    confidence: ConfidenceOpt = Confidence.prob,
+    temperature: Temperature = 0.0,
+    top_k: TopK = 0,
+    top_p: TopP = 1.0,
+    max_new_tokens: MaxNewTokens = 256,
+    seed: Seed = None,
+    system: SystemPrompt = None,
+    device: Device = DeviceChoice.auto,
+    dtype: Dtype = DtypeChoice.auto,
+    quantize: Quantize = QuantizeChoice.none,
+) -> None:
+    """Generate one reply with block diffusion and print it (or --json with tokens/forward and tokens/s)."""
+    import json
+
+    from nbdiff.api import stream
+    from nbdiff.errors import NBDiffError
+    from nbdiff.events import BlockEvent, FinalEvent
+
+    options = make_options(
+        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
+        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
+    )
+    if not prompt.strip():
+        raise NBDiffError("the prompt is empty", "pass some text with --prompt")
+    mdl, tok = load_for_decoding(model, device, dtype, quantize)
+    final = None
+    for event in stream(mdl, tok, prompt, options, system=system, raw=raw):
+        if isinstance(event, BlockEvent) and not json_out:
+            console.out(event.text, end="", highlight=False)  # plain text: model output is never markup
+        elif isinstance(event, FinalEvent):
+            final = event
+    assert final is not None
+    if json_out:
+        payload = {
+            "text": final.texts[0],
+            "new_tokens": final.new_tokens,
+            "forwards": final.forwards,
+            "tokens_per_forward": round(final.tokens_per_forward, 4),
+            "seconds": round(final.seconds, 4),
+            "tokens_per_second": round(final.tokens_per_second, 3),
+            "finish_reason": final.finish_reason,
+            "prompt_tokens": final.prompt_tokens,
+            "steps": final.steps,
+            "block_size": final.block_size,
+            "notes": final.notes,
+        }
+        typer.echo(json.dumps(payload, ensure_ascii=False))
+        return
+    console.out("")
+    for note in final.notes:
+        err_console.print(f"note: {note}", style="yellow", markup=False)
+    err_console.print(
+        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward, "
+        f"{final.tokens_per_second:.1f} tokens/s ({final.finish_reason})",
+        style="dim", markup=False,
+    )
