@@ -18,6 +18,8 @@ COMMANDS: dict[str, str] = {
     "adapt": "nbdiff_cli.adapt:adapt",
     "plot": "nbdiff_cli.plot:plot",
     "info": "nbdiff_cli.info:info",
+    "generate": "nbdiff_cli.generate:generate",
+    "chat": "nbdiff_cli.chat:chat",
     "visualize": "nbdiff_cli.visualize:visualize",
 }
 
