@@ -1,0 +1,147 @@
+"""The Python API (nbdiff.load / stream / generate), `nbdiff generate`, and one-line errors for bad input."""
+
+import importlib.util
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import nbdiff
+from nbdiff.decoding import DecodeOptions
+from nbdiff.errors import NBDiffError
+from nbdiff.events import BlockEvent, FinalEvent, StepEvent, event_from_json, to_json
+from nbdiff_cli.app import app
+
+from decode_helpers import converted_folder, plain_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return converted_folder(tmp_path_factory.mktemp("api") / "tiny", "qwen2", block_size=4)
+
+
+@pytest.fixture(scope="module")
+def loaded(folder):
+    return nbdiff.load(folder, device="cpu")
+
+
+def test_generate_and_stream_agree(loaded):
+    model, tok = loaded
+    text, final = nbdiff.generate(model, tok, "Hello, how are you?", max_new_tokens=9)
+    assert isinstance(final, FinalEvent) and final.block_size == 4 and isinstance(text, str)
+    events = list(nbdiff.stream(model, tok, "Hello, how are you?", DecodeOptions(max_new_tokens=9)))
+    assert isinstance(events[-1], FinalEvent) and events[-1].tokens == final.tokens
+    assert any(isinstance(e, StepEvent) and e.ar for e in events)
+    assert "".join(e.text for e in events if isinstance(e, BlockEvent)) == text == events[-1].texts[0]
+    # the records survive a JSON round trip (visualize --record/--replay)
+    assert all(event_from_json(to_json(e)) == e for e in events)
+    # the block size above the adapted one is announced
+    assert any("adapted" in n for n in final.notes)
+
+
+def test_messages_and_batches(loaded):
+    model, tok = loaded
+    msgs = [{"role": "user", "content": "Hello"}]
+    text, templated = nbdiff.generate(model, tok, msgs, block_size=1, max_new_tokens=6)
+    same, _ = nbdiff.generate(model, tok, "Hello", block_size=1, max_new_tokens=6)
+    assert text == same
+    texts, final = nbdiff.generate(model, tok, ["Hello", "Once upon a time"], block_size=4, max_new_tokens=6)
+    assert isinstance(texts, list) and len(texts) == 2 and len(final.finish_reasons) == 2
+    # system prompt and raw continuation change the prompt
+    _, with_system = nbdiff.generate(model, tok, "Hello", system="Be brief.", block_size=1, max_new_tokens=2)
+    _, raw = nbdiff.generate(model, tok, "Hello", raw=True, block_size=1, max_new_tokens=2)
+    assert with_system.prompt_tokens > templated.prompt_tokens > raw.prompt_tokens
+
+
+def test_never_converted_folder_decodes_as_ar_with_a_note(tmp_path):
+    model, tok = nbdiff.load(plain_folder(tmp_path / "plain"), device="cpu")
+    _, final = nbdiff.generate(model, tok, "Hello", max_new_tokens=4)
+    assert final.block_size == 1 and final.forwards == 4 and "nbdiff convert" in final.notes[0]
+    with pytest.raises(NBDiffError, match="converted model"):
+        nbdiff.generate(model, tok, "Hello", block_size=4)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (dict(block_size=0), "power of two"),
+        (dict(block_size=3), "power of two"),
+        (dict(block_size=8, sub_blocks=3), "does not divide"),
+        (dict(threshold=0.0), r"\(0, 1\]"),
+        (dict(threshold=1.5), r"\(0, 1\]"),
+        (dict(blocksize=4), "unknown decoding option"),
+    ],
+)
+def test_bad_options(loaded, overrides, match):
+    model, tok = loaded
+    with pytest.raises(NBDiffError, match=match):
+        nbdiff.generate(model, tok, "Hello", **overrides)
+
+
+def test_bad_prompts(loaded):
+    model, tok = loaded
+    with pytest.raises(NBDiffError, match="empty"):
+        nbdiff.generate(model, tok, "   ")
+    with pytest.raises(NBDiffError, match="context is 512"):
+        nbdiff.generate(model, tok, "the quick brown fox " * 200)
+    # a prompt that fits, but not with all the new tokens: announced shortening
+    ids_len = len(nbdiff.api.encode(tok, "the fox " * 100))
+    _, final = nbdiff.generate(model, tok, "the fox " * 100, block_size=1, max_new_tokens=512)
+    assert final.new_tokens <= 512 - ids_len and any("shortened" in n for n in final.notes)
+
+
+def test_bad_folders(tmp_path):
+    with pytest.raises(NBDiffError, match="does not exist"):
+        nbdiff.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NBDiffError, match="no config.json"):
+        nbdiff.load(tmp_path / "empty")
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(NBDiffError, match="safetensors"):
+        nbdiff.load(tmp_path / "empty")
+
+
+def test_quantize_without_bitsandbytes_is_a_clear_error(folder, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(NBDiffError, match="needs bitsandbytes"):
+        nbdiff.load(folder, quantize="nf4")
+    result = runner.invoke(app, ["generate", str(folder), "--prompt", "hi", "--quantize", "nf4"])
+    assert result.exit_code == 1 and "needs bitsandbytes" in result.output
+
+
+def test_cli_generate_json(folder):
+    result = runner.invoke(app, ["generate", str(folder), "--prompt", "Hello", "--json", "-n", "6", "-b", "2"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    for key in ("text", "new_tokens", "forwards", "tokens_per_forward", "seconds", "tokens_per_second", "finish_reason"):
+        assert key in data
+    assert data["block_size"] == 2 and data["new_tokens"] <= 6
+    assert data["tokens_per_forward"] == pytest.approx(data["new_tokens"] / data["forwards"], abs=1e-3)
+
+
+def test_cli_generate_streams_text_and_stats(folder):
+    result = runner.invoke(app, ["generate", str(folder), "-p", "Hello", "-n", "4", "--raw", "--seed", "1", "-t", "0.8"])
+    assert result.exit_code == 0, result.output
+    assert "tokens/forward" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (["--prompt", ""], "prompt is empty"),
+        (["--prompt", "hi", "--block-size", "0"], "power of two"),
+        (["--prompt", "hi", "--block-size", "8", "--sub-blocks", "3"], "does not divide"),
+        (["--prompt", "hi", "--threshold", "1.5"], "(0, 1]"),
+    ],
+)
+def test_cli_generate_bad_input_is_one_line(folder, args, fragment):
+    result = runner.invoke(app, ["generate", str(folder), *args])
+    assert result.exit_code == 1 and fragment in result.output and "Traceback" not in result.output
+
+
+def test_cli_generate_missing_folder_says_convert(tmp_path):
+    result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
+    assert result.exit_code == 1 and "nbdiff convert" in result.output
