@@ -1,0 +1,108 @@
+"""`nbdiff chat` driven through a pipe (CliRunner input): commands, multi-line input, errors, Ctrl-C, EOF."""
+
+import queue
+
+import pytest
+from typer.testing import CliRunner
+
+from nbdiff.decoding import DecodeOptions
+from nbdiff.errors import NBDiffError
+from nbdiff_cli import chat as chat_mod
+from nbdiff_cli.app import app
+
+from decode_helpers import converted_folder, plain_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return converted_folder(tmp_path_factory.mktemp("chat") / "tiny", "qwen3", block_size=4, adapted=4)
+
+
+def chat(folder, text, *args):
+    return runner.invoke(app, ["chat", str(folder), "-n", "6", *args], input=text)
+
+
+def test_two_turns_with_commands_and_eof(folder):
+    script = "Hello there\n/set threshold 0.5\n/set threshold 7\n/set nope 1\n/set\nAnd again\n/help\n/clear\n"
+    result = chat(folder, script)
+    assert result.exit_code == 0, result.output
+    out = result.output
+    assert out.count("tokens/forward") == 2  # one dim stats line per reply
+    assert "set threshold" in out and "threshold = 0.5" in out
+    assert "--threshold must be in (0, 1]" in out  # error shown, session kept
+    assert "unknown option 'nope'" in out
+    assert "/clear" in out and "conversation cleared" in out
+    assert out.rstrip().endswith("bye")  # EOF exits cleanly
+
+
+def test_multiline_input_is_one_message(folder, monkeypatch):
+    seen = []
+    real = chat_mod._reply
+
+    def spy(model, tok, messages, options, system):
+        seen.append([dict(m) for m in messages])
+        return real(model, tok, messages, options, system)
+
+    monkeypatch.setattr(chat_mod, "_reply", spy)
+    result = chat(folder, '"""\nline one\nline two\n"""\n"""single"""\n/exit\nnever read\n')
+    assert result.exit_code == 0, result.output
+    assert seen[0][0] == {"role": "user", "content": "line one\nline two"}
+    assert seen[1][2] == {"role": "user", "content": "single"}  # history: user, assistant, user
+    assert len(seen) == 2  # /exit stopped before "never read"
+
+
+def test_block_size_above_adapted_is_said_once(folder):
+    result = chat(folder, "Hi\nHi again\n", "--block-size", "8")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("above the block size this model was adapted to") == 1
+    assert result.output.count("tokens/forward") == 2
+
+
+def test_ctrl_c_stops_the_reply_and_keeps_the_session(folder, monkeypatch):
+    class InterruptOnce(queue.Queue):
+        fired = False
+
+        def get(self, *args, **kwargs):
+            if not InterruptOnce.fired:
+                InterruptOnce.fired = True
+                raise KeyboardInterrupt
+            return super().get(*args, **kwargs)
+
+    monkeypatch.setattr(chat_mod.queue, "Queue", InterruptOnce)
+    result = chat(folder, "Hello\nSecond turn\n", "-n", "64", "--block-size", "1")
+    assert result.exit_code == 0, result.output
+    assert "stopped" in result.output  # first reply cancelled
+    assert result.output.count("tokens/forward") == 2  # the session went on to the second turn
+
+
+def test_no_markup_injection_from_model_text(folder, monkeypatch):
+    from nbdiff.events import BlockEvent, FinalEvent
+
+    def fake_stream(*args, **kwargs):
+        yield BlockEvent(seq=0, block=0, tokens=[1], text="[bold red]x[/] [link=file:///]y")
+        yield FinalEvent(new_tokens=1, forwards=1, tokens_per_forward=1.0, seconds=0.1, tokens_per_second=10.0,
+                         finish_reason="length", texts=["..."])
+
+    monkeypatch.setattr("nbdiff.api.stream", fake_stream)
+    result = chat(folder, "Hello\n")
+    assert "[bold red]x[/] [link=file:///]y" in result.output
+
+
+def test_plain_folder_chats_as_ar_with_a_note(tmp_path):
+    result = chat(plain_folder(tmp_path / "plain"), "Hi\n")
+    assert result.exit_code == 0, result.output
+    assert "never converted" in result.output and "tokens/forward" in result.output
+
+
+def test_parse_set():
+    opts = DecodeOptions()
+    assert chat_mod.parse_set(opts, "threshold 0.8").threshold == 0.8
+    assert chat_mod.parse_set(opts, "block-size 8").block_size == 8
+    assert chat_mod.parse_set(opts, "seed none").seed is None
+    assert chat_mod.parse_set(opts, "confidence margin").confidence == "margin"
+    for bad, match in [("block_size 3", "power of two"), ("top_k x", "needs a number"), ("threshold", "usage"),
+                       ("confidence loud", "confidence")]:
+        with pytest.raises(NBDiffError, match=match):
+            chat_mod.parse_set(opts, bad)
