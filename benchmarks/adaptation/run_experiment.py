@@ -6,7 +6,8 @@ held-out MDM loss (block sizes 2, 4, 8) and AR loss (block size 1) before and af
     python benchmarks/adaptation/run_experiment.py evaluate            # held-out table -> results.json
     python benchmarks/adaptation/run_experiment.py decode              # a few held-out prompts, b = 4 and 8
     python benchmarks/adaptation/run_experiment.py plot                # nbdiff plot for every run
-    python benchmarks/adaptation/run_experiment.py compare             # docs/adaptation.png, all runs
+    python benchmarks/adaptation/run_experiment.py compare             # docs/adaptation-<runs>.png, all runs
+    python benchmarks/adaptation/run_experiment.py leak                # block-causal L_AR sees its own block
 
 Variants (all from the converted source, same data order, same steps, same seed):
 - nbdiff:       M_CC (token-causal clean copy) + AR loss (lambda 0.5), curriculum 1,2,4,8
@@ -184,6 +185,29 @@ def print_table(results: dict, meta: dict) -> None:
                   + " | " + " | ".join(f"{c['acc'][b]:.3f}" for b in (2, 4, 8)) + " |")
 
 
+def cmd_leak(args) -> None:
+    """Next-token CE of the clean copy read through a block-causal mask, by block size.
+
+    With `block(j) <= block(i)` a clean token sees the rest of its own block, so the next token is
+    visible whenever it is in the same block: a model trained with L_AR on that copy can learn to
+    copy it. A model that did not learn it gets worse as b grows; one that did gets better.
+    """
+    import torch
+
+    from nbdiff.evaluation import evaluate
+
+    torch.set_num_threads(args.threads)
+    out, rows = {}, None
+    for name, path in models(args).items():
+        model, tok, settings = load(path)
+        if rows is None:
+            rows = heldout_rows(args, tok)
+        out[name] = {b: evaluate(model, rows, [b], settings.mask_token_id, "block-causal", batch_size=8)["ar"]
+                     for b in (1, 2, 8)}
+        print(name, {b: round(v, 4) for b, v in out[name].items()}, flush=True)
+    (args.root / f"leak-{RUNS}.json").write_text(json.dumps(out, indent=2))
+
+
 def cmd_decode(args) -> None:
     import torch
 
@@ -263,7 +287,7 @@ def cmd_compare(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=("convert", "adapt", "evaluate", "decode", "plot", "compare"))
+    ap.add_argument("stage", choices=("convert", "adapt", "evaluate", "decode", "plot", "compare", "leak"))
     ap.add_argument("--root", type=Path, default=ROOT)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--steps", type=int, default=200)
@@ -281,7 +305,7 @@ def main() -> None:
     global RUNS
     RUNS = args.runs
     {"convert": cmd_convert, "adapt": cmd_adapt, "evaluate": cmd_evaluate, "decode": cmd_decode,
-     "plot": cmd_plot, "compare": cmd_compare}[args.stage](args)
+     "plot": cmd_plot, "compare": cmd_compare, "leak": cmd_leak}[args.stage](args)
 
 
 if __name__ == "__main__":
