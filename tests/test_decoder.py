@@ -108,9 +108,10 @@ def test_training_noised_logits_equal_decoder_logits(model, b, k):
 # d. batching with left padding --------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("b,threshold", [(4, 0.9), (8, 0.02)])
-def test_batch_gives_the_same_tokens_as_each_prompt_alone(model, b, threshold):
-    opts = dict(block_size=b, threshold=threshold, max_new_tokens=9)
+@pytest.mark.parametrize("b,threshold,subs", [(4, 0.9, 1), (8, 0.02, 1), (8, 0.012, 4)])
+def test_batch_gives_the_same_tokens_as_each_prompt_alone(model, b, threshold, subs):
+    # with sub-blocks, rows sit in different sub-blocks at the same step (per-row logits_to_keep)
+    opts = dict(block_size=b, threshold=threshold, sub_blocks=subs, max_new_tokens=9)
     together = run(model, PROMPTS, **opts)[-1]
     for i, prompt in enumerate(PROMPTS):
         alone = run(model, [prompt], **opts)[-1]
@@ -254,3 +255,17 @@ def test_sampling_helpers():
     assert select_commits(conf, cand, 0.9).tolist() == [[False, True, False, False]]
     assert select_commits(conf, cand, 0.4).tolist() == [[False, True, True, False]]
     assert select_commits(conf, torch.zeros_like(cand), 0.1).tolist() == [[False] * 4]
+
+
+def test_rows_in_different_sub_blocks_use_per_row_logits(monkeypatch):
+    """The batch case above with threshold 0.012 really takes the 2-D logits_to_keep path."""
+    seen = []
+    real = CachedContext.block_logits
+
+    def spy(self, block, keep=0, rows=None):
+        seen.append(keep.dim() if torch.is_tensor(keep) else 0)
+        return real(self, block, keep, rows)
+
+    monkeypatch.setattr(CachedContext, "block_logits", spy)
+    run(tiny_model("llama"), PROMPTS, block_size=8, threshold=0.012, sub_blocks=4, max_new_tokens=9)
+    assert 2 in seen and 1 in seen
