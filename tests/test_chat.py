@@ -106,3 +106,9 @@ def test_parse_set():
                        ("confidence loud", "confidence")]:
         with pytest.raises(NBDiffError, match=match):
             chat_mod.parse_set(opts, bad)
+
+
+def test_prompt_longer_than_the_context_is_an_error_and_the_session_goes_on(folder):
+    result = chat(folder, "the quick brown fox " * 200 + "\nHello\n")
+    assert result.exit_code == 0, result.output
+    assert "context is 512" in result.output and result.output.count("tokens/forward") == 1
