@@ -14,7 +14,7 @@ import torch
 
 from .data import PackedRows
 from .layout import parallel_forward
-from .losses import ar_loss, mdm_loss
+from .losses import ar_loss, ar_targets, mdm_loss
 from .noising import noise_blocks
 
 EVAL_SEED = 20251206
@@ -42,15 +42,15 @@ def evaluate(model, rows: PackedRows, block_sizes: list[int], mask_token_id: int
     """Evaluate `model` on held-out packed rows.
 
     Returns {"ar": mean AR CE, "ar_tokens": n, "mdm": {b: mean MDM CE}, "acc": {b: masked accuracy},
-    "mdm_tokens": {b: n}}. With context 'causal' the clean copy does not depend on b, so AR is read
-    at b = 1; with 'block-causal' it is read at the largest b (the setting that matters at inference).
+    "mdm_tokens": {b: n}}. AR is read at the smallest block size (b = 1 in practice), where both
+    context masks are token-causal, so it is the true AR loss and comparable across variants.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     ctx = autocast or nullcontext
     out = {"ar": float("nan"), "ar_tokens": 0, "mdm": {}, "acc": {}, "mdm_tokens": {}}
-    ar_at = block_sizes[0] if context == "causal" else block_sizes[-1]
+    ar_at = block_sizes[0]
     for b in block_sizes:
         mdm_sum, mdm_n, correct, ar_sum, ar_n = 0.0, 0, 0, 0.0, 0
         for start in range(0, len(rows), batch_size):
@@ -69,7 +69,7 @@ def evaluate(model, rows: PackedRows, block_sizes: list[int], mask_token_id: int
             mdm_n += n
             correct += c
             if b == ar_at:
-                target = rows.trainable[idx].to(device) & (pos > 0)
+                target = ar_targets(rows.trainable[idx].to(device), pos, b, context)
                 a, na = ar_loss(clean_logits, x_0, target)
                 ar_sum += float(a) * na
                 ar_n += na

@@ -87,6 +87,19 @@ def ar_loss(clean_logits: torch.Tensor, clean_ids: torch.Tensor, target_mask: to
     return ce.mean(), int(ce.numel())
 
 
+def ar_targets(trainable: torch.Tensor, position_ids: torch.Tensor, block_size: int, context: str) -> torch.Tensor:
+    """Positions whose token L_AR may predict: bool [B, L].
+
+    Never a document start (nothing precedes it in its document). With the block-causal clean copy
+    (BD3-LM), the logits at j - 1 already see token j when both lie in one block, so only block
+    starts are honest AR targets there; with NBDiff's causal clean copy every position is.
+    """
+    target = trainable & (position_ids > 0)
+    if context == "block-causal":
+        target &= position_ids % block_size == 0
+    return target
+
+
 def combine(mdm: torch.Tensor, ar: torch.Tensor, ar_weight: float) -> torch.Tensor:
     """L = L_MDM + lambda * L_AR."""
     return mdm + ar_weight * ar if ar_weight else mdm

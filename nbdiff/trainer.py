@@ -48,7 +48,7 @@ from .data import Dataset, PackedRows, build_dataset, row_index
 from .errors import NBDiffError
 from .evaluation import eval_block_sizes, evaluate
 from .layout import parallel_forward
-from .losses import ar_loss, mdm_loss
+from .losses import ar_loss, ar_targets, mdm_loss
 from .noising import block_starts, complementary, noise_blocks
 from .recipe import AdaptConfig, differences
 from .settings import BlockDiffusionSettings, attach_settings, read_settings
@@ -150,7 +150,7 @@ def make_micro_batch(rows: PackedRows, slots: list[int], config: AdaptConfig, bl
         x_t, masked, t = torch.cat([x_t, comp.x_t]), torch.cat([masked, comp.masked]), torch.cat([t, comp.t])
         ids, pos, docs, trainable = (torch.cat([a, a]) for a in (ids, pos, docs, trainable))
     eligible = trainable & ~block_starts(pos, block_size)
-    ar_target = trainable & (pos > 0)
+    ar_target = ar_targets(trainable, pos, block_size, config.context_mask)
     real = int((rows.doc_ids[idx] >= 0).sum())
     return MicroBatch(x_t, ids, pos, docs, masked, t, eligible, ar_target, real)
 

@@ -137,3 +137,21 @@ def test_curriculum_staged_and_parse():
 def test_curriculum_bad_specs(spec, size):
     with pytest.raises(NBDiffError):
         BlockCurriculum.parse(spec, size, 100)
+
+
+@pytest.mark.parametrize("context", ["causal", "block-causal"])
+@pytest.mark.parametrize("L,b", [(12, 4), (9, 2), (8, 1)])
+def test_ar_targets_never_visible_to_their_predictor(context, L, b):
+    """The logits at j - 1 of the clean copy must not see token j, or L_AR leaks the answer."""
+    from nbdiff.losses import ar_targets
+    from nbdiff.masks import training_mask
+
+    pos = torch.arange(L)[None]
+    target = ar_targets(torch.ones(1, L, dtype=torch.bool), pos, b, context)[0]
+    mask = training_mask(L, b, context)
+    for j in range(1, L):
+        if target[j]:
+            assert not mask[L + j - 1, L + j], j
+    # causal context keeps every position; block-causal keeps the block starts only
+    expected = L - 1 if context == "causal" else len(range(b, L, b))
+    assert int(target.sum()) == expected
