@@ -45,7 +45,7 @@ class QuantizeChoice(str, Enum):
 
 ModelArg = Annotated[
     Optional[str],
-    typer.Argument(help="Converted model folder (or any Hugging Face folder, GGUF file or alias)."),
+    typer.Argument(help="Model folder written by `nbdiff convert` or `nbdiff adapt` (a plain Hugging Face folder decodes at block size 1)."),
 ]
 BlockSize = Annotated[
     Optional[int],
