@@ -86,6 +86,12 @@ def plot(
     ax.legend(fontsize=7, ncol=2)
     ax.grid(alpha=0.3)
     ax.set_title(title or f"nbdiff adapt: {metrics}")
+    _finish(plt, fig, axb, output)
+    console.print(f"wrote {output} ({len(train)} train records, {len(evals)} evaluations)")
+
+
+def _finish(plt, fig, axb, output: Path) -> None:
+    """Label the block-size axis and write the PNG atomically (temporary file, then rename)."""
     axb.set_yscale("log", base=2)
     axb.set_ylabel("block size")
     axb.set_xlabel("optimizer step")
@@ -96,7 +102,6 @@ def plot(
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(output)
-    console.print(f"wrote {output} ({len(train)} train records, {len(evals)} evaluations)")
 
 
 def _run_name(path: Path) -> str:
@@ -123,13 +128,4 @@ def _plot_runs(plt, runs, output: Path, title: str | None) -> None:
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     ax.set_title(title or "nbdiff adapt: " + ", ".join(_run_name(p) for p, _, _ in runs))
-    axb.set_yscale("log", base=2)
-    axb.set_ylabel("block size")
-    axb.set_xlabel("optimizer step")
-    axb.grid(alpha=0.3)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(output)
+    _finish(plt, fig, axb, output)
