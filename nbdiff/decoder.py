@@ -36,7 +36,7 @@ import torch
 from .decoding import DecodeOptions
 from .errors import NBDiffError
 from .events import BlockEvent, Event, FinalEvent, StepEvent
-from .masks import decoding_mask, to_model_mask
+from .masks import decoding_mask, left_padded, to_model_mask
 from .sampling import choose, select_commits
 
 
@@ -79,15 +79,7 @@ class CachedContext:
         rows: bool [n, length + n] from nbdiff.masks. Pad key columns are hidden; a pad query row
         sees only itself. Returns the model's 4-D mask [B, 1, n, length + n].
         """
-        n, k = rows.shape
-        cols = torch.arange(k, device=self.device)
-        key_ok = cols[None, :] >= self.pad[:, None]  # [B, K]
-        mask = rows.to(self.device)[None] & key_ok[:, None, :]  # [B, n, K]
-        q_cols = torch.arange(self.length, self.length + n, device=self.device)  # [n]
-        pad_query = q_cols[None, :] < self.pad[:, None]  # [B, n]
-        self_key = q_cols[:, None] == cols[None, :]  # [n, K]
-        mask |= pad_query[:, :, None] & self_key[None]
-        return to_model_mask(mask, self.model)
+        return to_model_mask(left_padded(rows.to(self.device), self.pad, self.length), self.model)
 
     def _forward(self, ids: torch.Tensor, rows: torch.Tensor, keep) -> torch.Tensor:
         out = self.model(

@@ -85,6 +85,23 @@ def decoding_mask(context_len: int, block_len: int) -> torch.Tensor:
     return mask
 
 
+def left_padded(rows: torch.Tensor, pad: torch.Tensor, first_query: int) -> torch.Tensor:
+    """Apply left padding to mask rows shared by a batch.
+
+    rows: bool [n, K], queries at columns [first_query, first_query + n) over keys [0, K).
+    pad: [B] number of pad columns at the start of each row. Pad keys are hidden; a pad query
+    sees only itself (a fully masked row would make sdpa return NaN). Returns bool [B, n, K].
+    """
+    n, k = rows.shape
+    cols = torch.arange(k, device=rows.device)
+    key_ok = cols[None, :] >= pad[:, None]  # [B, K]
+    mask = rows[None] & key_ok[:, None, :]  # [B, n, K]
+    q_cols = torch.arange(first_query, first_query + n, device=rows.device)  # [n]
+    pad_query = q_cols[None, :] < pad[:, None]  # [B, n]
+    self_key = q_cols[:, None] == cols[None, :]  # [n, K]
+    return mask | (pad_query[:, :, None] & self_key[None])
+
+
 def to_model_mask(mask: torch.Tensor, model, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Turn a bool mask [Q, K] or [B, Q, K] into the 4-D mask the model's attention honours.
 

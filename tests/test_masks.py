@@ -115,3 +115,14 @@ def test_model_mask_is_honoured(impl):
     assert not torch.allclose(out[0, 4], causal[0, 4], atol=1e-4)
     if impl == "eager":
         assert to_model_mask(mask, model).dtype == torch.float32
+
+
+def test_left_padded_hides_pad_keys_and_keeps_pad_queries_alive():
+    from nbdiff.masks import left_padded
+
+    rows = torch.ones(3, 3, dtype=torch.bool).tril()  # causal over 3 columns, queries at 0..2
+    out = left_padded(rows, torch.tensor([0, 2]), 0)
+    assert torch.equal(out[0], rows)
+    # row 1: columns 0 and 1 are padding; each pad query sees only itself, the real token none of them
+    assert torch.equal(out[1], torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool))
+    assert out.any(dim=-1).all()  # no fully masked query row
