@@ -49,9 +49,20 @@ def test_noised_block_equals_decoding_view(arch):
 
 
 def test_block_size_one_noised_equals_clean():
+    """At b = 1 the full 2L pass gives equal halves, so the one-pass shortcut is exact."""
+    from nbdiff.masks import packed_training_mask
+
     model = tiny_model("llama")
     x0, pos, doc, noised = _batch(L=9, b=1)
+    doc[1, 5:] = 1  # second row packs two documents
+    pos[1, 5:] = torch.arange(4)
     assert not noised.masked.any()
+    L = x0.shape[1]
     with torch.no_grad():
+        full_mask = to_model_mask(packed_training_mask(pos, doc, 1), model)
+        full = model(input_ids=torch.cat([x0, x0], 1), position_ids=torch.cat([pos, pos], 1),
+                     attention_mask=full_mask).logits  # the general 2L pass, by hand
         n, c = parallel_forward(model, noised.x_t, x0, pos, doc, 1)
-    torch.testing.assert_close(n, c, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(full[:, :L], full[:, L:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(n, full[:, :L], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(c, full[:, L:], rtol=1e-4, atol=1e-5)
