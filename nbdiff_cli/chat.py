@@ -18,8 +18,9 @@ from typing import Optional
 import typer
 
 from .console import console
-from .generate import load_for_decoding, make_options
+from .generate import load_for_decoding
 from .options import (
+    make_options,
     BlockSize,
     Confidence,
     ConfidenceOpt,

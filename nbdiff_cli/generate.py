@@ -8,6 +8,7 @@ import typer
 
 from .console import console, err_console
 from .options import (
+    make_options,
     BlockSize,
     ConfidenceOpt,
     Confidence,
@@ -37,14 +38,6 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize):
     if not model:
         raise NBDiffError("no model given", "pass the folder written by `nbdiff convert`, e.g. `nbdiff generate DIR --prompt hi`")
     return load(model, quantize=quantize.value, device=device.value, dtype=dtype.value)
-
-
-def make_options(**values):
-    """DecodeOptions from command-line values (validated there, with the flag names)."""
-    from nbdiff.decoding import DecodeOptions
-
-    values["confidence"] = getattr(values["confidence"], "value", values["confidence"])
-    return DecodeOptions(**values)
 
 
 def generate(

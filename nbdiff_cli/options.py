@@ -78,3 +78,11 @@ Quantize = Annotated[QuantizeChoice, typer.Option("--quantize", "-q", help="Load
                                                   rich_help_panel=HARDWARE)]
 OutDir = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing, non-empty output folder.")]
+
+
+def make_options(**values):
+    """DecodeOptions from the decoding flags of any command (validated there, with the flag names)."""
+    from nbdiff.decoding import DecodeOptions
+
+    values["confidence"] = getattr(values["confidence"], "value", values["confidence"])
+    return DecodeOptions(**values)

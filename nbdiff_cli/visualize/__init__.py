@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..options import (
+    make_options,
     BlockSize,
     Confidence,
     ConfidenceOpt,
@@ -66,13 +67,12 @@ def visualize(
 
     Keys: / new prompt, p pause, n single step, + and - speed, c colour by confidence or by step, o block size, sub-blocks and threshold, r run again, s save an SVG screenshot, q quit.
     """
-    from nbdiff.decoding import DecodeOptions
     from nbdiff.errors import NBDiffError
 
     if speed < 0:
         raise NBDiffError(f"--speed must be >= 0, got {speed}", "steps per second; 0 = as fast as the model")
-    options = DecodeOptions(
-        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence.value,
+    options = make_options(
+        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
     )
     if record is not None and not record.parent.is_dir():
