@@ -6,6 +6,10 @@
   across a document boundary.
 - L = L_MDM + lambda * L_AR (lambda = 0.5 in the paper).
 
+Two ways to the same numbers: `mdm_loss` / `ar_loss` read full logits [B, L, V];
+`chunked_cross_entropy` projects only the hidden states a loss reads through the LM head, a chunk
+of rows at a time, so no [B, L, V] tensor exists (nbdiff.layout.parallel_losses uses it).
+
 Weighting of L_MDM: 'none' averages over masked tokens (the paper shows no 1/t factor);
 'inverse-t' weights each masked token by 1/t and divides by the number of eligible tokens, the
 usual ELBO form of masked diffusion.
@@ -60,19 +64,25 @@ def mdm_loss(
     eligible: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int, int]:
     """L_MDM over masked positions. Returns (loss, number of masked tokens, number correct)."""
-    if weighting not in WEIGHTINGS:
-        raise NBDiffError(f"loss weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+    check_weighting(weighting)
     ce, correct = _shifted_ce(noised_logits, clean_ids, masked)
     n = int(ce.numel())
     if n == 0:
         return noised_logits.sum() * 0.0, 0, 0
+    return reduce_mdm(ce, t[:, 1:][masked[:, 1:]], weighting, eligible), n, int(correct.sum())
+
+
+def check_weighting(weighting: str) -> None:
+    if weighting not in WEIGHTINGS:
+        raise NBDiffError(f"loss weighting must be one of {', '.join(WEIGHTINGS)}, got {weighting!r}")
+
+
+def reduce_mdm(ce: torch.Tensor, t: torch.Tensor, weighting: str, eligible: torch.Tensor | None) -> torch.Tensor:
+    """L_MDM from the per-token CE of the masked positions (ce, t: [N], N > 0)."""
     if weighting == "none":
-        loss = ce.mean()
-    else:
-        w = 1.0 / t[:, 1:][masked[:, 1:]].float()
-        denom = int(eligible[:, 1:].sum()) if eligible is not None else n
-        loss = (ce * w).sum() / max(denom, 1)
-    return loss, n, int(correct.sum())
+        return ce.mean()
+    denom = int(eligible[:, 1:].sum()) if eligible is not None else int(ce.numel())
+    return (ce * (1.0 / t.float())).sum() / max(denom, 1)
 
 
 def ar_loss(clean_logits: torch.Tensor, clean_ids: torch.Tensor, target_mask: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -103,3 +113,43 @@ def ar_targets(trainable: torch.Tensor, position_ids: torch.Tensor, block_size: 
 def combine(mdm: torch.Tensor, ar: torch.Tensor, ar_weight: float) -> torch.Tensor:
     """L = L_MDM + lambda * L_AR."""
     return mdm + ar_weight * ar if ar_weight else mdm
+
+
+CHUNK_BYTES = 64 * 2**20
+"""Size of one chunk's fp32 logits in `chunked_cross_entropy` (the only logits alive at once)."""
+
+
+def chunked_cross_entropy(head, hidden: torch.Tensor, gold: torch.Tensor, vocab_size: int,
+                          chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row CE of head(hidden) against gold, computed a chunk of rows at a time.
+
+    head: the LM head module (any wrapper around it, e.g. peft's trainable tokens, is honoured);
+    hidden: [N, H] final hidden states; gold: [N] token ids. Returns (ce [N] float32, correct [N]
+    bool: argmax == gold). With autograd on, each chunk runs under activation checkpointing: the
+    graph keeps its [rows, H] input and recomputes the [rows, V] logits in backward, so gradients
+    equal the dense path's while only one chunk of logits ever exists.
+    """
+    n = hidden.shape[0]
+    rows = chunk_rows or max(16, CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    grad = torch.is_grad_enabled() and hidden.requires_grad
+    ces, hits = [], []
+    for lo in range(0, n, rows):
+        h, g = hidden[lo:lo + rows], gold[lo:lo + rows]
+        if grad:
+            from torch.utils.checkpoint import checkpoint
+
+            ce, hit = checkpoint(_head_ce, head, h, g, use_reentrant=False)
+        else:
+            ce, hit = _head_ce(head, h, g)
+        ces.append(ce)
+        hits.append(hit)
+    if not ces:
+        return hidden.new_zeros(0, dtype=torch.float32), torch.zeros(0, dtype=torch.bool, device=hidden.device)
+    return torch.cat(ces), torch.cat(hits)
+
+
+def _head_ce(head, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(h).float()  # [rows, V]; float as in _shifted_ce
+    with torch.no_grad():
+        hit = logits.argmax(-1) == g
+    return F.cross_entropy(logits, g, reduction="none"), hit

@@ -73,6 +73,40 @@ def training_mask(seq_len: int, block_size: int, context: str = "causal") -> tor
     return packed_training_mask(pos, torch.zeros_like(pos), block_size, context)[0]
 
 
+def training_mask_mod(position_ids: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
+                      context: str = "causal", clean_only: bool = False):
+    """The rule of `packed_training_mask` as a flex-attention `mask_mod(b, h, q, k) -> bool`.
+
+    Same table, evaluated per (query, key) index instead of stored, so `training_block_mask` can
+    skip whole tiles the rule forbids. clean_only: the [L, L] clean quadrant alone (the b = 1 pass).
+    """
+    _check(block_size, context)
+    L = position_ids.shape[1]
+    blk = torch.div(position_ids, block_size, rounding_mode="floor")  # [B, L]
+
+    def mask_mod(b, h, q, k):
+        q_clean, k_clean = (q >= L, k >= L) if not clean_only else (q >= 0, k >= 0)
+        qi, ki = q % L, k % L  # token index inside its half
+        same_doc = doc_ids[b, qi] == doc_ids[b, ki]
+        qb, kb = blk[b, qi], blk[b, ki]
+        cc = (ki <= qi) if context == "causal" else (kb <= qb)
+        noised_q = ~q_clean & ((~k_clean & (qb == kb)) | (k_clean & (kb < qb)))  # M_BD | M_OBC
+        return same_doc & (noised_q | (q_clean & k_clean & cc))
+
+    return mask_mod
+
+
+def training_block_mask(position_ids: torch.Tensor, doc_ids: torch.Tensor, block_size: int,
+                        context: str = "causal", clean_only: bool = False, tile: int = 128):
+    """A flex-attention BlockMask of the training layout (equal to `packed_training_mask`)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    B, L = position_ids.shape
+    n = L if clean_only else 2 * L
+    mod = training_mask_mod(position_ids, doc_ids, block_size, context, clean_only)
+    return create_block_mask(mod, B, None, n, n, device=str(position_ids.device), BLOCK_SIZE=tile)
+
+
 def decoding_mask(context_len: int, block_len: int) -> torch.Tensor:
     """Context-causal mask of one uncached forward over `context + active block`.
 

@@ -66,3 +66,97 @@ def test_block_size_one_noised_equals_clean():
     torch.testing.assert_close(full[:, :L], full[:, L:], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(n, full[:, :L], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(c, full[:, L:], rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- losses without full logits
+
+
+def _packed_batch(L=16, b=4, seed=0):
+    """Two rows; the second packs two documents and ends in padding (doc id -1, not trainable)."""
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(6, 300, (2, L), generator=g)
+    pos = torch.arange(L).repeat(2, 1)
+    doc = torch.zeros_like(pos)
+    doc[1, 7:] = 1
+    pos[1, 7:] = torch.arange(L - 7)
+    doc[1, -3:] = -1
+    trainable = doc >= 0
+    noised = noise_blocks(x0, pos, doc, b, MASK_ID, maskable=trainable, generator=g)
+    return x0, pos, doc, trainable, noised
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                            trainable_token_indices=[MASK_ID], task_type="CAUSAL_LM"))
+
+
+def _losses_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    parts = fn()
+    parts.total.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return parts, grads
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("b,weighting", [(4, "none"), (4, "inverse-t"), (1, "none")])
+def test_hidden_path_equals_dense_losses_and_gradients(arch, lora, b, weighting):
+    """parallel_losses (hidden states, chunked head + CE) = mdm_loss/ar_loss on full logits, values and grads."""
+    from nbdiff.layout import _dense_losses, parallel_losses
+    from nbdiff.losses import ar_targets
+    from nbdiff.noising import block_starts
+
+    model = tiny_model(arch).train()
+    if lora:
+        model = _lora(model)
+    x0, pos, doc, trainable, noised = _packed_batch(b=b, seed=1)
+    if b == 4:
+        assert noised.masked.any()
+    eligible = trainable & ~block_starts(pos, b)
+    target = ar_targets(trainable, pos, b, "causal")
+    args = (model, noised.x_t, x0, pos, doc, noised.masked, noised.t, target, b, "causal", weighting, eligible, 0.5)
+    dense, g_dense = _losses_and_grads(model, lambda: _dense_losses(*args))
+    # chunk_rows=5 forces several chunks (and a ragged last one)
+    new, g_new = _losses_and_grads(model, lambda: parallel_losses(*args, chunk_rows=5))
+    for field in ("mdm_tokens", "ar_tokens", "mdm_correct"):
+        assert getattr(new, field) == getattr(dense, field), field
+    assert new.ar_tokens > 0
+    for field in ("total", "mdm", "ar"):
+        torch.testing.assert_close(getattr(new, field), getattr(dense, field), rtol=1e-5, atol=1e-6)
+    assert g_new.keys() == g_dense.keys() and len(g_new) > 0
+    for name in g_dense:
+        torch.testing.assert_close(g_new[name], g_dense[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hidden_path_skips_ar_rows_and_handles_no_masked_token():
+    """ar_target None: no AR rows (loss 0, count 0); no masked token: L_MDM = 0 and still in the graph."""
+    from nbdiff.layout import parallel_losses
+
+    model = tiny_model("llama").train()
+    x0, pos, doc, trainable, noised = _packed_batch(b=4, seed=2)
+    parts = parallel_losses(model, noised.x_t, x0, pos, doc, noised.masked, noised.t, None, 4)
+    assert parts.ar_tokens == 0 and float(parts.ar.detach()) == 0.0 and parts.mdm_tokens == int(noised.masked[:, 1:].sum())
+    none = torch.zeros_like(noised.masked)
+    parts = parallel_losses(model, x0, x0, pos, doc, none, noised.t, pos > 0, 4)
+    assert parts.mdm_tokens == 0 and float(parts.mdm.detach()) == 0.0 and parts.ar_tokens > 0
+    parts.total.backward()
+
+
+def test_chunked_cross_entropy_never_builds_full_logits():
+    """The head sees at most chunk_rows rows at a time, in forward and in the backward recomputation."""
+    from nbdiff.losses import chunked_cross_entropy
+
+    head = torch.nn.Linear(8, 50, bias=False)
+    seen = []
+    head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
+    h = torch.randn(23, 8, requires_grad=True)
+    gold = torch.randint(0, 50, (23,))
+    ce, hit = chunked_cross_entropy(head, h, gold, 50, chunk_rows=6)
+    ce.sum().backward()
+    assert max(seen) == 6 and sum(seen) == 2 * 23  # forward + recompute
+    ref = torch.nn.functional.cross_entropy(head(h.detach()), gold, reduction="none")
+    torch.testing.assert_close(ce, ref)
+    assert torch.equal(hit, head(h.detach()).argmax(-1) == gold)
