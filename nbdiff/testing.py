@@ -110,3 +110,29 @@ def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, **overrides):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def save_tiny_converted(path, arch: str = "llama", *, block_size: int = 4, adapted: int = 1, mask: str = "added",
+                        seed: int = 0, **overrides):
+    """Write a tiny folder as `nbdiff convert` (or adapt, with `adapted` > 1) leaves it, without running convert.
+
+    `mask="added"`: `<|mask|>` is added to the tokenizer, as convert does (vocabulary 385).
+    `mask="last"`: the last vocabulary id serves as the mask and the tokenizer is unchanged (384).
+    The weights are those of `save_tiny_checkpoint` with the same seed and vocabulary.
+    """
+    from pathlib import Path
+
+    from .settings import BlockDiffusionSettings, attach_settings
+
+    if mask not in ("added", "last"):
+        raise ValueError("mask must be 'added' or 'last'")
+    tok = tiny_tokenizer(mask_token=mask == "added")
+    model = tiny_model(arch, seed=seed, vocab_size=len(tok), **overrides)
+    model.config.eos_token_id = tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    mask_id = tok.mask_token_id if mask == "added" else len(tok) - 1
+    attach_settings(model.config, BlockDiffusionSettings(
+        block_size=block_size, mask_token_id=mask_id, mask_token="<|mask|>", adapted_block_size=adapted, source="tiny"))
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return Path(path)

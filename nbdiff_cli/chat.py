@@ -10,6 +10,7 @@ main thread and becomes the decoder's cancel event.
 
 from __future__ import annotations
 
+import math
 import queue
 import sys
 import threading
@@ -17,7 +18,9 @@ from typing import Optional
 
 import typer
 
-from .console import console
+from rich.text import Text
+
+from .console import console, printable, user_text
 from .generate import load_for_decoding
 from .options import (
     make_options,
@@ -60,13 +63,15 @@ def _read_line(prompt: str) -> str:
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        return input(prompt)
+        return user_text(input(prompt))
     console.print(prompt, end="", markup=False, highlight=False)
-    line = sys.stdin.readline()
+    # read bytes and decode them here: bytes that are not UTF-8 become U+FFFD instead of an error
+    raw = getattr(sys.stdin, "buffer", None)
+    line = raw.readline().decode("utf-8", "replace") if raw is not None else sys.stdin.readline()
     if not line:
         console.print()
         raise EOFError
-    return line.rstrip("\r\n")
+    return user_text(line.rstrip("\r\n"))
 
 
 def _read_message() -> str:
@@ -107,6 +112,8 @@ def parse_set(options, text: str):
             value = float(raw) if "float" in kind else int(raw) if "int" in kind else raw
         except ValueError:
             raise NBDiffError(f"{name} needs a number, got {raw!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise NBDiffError(f"{name} must be a finite number, got {raw!r}")
     return options.with_(**{name: value})
 
 
@@ -142,21 +149,24 @@ def _reply(model, tokenizer, messages, options, system):
         except queue.Empty:
             continue
         except KeyboardInterrupt:
+            if not cancel.is_set():
+                console.out("")  # the terminal echoed ^C after the text: end that line here
             cancel.set()  # the decoder stops before its next forward; keep draining
             continue
         if item is None:
             break
         if isinstance(item, BaseException):
             error = item
-        elif isinstance(item, BlockEvent):
+        elif isinstance(item, BlockEvent) and not cancel.is_set():  # nothing is shown after ^C
             parts.append(item.text)
-            console.out(item.text, end="", highlight=False)  # model text is printed as-is, never as markup
+            console.out(printable(item.text), end="", highlight=False)  # never markup; controls escaped
         elif isinstance(item, FinalEvent):
             final = item
     worker.join()
     if error is not None:
         raise error
-    console.out("")
+    if not cancel.is_set():
+        console.out("")
     return "".join(parts), final
 
 
@@ -186,10 +196,10 @@ def chat(
     )
     mdl, tok = load_for_decoding(model, device, dtype, quantize)
     templated = bool(getattr(tok, "chat_template", None))
-    console.print(
-        f"[bold]nbdiff chat[/] {'' if templated else '(no chat template: plain continuation) '}"
-        "[dim]/help for commands, Ctrl-D to leave[/]"
-    )
+    console.print(Text.assemble(
+        ("nbdiff chat", "bold"), " ", "" if templated else "(no chat template: plain continuation) ",
+        ("/help for commands, Ctrl-D to leave", "dim"),
+    ))
     messages: list[dict] = []
     said: set[str] = set()  # notes already shown (each is said once per session)
     while True:
@@ -198,7 +208,7 @@ def chat(
         except EOFError:
             break
         except KeyboardInterrupt:
-            console.print("\n[dim](Ctrl-D or /exit to leave)[/]")
+            console.print("\n(Ctrl-D or /exit to leave)", style="dim")
             continue
         stripped = text.strip()
         if not stripped:
@@ -211,7 +221,7 @@ def chat(
                 console.print(HELP, markup=False, highlight=False)
             elif command == "/clear":
                 messages.clear()
-                console.print("[dim]conversation cleared[/]")
+                console.print("conversation cleared", style="dim")
             elif command == "/set":
                 if not rest.strip():
                     for name, value in options.to_dict().items():
@@ -219,7 +229,8 @@ def chat(
                     continue
                 try:
                     options = parse_set(options, rest)
-                    console.print(f"[dim]set {rest.split()[0]}[/]")
+                    name = rest.split()[0].replace("-", "_")
+                    console.print(f"set {name} = {getattr(options, name)!r}", style="dim")
                 except NBDiffError as exc:
                     console.print(f"error: {exc}", style="red", markup=False, highlight=False)
             else:
@@ -244,4 +255,4 @@ def chat(
                     said.add(note)
                     console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
             console.print(_stats(final), style="dim", markup=False, highlight=False)
-    console.print("[dim]bye[/]")
+    console.print("bye", style="dim")

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .console import console, err_console
+from .console import console, err_console, printable, user_text
 from .options import (
     make_options,
     BlockSize,
@@ -70,13 +70,15 @@ def generate(
         block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
         temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
     )
+    prompt = user_text(prompt)  # bytes that are not UTF-8 become U+FFFD (tokenizers refuse them raw)
+    system = user_text(system) if system is not None else None
     if not prompt.strip():
         raise NBDiffError("the prompt is empty", "pass some text with --prompt")
     mdl, tok = load_for_decoding(model, device, dtype, quantize)
     final = None
     for event in stream(mdl, tok, prompt, options, system=system, raw=raw):
         if isinstance(event, BlockEvent) and not json_out:
-            console.out(event.text, end="", highlight=False)  # plain text: model output is never markup
+            console.out(printable(event.text), end="", highlight=False)  # never markup; controls escaped
         elif isinstance(event, FinalEvent):
             final = event
     assert final is not None

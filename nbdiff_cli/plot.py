@@ -97,11 +97,16 @@ def _finish(plt, fig, axb, output: Path) -> None:
     axb.set_xlabel("optimizer step")
     axb.grid(alpha=0.3)
     fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    tmp.replace(output)
+    from nbdiff.fsutil import atomic_file
+
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        suffix = output.suffix.lstrip(".").lower()
+        fmt = suffix if suffix in fig.canvas.get_supported_filetypes() else "png"
+        with atomic_file(output) as tmp:
+            fig.savefig(tmp, dpi=120, format=fmt)
+    finally:
+        plt.close(fig)
 
 
 def _run_name(path: Path) -> str:

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff.events import BlockEvent, FinalEvent, StepEvent
 from nbdiff_cli.visualize.app import SPEEDS, make_app
@@ -62,26 +62,10 @@ def fake_trace(path, options: DecodeOptions = OPTIONS, prompt: str = "Tell me ab
     return path
 
 
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
+def tiny_folder(tiny_converted):
     """A tiny converted folder: random llama + tiny tokenizer with a mask token + nbdiff section."""
-    from nbdiff.settings import BlockDiffusionSettings, attach_settings
-    from nbdiff.testing import tiny_model, tiny_tokenizer
-
-    path = tmp_path_factory.mktemp("tiny-nbdiff")
-    tok = tiny_tokenizer(mask_token=True)
-    model = tiny_model("llama", vocab_size=len(tok))
-    model.config.eos_token_id = tok.eos_token_id
-    attach_settings(model.config, BlockDiffusionSettings(
-        block_size=8, mask_token_id=tok.mask_token_id, mask_token="<|mask|>", adapted_block_size=8, source="tiny"))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_converted
 
 
 # ---- pure parts ------------------------------------------------------------------------------

@@ -8,14 +8,14 @@ decoder. Replays read "t" for tokens/s, so a replay shows the recorded speed, no
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import atomic_file
 from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent, event_from_json, to_json
 
 _RECORDS = {"step": StepEvent, "block": BlockEvent, "final": FinalEvent}
@@ -58,10 +58,10 @@ class TraceWriter:
 
     def __init__(self, path: str | Path, header: TraceHeader) -> None:
         self.path = Path(path)
-        # a unique temporary name: a cancelled run may still be closing while the next one starts
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent or ".")
-        self._tmp = Path(tmp)
-        self._file = os.fdopen(fd, "w", encoding="utf-8")
+        # atomic_file's temporary name is unique: a cancelled run may still be closing while the next starts
+        self._commit = contextlib.ExitStack()
+        tmp = self._commit.enter_context(atomic_file(self.path))
+        self._file = open(tmp, "w", encoding="utf-8")
         self._file.write(header.to_json() + "\n")
 
     def write(self, event: Event, t: float) -> None:
@@ -71,7 +71,7 @@ class TraceWriter:
         if self._file.closed:
             return
         self._file.close()
-        os.replace(self._tmp, self.path)
+        self._commit.close()  # renames the temporary onto self.path
 
 
 def read_trace(path: str | Path) -> tuple[TraceHeader, list[tuple[float, Event]]]:
@@ -81,25 +81,25 @@ def read_trace(path: str | Path) -> tuple[TraceHeader, list[tuple[float, Event]]
         raise NBDiffError(f"trace {path} not found", "record one with `nbdiff visualize MODEL --record FILE`")
     header = TraceHeader()
     events: list[tuple[float, Event]] = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    hint = "a trace is the JSON lines written by `nbdiff visualize --record`"
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise NBDiffError(f"{path}:{number} is not UTF-8 text, so not a trace", hint) from None
             if not line.strip():
                 continue
             try:
-                if number == 1 and json.loads(line).get("kind") == "header":
-                    data = json.loads(line)
+                data = json.loads(line)
+                if not isinstance(data, dict):
+                    raise TypeError(f"a JSON {type(data).__name__}, not an object")
+                if number == 1 and data.get("kind") == "header":
                     header = TraceHeader(data.get("prompt", ""), data.get("options", {}), data.get("model", ""))
                     continue
                 events.append(parse_line(line))
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise NBDiffError(
-                    f"{path}:{number} is not a trace line ({type(exc).__name__}: {exc})",
-                    "a trace is the JSON lines written by `nbdiff visualize --record`",
-                ) from None
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise NBDiffError(f"{path}:{number} is not a trace line ({type(exc).__name__}: {exc})", hint) from None
     if not events:
         raise NBDiffError(f"trace {path} holds no events", "record one with `nbdiff visualize MODEL --record FILE`")
     return header, events
-
-
-def iter_events(path: str | Path) -> Iterator[tuple[float, Event]]:
-    yield from read_trace(path)[1]
