@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import NBDiffError
+from .hardware import DtypeChoice, auto_dtype
 from .quantize import bnb_config, normalize
 from .settings import BlockDiffusionSettings, read_settings, settings_from_config
 
@@ -38,17 +39,26 @@ def resolve_device(device: str = "auto") -> str:
 
 
 def resolve_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> torch.dtype:
-    """'auto' -> bf16 on CUDA (fp16 if the GPU lacks bf16), fp16 on MPS, fp32 on CPU."""
+    """'auto' -> bf16 on CUDA (fp16 if the GPU lacks bf16), fp16 on MPS, on CPU bf16 where it is
+    native (nbdiff.hardware) and fp32 elsewhere. `choose_dtype` also says why."""
+    return choose_dtype(dtype, device).dtype
+
+
+def choose_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> DtypeChoice:
+    """The dtype for `--dtype` on `device`, with a one-line reason (shown by `info` and `--json`)."""
     if isinstance(dtype, torch.dtype):
-        return dtype
+        return DtypeChoice(dtype, "asked for")
     name = _choice(dtype)
     if name == "auto":
-        if device == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float16 if device == "mps" else torch.float32
+        return auto_dtype(device)
     if name not in DTYPES:
         raise NBDiffError(f"--dtype must be auto, bf16, fp16 or fp32, got {dtype!r}")
-    return DTYPES[name]
+    return DtypeChoice(DTYPES[name], f"--dtype {name}")
+
+
+def loaded_dtype(model) -> DtypeChoice | None:
+    """The dtype choice `load_model` made for this model (None for models it did not load)."""
+    return getattr(model, "_nbdiff_dtype", None)
 
 
 def check_folder(path: str | Path) -> Path:
@@ -76,7 +86,8 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
     folder = check_folder(path)
     read_settings(folder)  # validates the nbdiff section early, with a clear message
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, dev)
+    choice = choose_dtype(dtype, dev)
+    torch_dtype = choice.dtype
     kind = normalize(quantize)
     kwargs = dict(dtype=torch_dtype, attn_implementation="sdpa", trust_remote_code=False, use_safetensors=True)
     if kind is not None:
@@ -95,6 +106,7 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
     if kind is None:
         model.to(dev)
     model.eval()
+    model._nbdiff_dtype = choice  # read back by loaded_dtype (info, generate --json)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     settings = model_settings(model)
