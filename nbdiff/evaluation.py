@@ -13,8 +13,8 @@ from contextlib import nullcontext
 import torch
 
 from .data import PackedRows
-from .layout import parallel_forward
-from .losses import ar_loss, ar_targets, mdm_loss
+from .layout import parallel_losses
+from .losses import ar_targets
 from .noising import noise_blocks
 
 EVAL_SEED = 20251206
@@ -62,17 +62,16 @@ def evaluate(model, rows: PackedRows, block_sizes: list[int], mask_token_id: int
             x_0 = rows.input_ids[idx].to(device)
             pos = rows.position_ids[idx].to(device)
             docs = rows.doc_ids[idx].to(device)
+            target = ar_targets(rows.trainable[idx].to(device), pos, b, context) if b == ar_at else None
             with ctx():
-                noised_logits, clean_logits = parallel_forward(model, x_t, x_0, pos, docs, b, context)
-            loss, n, c = mdm_loss(noised_logits, x_0, masked, t)
-            mdm_sum += float(loss) * n
-            mdm_n += n
-            correct += c
-            if b == ar_at:
-                target = ar_targets(rows.trainable[idx].to(device), pos, b, context)
-                a, na = ar_loss(clean_logits, x_0, target)
-                ar_sum += float(a) * na
-                ar_n += na
+                # hidden states, and the LM head only at the rows a loss reads (no [B, 2L, V] logits)
+                parts = parallel_losses(model, x_t, x_0, pos, docs, masked, t, target, b, context)
+            mdm_sum += float(parts.mdm) * parts.mdm_tokens
+            mdm_n += parts.mdm_tokens
+            correct += parts.mdm_correct
+            if target is not None:
+                ar_sum += float(parts.ar) * parts.ar_tokens
+                ar_n += parts.ar_tokens
         if mdm_n:
             out["mdm"][b] = mdm_sum / mdm_n
             out["acc"][b] = correct / mdm_n
