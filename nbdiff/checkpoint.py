@@ -8,7 +8,9 @@ Layout of `RUN/checkpoints/step-00000123/`:
 - `rng.safetensors`      torch CPU (and CUDA) generator states;
 - `state.json`           step, tokens seen, block size, data position, the recipe, world size.
 A checkpoint is written into `.tmp-step-...` and renamed when complete, so a folder named
-`step-*` with a `state.json` is always whole; `state.json` is the last file written.
+`step-*` with a `state.json` is always whole; `state.json` is the last file written. The staging
+name is fixed (not nbdiff.fsutil's per-process temporary) because under FSDP every process writes
+its optimizer shard into it.
 """
 
 from __future__ import annotations
@@ -23,8 +25,7 @@ from typing import Any
 import torch
 
 from .errors import NBDiffError
-
-CHECKPOINTS = "checkpoints"
+from .run_folder import CHECKPOINTS
 
 
 @dataclass
@@ -98,11 +99,27 @@ def finish_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.T
     state = dict(state, step=step, python=[version, list(internal), gauss])
     (staging / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
     final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
-    if final.exists():  # the same step saved again (e.g. Ctrl-C right after a periodic save)
-        shutil.rmtree(final)
+    old = None
+    if final.exists():  # the same step saved again: the old copy goes only once the new one is in place
+        from .fsutil import temp_sibling
+
+        old = temp_sibling(final, "old")
+        final.rename(old)
     staging.rename(final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     prune(run_dir, keep)
     return final
+
+
+def folder_bytes(path: str | Path) -> int:
+    """Bytes of the files under `path` (the size a checkpoint takes on disk)."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def remove_checkpoints(run_dir: str | Path) -> None:
+    """Delete every checkpoint of a run (`--prune-checkpoints` once the final model is written)."""
+    shutil.rmtree(Path(run_dir) / CHECKPOINTS, ignore_errors=True)
 
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:

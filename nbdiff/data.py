@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -32,6 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import NBDiffError
+from .fsutil import atomic_file
 
 PIPELINE_VERSION = "1"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -354,10 +354,9 @@ def _save_cache(path: Path, docs, masks, stats: DataStats) -> None:
     tokens = _flat(docs, torch.int64)
     trainable = _flat(masks, torch.bool)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # runs sharing a cache dir never share a temp file
-    save_file({"tokens": tokens, "trainable": trainable.to(torch.uint8), "offsets": offsets}, str(tmp),
-              metadata={"stats": json.dumps(stats.__dict__)})
-    tmp.replace(path)  # atomic: a cache file is complete or absent
+    with atomic_file(path) as tmp:  # a cache file is complete or absent; runs sharing a cache never share a temp
+        save_file({"tokens": tokens, "trainable": trainable.to(torch.uint8), "offsets": offsets}, str(tmp),
+                  metadata={"stats": json.dumps(stats.__dict__)})
 
 
 def _load_cache(path: Path) -> Corpus | None:

@@ -2,8 +2,13 @@
 
 A YAML recipe is a saved `AdaptConfig`. Precedence: command line beats file beats default
 (`AdaptConfig.build(file=..., **cli_values)`). Validation lives in `__post_init__` and names the
-offending flag. `RESUME_SAFE` lists the fields a resumed run may change; any other difference is
-refused by `--resume` (see `differences`).
+offending flag: every value has the field's type, and every float is finite. `RESUME_SAFE` lists
+the fields a resumed run may change; any other difference is refused by `--resume` (see
+`differences`).
+
+The class is also the command line: `nbdiff adapt` makes one flag per field, with the attribute
+docstring as help, the `# --- Section` comment above it as help panel (`field_docs`) and the
+default shown from here, so a default lives in one place. `CHOICES` holds the allowed values.
 """
 
 from __future__ import annotations
@@ -14,17 +19,26 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NBDiffError
+from .losses import WEIGHTINGS
 from .settings import CONTEXT_MASKS, check_block_size
 
-WEIGHTINGS = ("none", "inverse-t")
 QUANTIZE = ("none", "nf4")
 EXPORTS = ("merged", "adapter")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
+ATTENTION = ("sdpa", "eager")
 
-# Fields a resumed run may change without breaking exact continuation.
+# The allowed values of the fields that take one of a few words (validation and --help read this).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "context_mask": CONTEXT_MASKS, "loss_weighting": WEIGHTINGS, "quantize": QUANTIZE, "export": EXPORTS,
+    "dtype": DTYPES, "device": DEVICES, "attn_implementation": ATTENTION,
+}
+
+# Fields a resumed run may change without breaking exact continuation. `steps` may change because
+# the schedules keep their length (`schedule_steps` is pinned to the checkpoint's on resume).
 RESUME_SAFE = frozenset(
-    {"resume", "force", "eval_every", "save_every", "keep_checkpoints", "log_every", "export", "cache_dir"}
+    {"resume", "force", "eval_every", "save_every", "keep_checkpoints", "log_every", "export", "cache_dir",
+     "steps", "prune_checkpoints"}
 )
 
 
@@ -32,6 +46,7 @@ RESUME_SAFE = frozenset(
 class AdaptConfig:
     """Everything `nbdiff adapt` needs. Field name = flag name with '-' for '_'."""
 
+    # --- Data and bookkeeping
     model: str = ""
     """Converted model folder (run `nbdiff convert` first)."""
     data: list[str] = field(default_factory=list)
@@ -39,7 +54,7 @@ class AdaptConfig:
     out: str = ""
     """Output folder: final model, metrics.jsonl, recipe.yaml, checkpoints/."""
 
-    # --- recipe (the paper's ablations are one flag each)
+    # --- Recipe: the paper's ablations are one flag each
     context_mask: str = "causal"
     """Clean-copy attention: 'causal' (NBDiff M_CC) or 'block-causal' (BD3-LM baseline)."""
     ar_loss_weight: float = 0.5
@@ -53,7 +68,7 @@ class AdaptConfig:
     noise_eps: float = 1e-3
     """Smallest noise level: t ~ U[eps, 1] per block."""
 
-    # --- curriculum
+    # --- Curriculum
     block_size: int = 32
     """Target block size (power of two)."""
     curriculum: str = "auto"
@@ -65,9 +80,11 @@ class AdaptConfig:
     growth_interval: int = 100
     """'formula' curriculum: steps between doublings (delta)."""
 
-    # --- optimisation
+    # --- Optimisation
     steps: int = 100
-    """Optimizer steps."""
+    """Optimizer steps (with --resume: a larger value extends the run)."""
+    schedule_steps: int | None = None
+    """Length of the warmup, cosine and curriculum schedules (default: --steps; --resume keeps the first run's, so added steps train at the final block size and learning rate)."""
     seq_len: int = 512
     """Tokens per packed row (a multiple of the final block size)."""
     batch_size: int = 1
@@ -91,7 +108,7 @@ class AdaptConfig:
     seed: int = 0
     """Seed of the data order, the noise and the initialisation of LoRA."""
 
-    # --- hardware and memory
+    # --- Hardware and memory
     device: str = "auto"
     """'auto', 'cpu' or 'cuda' (under accelerate/torchrun the launcher decides)."""
     dtype: str = "auto"
@@ -113,7 +130,7 @@ class AdaptConfig:
     export: str = "merged"
     """LoRA output: 'merged' weights (loadable by chat) or the 'adapter' alone."""
 
-    # --- data
+    # --- Data and bookkeeping
     eval_fraction: float = 0.05
     """Fraction of packed rows held out for evaluation (0 = none)."""
     eval_max_rows: int = 16
@@ -121,7 +138,6 @@ class AdaptConfig:
     cache_dir: str | None = None
     """Where tokenised data is cached (default: OUT/data-cache)."""
 
-    # --- bookkeeping
     eval_every: int = 0
     """Evaluate every N steps (0 = only before and after training)."""
     save_every: int = 0
@@ -133,69 +149,70 @@ class AdaptConfig:
     resume: bool = False
     """Continue from the last checkpoint in --out (settings must match)."""
     force: bool = False
-    """Start over in an --out that already holds a run."""
+    """Replace the run in --out (only a folder an adapt run wrote; the old run goes once the new one has a checkpoint)."""
+    prune_checkpoints: bool = False
+    """Delete the checkpoints once the final model is written (kept by default: `--resume --steps N` extends the run)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
             self.data = [str(self.data)]
-        self.data = [str(p) for p in self.data]
+        if isinstance(self.data, (list, tuple)):
+            self.data = [str(p) for p in self.data]
         self.model, self.out = str(self.model), str(self.out)
         if self.cache_dir is not None:
             self.cache_dir = str(self.cache_dir)
-        _choice(self.context_mask, CONTEXT_MASKS, "--context-mask")
-        _choice(self.loss_weighting, WEIGHTINGS, "--loss-weighting")
-        _choice(self.quantize, QUANTIZE, "--quantize")
-        _choice(self.export, EXPORTS, "--export")
-        _choice(self.dtype, DTYPES, "--dtype")
-        _choice(self.device, DEVICES, "--device")
-        _choice(self.attn_implementation, ("sdpa", "eager"), "--attn-implementation")
+        for f in fields(self):
+            setattr(self, f.name, _typed(f.name, getattr(self, f.name), str(f.type)))
+        for name, allowed in CHOICES.items():
+            _choice(getattr(self, name), allowed, _flag(name))
+        self._check_ranges()
+        if self.quantize != "none" and self.lora_rank == 0:
+            raise NBDiffError("--quantize nf4 trains LoRA adapters on frozen 4-bit weights",
+                              "add --lora-rank 16 (or another rank)")
+        if self.seq_len % self.block_size:
+            lo = (self.seq_len // self.block_size) * self.block_size
+            hint = f"use --seq-len {lo} or {lo + self.block_size}" if lo else f"use --seq-len {self.block_size}"
+            raise NBDiffError(
+                f"--seq-len {self.seq_len} is not a multiple of the final block size {self.block_size}", hint
+            )
+        self.curriculum_schedule()  # validates --curriculum
+
+    def _check_ranges(self) -> None:
         check_block_size(self.block_size, "--block-size")
         _at_least(self.ar_loss_weight, 0.0, "--ar-loss-weight")
         if self.ar_loss_weight_final is not None:
             _at_least(self.ar_loss_weight_final, 0.0, "--ar-loss-weight-final")
         if not 0.0 < self.noise_eps <= 1.0:
             raise NBDiffError(f"--noise-eps must be in (0, 1], got {self.noise_eps}")
-        for flag, value in (("--steps", self.steps), ("--seq-len", self.seq_len), ("--batch-size", self.batch_size),
-                            ("--grad-accum", self.grad_accum), ("--growth-interval", self.growth_interval),
-                            ("--log-every", self.log_every), ("--keep-checkpoints", self.keep_checkpoints)):
-            _int_at_least(value, 1, flag)
-        for flag, value in (("--eval-every", self.eval_every), ("--save-every", self.save_every),
-                            ("--growth-start", self.growth_start), ("--lora-rank", self.lora_rank),
-                            ("--eval-max-rows", self.eval_max_rows)):
-            _int_at_least(value, 0, flag)
-        if self.growth_steps is not None:
-            _int_at_least(self.growth_steps, 0, "--growth-steps")
-        if self.warmup_steps is not None:
-            _int_at_least(self.warmup_steps, 0, "--warmup-steps")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
+        for name in ("steps", "seq_len", "batch_size", "grad_accum", "growth_interval", "log_every",
+                     "keep_checkpoints", "schedule_steps"):
+            if getattr(self, name) is not None:
+                _at_least(getattr(self, name), 1, _flag(name))
+        for name in ("eval_every", "save_every", "growth_start", "lora_rank", "eval_max_rows", "growth_steps",
+                     "warmup_steps", "weight_decay", "max_grad_norm", "lora_alpha"):
+            if getattr(self, name) is not None:
+                _at_least(getattr(self, name), 0, _flag(name))
+        if not self.lr > 0:
             raise NBDiffError(f"--lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise NBDiffError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
-        if not 0.0 <= self.eval_fraction < 1.0:
-            raise NBDiffError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        _at_least(self.weight_decay, 0.0, "--weight-decay")
-        _at_least(self.max_grad_norm, 0.0, "--max-grad-norm")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise NBDiffError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.quantize != "none" and self.lora_rank == 0:
-            raise NBDiffError("--quantize nf4 trains LoRA adapters on frozen 4-bit weights",
-                              "add --lora-rank 16 (or another rank)")
-        if self.seq_len % self.block_size:
-            lo = (self.seq_len // self.block_size) * self.block_size
-            hint = f"use --seq-len {lo or self.block_size} or {lo + self.block_size}"
-            raise NBDiffError(
-                f"--seq-len {self.seq_len} is not a multiple of the final block size {self.block_size}", hint
-            )
-        self.curriculum_schedule()  # validates --curriculum
+        for name, lo, hi in (("min_lr_ratio", 0.0, 1.0), ("adam_beta1", 0.0, 1.0), ("adam_beta2", 0.0, 1.0)):
+            if not lo <= getattr(self, name) <= hi:
+                raise NBDiffError(f"{_flag(name)} must be in [{lo:g}, {hi:g}], got {getattr(self, name)}")
+        for name in ("eval_fraction", "lora_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise NBDiffError(f"{_flag(name)} must be in [0, 1), got {getattr(self, name)}")
 
     # --- derived values
     @property
+    def effective_schedule_steps(self) -> int:
+        return self.schedule_steps if self.schedule_steps is not None else self.steps
+
+    @property
     def effective_growth_steps(self) -> int:
-        return self.growth_steps if self.growth_steps is not None else (self.steps * 5) // 8
+        return self.growth_steps if self.growth_steps is not None else (self.effective_schedule_steps * 5) // 8
 
     @property
     def effective_warmup_steps(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else (self.steps * 3) // 100
+        return self.warmup_steps if self.warmup_steps is not None else (self.effective_schedule_steps * 3) // 100
 
     def curriculum_schedule(self):
         """The BlockCurriculum this recipe asks for."""
@@ -280,9 +297,65 @@ def differences(old: dict[str, Any], new: "AdaptConfig") -> list[str]:
             after = [str(Path(p).resolve()) for p in after]
         if f.name in ("model", "out"):
             before, after = str(Path(before).resolve()), str(Path(after).resolve())
+        if f.name == "schedule_steps":  # compare the lengths the schedules really had
+            before = before if before is not None else old.get("steps")
+            after = new.effective_schedule_steps
         if before != after:
-            out.append(f"{f.name.replace('_', '-')}: {before!r} -> {after!r}")
+            out.append(f"{_flag(f.name)[2:]}: {before!r} -> {after!r}")
     return out
+
+
+def field_docs(cls: type = AdaptConfig) -> dict[str, tuple[str, str]]:
+    """name -> (section, help) of every field: its attribute docstring and the `# --- Section` above it."""
+    import ast
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(cls))
+    sections = [(i + 1, line.split("# ---", 1)[1].split(":")[0].strip())
+                for i, line in enumerate(source.splitlines()) if line.strip().startswith("# ---")]
+    body = ast.parse(source).body[0].body
+    docs: dict[str, tuple[str, str]] = {}
+    for node, nxt in zip(body, body[1:] + [None]):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        doc = ""
+        if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str):
+            doc = " ".join(nxt.value.value.split())
+        section = next((name for line, name in reversed(sections) if line < node.lineno), "")
+        docs[node.target.id] = (section, doc)
+    return docs
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _typed(name: str, value: Any, annotation: str) -> Any:
+    """`value` checked against the field's annotation ('int', 'float | None', ...); float text is parsed."""
+    base = annotation.replace("| None", "").strip()
+    if value is None and annotation.endswith("| None"):
+        return None
+    if base == "float" and isinstance(value, str):  # YAML reads `1e-4` (no dot) as text
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    ok = {
+        "str": isinstance(value, str),
+        "bool": isinstance(value, bool),
+        "int": isinstance(value, int) and not isinstance(value, bool),
+        "float": isinstance(value, (int, float)) and not isinstance(value, bool),
+        "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+    }.get(base, True)
+    if not ok:
+        kind = {"list[str]": "a list of paths", "int": "an integer", "float": "a number"}.get(base, f"a {base}")
+        raise NBDiffError(f"{_flag(name)} must be {kind}, got {value!r}")
+    if base == "float":
+        if not math.isfinite(value):
+            raise NBDiffError(f"{_flag(name)} must be a finite number, got {value!r}")
+        value = float(value)
+    return value
 
 
 def _choice(value: Any, allowed: tuple[str, ...], flag: str) -> None:
@@ -291,10 +364,6 @@ def _choice(value: Any, allowed: tuple[str, ...], flag: str) -> None:
 
 
 def _at_least(value: float, low: float, flag: str) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < low:
-        raise NBDiffError(f"{flag} must be a number >= {low}, got {value!r}")
-
-
-def _int_at_least(value: int, low: int, flag: str) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise NBDiffError(f"{flag} must be an integer >= {low}, got {value!r}")
+    if value < low:
+        kind = "an integer" if isinstance(value, int) else "a number"
+        raise NBDiffError(f"{flag} must be {kind} >= {low}, got {value!r}")

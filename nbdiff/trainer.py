@@ -1,8 +1,12 @@
 """The NBDiff adaptation loop: `adapt(config, callback) -> AdaptResult`.
 
 Notable features:
-- One forward per micro-batch over `[x_t ; x_0]` (nbdiff.layout.parallel_forward) with the mask of
-  nbdiff.masks; L = L_MDM + lambda * L_AR (nbdiff.losses), block size from nbdiff.curriculum.
+- The run is an object (`AdaptRun`) with one method per phase: `setup`, `train_step`, `evaluate`,
+  `save`, `export`; `adapt` is the short loop that calls them.
+- The loss of one micro-batch is one function, `compute_loss(model, batch, config, block_size) ->
+  LossParts`: one forward over `[x_t ; x_0]` (nbdiff.layout) with the mask of nbdiff.masks, and
+  L = L_MDM + lambda * L_AR (nbdiff.losses). A new loss term plugs in there (see its docstring);
+  the loop, checkpoints and logging do not change.
 - Losses are token-weighted over the whole optimizer step (all micro-batches, all processes): the
   token counts are known before the forward and summed across processes, so 2 processes x batch 1
   give the same gradient as 1 process x batch 2 or batch 1 x 2 accumulation steps.
@@ -10,10 +14,9 @@ Notable features:
   resumed run sees exactly the rows and masks an uninterrupted run would.
 - accelerate's Accelerator runs the same code on one CPU, one GPU (bf16 autocast), or many
   processes launched by `accelerate launch` / `torchrun` (DDP or FSDP).
-- Checkpoints (nbdiff.checkpoint) every --save-every steps and on Ctrl-C; a NaN loss stops the run
-  before the bad update and keeps the last good checkpoint.
-- LoRA through peft with the mask token's embedding row trainable (`trainable_token_indices`), and
-  QLoRA on nf4 weights through bitsandbytes.
+- Checkpoints (nbdiff.checkpoint) every --save-every steps, on Ctrl-C and at the end (so `--resume
+  --steps N` extends a finished run); a NaN loss stops the run before the bad update and keeps the
+  last good checkpoint. The output folder is guarded by nbdiff.run_folder (lock, safe --force).
 - It never prints: every record (start, train, eval, checkpoint, done) goes to `callback(dict)` on
   the main process, and train/eval records are also appended to OUT/metrics.jsonl.
 
@@ -30,32 +33,34 @@ From Python:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import os
 import resource
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from .checkpoint import (CHECKPOINTS, finish_checkpoint, latest_checkpoint, staging_dir, write_optimizer)
+from .checkpoint import (Checkpoint, finish_checkpoint, folder_bytes, latest_checkpoint, remove_checkpoints,
+                         staging_dir, write_optimizer)
 from .data import Dataset, PackedRows, build_dataset, row_index
 from .errors import NBDiffError
 from .evaluation import eval_block_sizes, evaluate
 from .layout import parallel_forward
-from .losses import ar_loss, ar_targets, mdm_loss
-from .noising import block_starts, complementary, noise_blocks
+from .losses import LossParts, ar_loss, ar_targets, combine, mdm_loss
+from .noising import NoisedBatch, block_starts, complementary, noise_blocks
 from .recipe import AdaptConfig, differences
-from .settings import BlockDiffusionSettings, attach_settings, read_settings
+from .run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
+from .train_model import (ModelFolder, adapted_settings, load_model, load_trained_weights, make_accelerator,
+                          read_model_folder, trainable_names, write_final_model)
 
 Callback = Callable[[dict], None]
-METRICS = "metrics.jsonl"
-RECIPE = "recipe.yaml"
+__all__ = ["AdaptConfig", "AdaptResult", "AdaptRun", "CHECKPOINTS", "LossParts", "MicroBatch", "adapt",
+           "compute_loss", "lr_at", "make_micro_batch"]
 
 
 @dataclass
@@ -73,12 +78,17 @@ class AdaptResult:
     """Block size of the last step (recorded as adapted_block_size)."""
     seconds: float
     checkpoint: Path | None = None
+    """The newest checkpoint (None when there is none, e.g. after --prune-checkpoints)."""
+    checkpoint_bytes: int = 0
+    """Its size on disk."""
     last: dict = field(default_factory=dict)
     """The last train record."""
     evals: list[dict] = field(default_factory=list)
+    """Every evaluation of the run, those of earlier sessions of a resumed run included."""
+    warnings: list[str] = field(default_factory=list)
 
 
-# ----------------------------------------------------------------------------- small helpers
+# ----------------------------------------------------------------------------- schedules and batches
 
 
 def lr_at(config: AdaptConfig, step: int) -> float:
@@ -86,7 +96,7 @@ def lr_at(config: AdaptConfig, step: int) -> float:
     warm = config.effective_warmup_steps
     if step < warm:
         return config.lr * (step + 1) / warm
-    progress = (step - warm) / max(1, config.steps - warm)
+    progress = (step - warm) / max(1, config.effective_schedule_steps - warm)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
 
@@ -117,6 +127,8 @@ class MicroBatch:
     ar_target: torch.Tensor
     """AR targets: trainable and not a document start."""
     real_tokens: int
+    shares: dict[str, float] = field(default_factory=dict)
+    """Per loss term: this micro-batch's tokens / the step's tokens (all micro-batches, all processes)."""
 
     def mdm_denominator(self, weighting: str) -> int:
         # mdm_loss averages over masked tokens ('none') or divides by eligible tokens ('inverse-t'),
@@ -124,10 +136,14 @@ class MicroBatch:
         src = self.masked if weighting == "none" else self.eligible
         return int(src[:, 1:].sum())
 
+    def token_counts(self, config: AdaptConfig) -> dict[str, int]:
+        """The denominator of each loss term's mean in this micro-batch (the step turns them into `shares`)."""
+        return {"mdm": self.mdm_denominator(config.loss_weighting), "ar": int(self.ar_target[:, 1:].sum())}
+
     def to(self, device) -> "MicroBatch":
-        return MicroBatch(*(getattr(self, f).to(device) for f in
-                            ("x_t", "x_0", "position_ids", "doc_ids", "masked", "t", "eligible", "ar_target")),
-                          real_tokens=self.real_tokens)
+        tensors = {f.name: getattr(self, f.name).to(device) for f in dataclasses.fields(self)
+                   if isinstance(getattr(self, f.name), torch.Tensor)}
+        return dataclasses.replace(self, **tensors)
 
 
 def make_micro_batch(rows: PackedRows, slots: list[int], config: AdaptConfig, block_size: int,
@@ -139,14 +155,14 @@ def make_micro_batch(rows: PackedRows, slots: list[int], config: AdaptConfig, bl
     views = []
     for j, slot in enumerate(slots):
         sl = slice(j, j + 1)
-        nb = noise_blocks(ids[sl], pos[sl], docs[sl], block_size, mask_token_id, eps=config.noise_eps,
-                          maskable=trainable[sl], generator=slot_generator(config.seed, slot))
-        views.append(nb)
+        views.append(noise_blocks(ids[sl], pos[sl], docs[sl], block_size, mask_token_id, eps=config.noise_eps,
+                                  maskable=trainable[sl], generator=slot_generator(config.seed, slot)))
     x_t = torch.cat([v.x_t for v in views])
     masked = torch.cat([v.masked for v in views])
     t = torch.cat([v.t for v in views])
     if config.complementary_masks:
-        comp = complementary(views_as_batch(x_t, masked, t), ids, pos, block_size, mask_token_id, maskable=trainable)
+        comp = complementary(NoisedBatch(x_t=x_t, masked=masked, t=t), ids, pos, block_size, mask_token_id,
+                             maskable=trainable)
         x_t, masked, t = torch.cat([x_t, comp.x_t]), torch.cat([masked, comp.masked]), torch.cat([t, comp.t])
         ids, pos, docs, trainable = (torch.cat([a, a]) for a in (ids, pos, docs, trainable))
     eligible = trainable & ~block_starts(pos, block_size)
@@ -155,161 +171,360 @@ def make_micro_batch(rows: PackedRows, slots: list[int], config: AdaptConfig, bl
     return MicroBatch(x_t, ids, pos, docs, masked, t, eligible, ar_target, real)
 
 
-def views_as_batch(x_t, masked, t):
-    from .noising import NoisedBatch
-
-    return NoisedBatch(x_t=x_t, masked=masked, t=t)
+# ----------------------------------------------------------------------------- the loss boundary
 
 
-# ----------------------------------------------------------------------------- setup
+def compute_loss(model, batch: MicroBatch, config: AdaptConfig, block_size: int) -> LossParts:
+    """The loss of one micro-batch, already weighted by its share of the optimizer step.
 
+    This is the one place the training objective lives: L = L_MDM + lambda(b) * L_AR over one
+    forward of the 2L layout. `LossParts.total` is what backward() sees; `mdm` and `ar` are logged
+    (summed over micro-batches and processes they give the step's token-weighted means).
 
-def _make_accelerator(config: AdaptConfig):
-    from accelerate import Accelerator
-
-    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available()
-    if config.device == "cuda" and not cuda:
-        raise NBDiffError("--device cuda was asked for but no CUDA GPU is visible", "use --device cpu or auto")
-    cpu = config.device == "cpu" or not cuda
-    kwargs: dict[str, Any] = {"cpu": cpu}
-    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # a launcher's config wins
-        kwargs["mixed_precision"] = "no" if cpu or config.dtype == "fp32" else "bf16"
-    if launched and cpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
-    return Accelerator(**kwargs)
-
-
-def _check_model_dir(config: AdaptConfig) -> BlockDiffusionSettings:
-    model_dir = Path(config.model)
-    if not model_dir.is_dir():
-        raise NBDiffError(f"model folder {model_dir} does not exist", "pass a folder written by `nbdiff convert`")
-    settings = read_settings(model_dir)
-    if settings is None:
-        raise NBDiffError(
-            f"{model_dir} was never converted to a block-diffusion model (no `nbdiff` section in config.json)",
-            f"run `nbdiff convert {model_dir} --out CONVERTED` first, then adapt CONVERTED",
-        )
-    if Path(config.out).resolve() == model_dir.resolve():
-        raise NBDiffError("--out must differ from the model folder", "pass a new folder to --out")
-    return settings
-
-
-def _prepare_out(config: AdaptConfig, is_main: bool):
-    """Check the output folder; returns the checkpoint to resume from (or None)."""
-    out = Path(config.out)
-    has_run = out.is_dir() and any(out.iterdir())
-    if config.resume:
-        ckpt = latest_checkpoint(out)
-        if ckpt is None:
-            raise NBDiffError(f"--resume: {out} holds no checkpoint", "run without --resume to start a new run")
-        diff = differences(ckpt.state.get("recipe", {}), config)
-        if diff:
-            raise NBDiffError("--resume with changed settings: " + "; ".join(diff),
-                              "use the settings of the interrupted run, or start a new run in another --out")
-        if ckpt.step >= config.steps:
-            raise NBDiffError(f"the checkpoint in {out} is already at step {ckpt.step} of {config.steps}")
-        return ckpt
-    if has_run:
-        if not config.force:
-            hint = "pass --resume to continue it" if (out / CHECKPOINTS).is_dir() else "pass --force to replace it"
-            raise NBDiffError(f"output folder {out} is not empty", hint + ", or choose another --out")
-        if is_main:
-            shutil.rmtree(out)
-    return None
-
-
-def _source_dtype(model_dir: Path) -> torch.dtype:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    return getattr(torch, str(name), torch.float32)
-
-
-def _load_model(config: AdaptConfig, settings: BlockDiffusionSettings, device: torch.device):
-    from transformers import AutoModelForCausalLM
-
-    from .compat import probe_mask_support
-
-    gpu = device.type == "cuda"
-    if config.dtype == "bf16" or (config.dtype == "auto" and gpu and config.lora_rank > 0):
-        dtype = torch.bfloat16
-    else:
-        dtype = torch.float32  # fp32 master weights (bf16 autocast on GPU)
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.attn_implementation}
-    if config.quantize == "nf4":
-        try:
-            import bitsandbytes  # noqa: F401
-            from transformers import BitsAndBytesConfig
-        except ImportError:
-            raise NBDiffError("--quantize nf4 needs bitsandbytes", "pip install bitsandbytes") from None
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if gpu else torch.float32,
-        )
-        kwargs["device_map"] = {"": (device.index or 0) if gpu else "cpu"}  # this process's GPU under DDP
-    model = AutoModelForCausalLM.from_pretrained(config.model, **kwargs)
-    probe_mask_support(model.config, config.attn_implementation)
-    vocab = model.get_input_embeddings().weight.shape[0]
-    if not 0 <= settings.mask_token_id < vocab:
-        raise NBDiffError(f"mask token id {settings.mask_token_id} is outside the embedding table ({vocab} rows)",
-                          "re-run `nbdiff convert` on the source model")
-    model.config.use_cache = False
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if config.lora_rank > 0:
-        model = _wrap_lora(model, config, settings)
-    return model
-
-
-def _wrap_lora(model, config: AdaptConfig, settings: BlockDiffusionSettings):
-    """LoRA on every linear layer (or --lora-targets); the mask token's input embedding row trains too.
-
-    The mask row is the one embedding the AR model never learnt, so LoRA alone cannot fix it; peft's
-    `trainable_token_indices` trains just that row (a [1, hidden] delta) instead of the whole table
-    (`modules_to_save` would copy and train all of embed_tokens).
+    To add a loss term: compute it here from the same forward, scale it by its token share
+    (add its denominator to `MicroBatch.token_counts`, read `batch.shares[name]`), add it to
+    `total` with its weight, and put the weighted value in `LossParts.extra[name]`: the train
+    record then shows it under that name. The loop, checkpoints and logging stay as they are.
+    Called inside the step's autocast context.
     """
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if config.quantize != "none":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=config.gradient_checkpointing)
-    targets: Any = config.lora_targets
-    if targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.lora_rank,
-        lora_dropout=config.lora_dropout,
-        target_modules=targets,
-        trainable_token_indices=[settings.mask_token_id],
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora)
-
-
-def _trainable_names(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad]
+    noised, clean = parallel_forward(model, batch.x_t, batch.x_0, batch.position_ids, batch.doc_ids, block_size,
+                                     config.context_mask)
+    mdm, n_masked, correct = mdm_loss(noised, batch.x_0, batch.masked, batch.t, config.loss_weighting, batch.eligible)
+    ar, n_ar = ar_loss(clean, batch.x_0, batch.ar_target)
+    mdm, ar = mdm * batch.shares.get("mdm", 1.0), ar * batch.shares.get("ar", 1.0)
+    return LossParts(total=combine(mdm, ar, config.ar_weight_at(block_size)), mdm=mdm, ar=ar, mdm_tokens=n_masked,
+                     ar_tokens=n_ar, mdm_correct=correct)
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-class _Run:
-    """State of one adapt() call (kept on an object so the loop functions stay small)."""
+class AdaptRun:
+    """One adaptation run: `setup()` once, `train_step()` per optimizer step, `evaluate()`, `save()`, `export()`.
 
-    def __init__(self, config: AdaptConfig, callback: Callback | None):
+    The state (step, tokens, the newest checkpoint, evaluations) lives on the object, so each
+    phase is a small method. `adapt()` is the loop that calls them in order.
+    """
+
+    def __init__(self, config: AdaptConfig, callback: Callback | None = None):
         self.config = config
         self.callback = callback
-        self.out = Path(config.out)
         self.started = time.perf_counter()
+        self.step = 0
+        self.tokens = 0
+        self.block = 1
+        self.start_step = 0
+        self.evals: list[dict] = []
+        self.last: dict = {}
+        self.warnings: list[str] = []
+        self.checkpoint: Path | None = None
+        self.saved_at = -1
+        self.folder: RunFolder | None = None
+        self.acc = None
+        self._window = (time.perf_counter(), 0)
+
+    # --- records
+    @property
+    def is_main(self) -> bool:
+        return self.acc is None or self.acc.is_main_process
 
     def emit(self, record: dict, log: bool = False) -> None:
-        if not self.acc.is_main_process:
+        if not self.is_main:
             return
         if log:
-            with (self.out / METRICS).open("a", encoding="utf-8") as fh:
+            with (self.folder.dir / METRICS).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(record) + "\n")
         if self.callback is not None:
             self.callback(record)
+
+    # --- setup
+    def setup(self) -> None:
+        """Check the model folder, take the output folder, read the data, load model and optimizer (resuming if asked)."""
+        cfg = self.config
+        self.model_folder: ModelFolder = read_model_folder(cfg.model, cfg.seq_len, cfg.block_size)
+        self.acc = make_accelerator(cfg)
+        self.world, self.rank = self.acc.num_processes, self.acc.process_index
+        self.folder = RunFolder(Path(cfg.out), self.acc.is_main_process)
+        self.folder.open(cfg.resume, cfg.force, Path(cfg.model), [Path(d) for d in cfg.data], self._broadcast)
+        try:
+            ckpt = self._checkpoint_to_resume() if cfg.resume else None
+            if self.is_main:
+                from .fsutil import atomic_write_text
+
+                atomic_write_text(self.folder.dir / RECIPE, _yaml(self.config))
+            self._read_data(ckpt)
+            self._load_model(ckpt)
+        except BaseException:
+            self.folder.abandon(setup_failed=True)
+            raise
+        self.curriculum = self.config.curriculum_schedule()
+        self.rows_per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.block = self.curriculum.block_size_at(max(self.step - 1, 0))
+        self._emit_start(ckpt)
+
+    def _broadcast(self, obj):
+        if self.acc.num_processes == 1:
+            return obj
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    def _checkpoint_to_resume(self) -> Checkpoint:
+        """The checkpoint --resume continues from; pins the schedule length of the first run."""
+        out = self.folder.out
+        ckpt = latest_checkpoint(out)
+        if ckpt is None:
+            raise NBDiffError(f"--resume: {out} holds no checkpoint", "run without --resume to start a new run")
+        old = ckpt.state.get("recipe", {})
+        if self.config.schedule_steps is None:  # added steps train at the final block size and learning rate
+            pinned = old.get("schedule_steps") or old.get("steps") or self.config.steps
+            self.config = dataclasses.replace(self.config, schedule_steps=pinned)
+        diff = differences(old, self.config)
+        if diff:
+            raise NBDiffError("--resume with changed settings: " + "; ".join(diff),
+                              "use the settings of the interrupted run, or start a new run in another --out")
+        if ckpt.step >= self.config.steps:
+            raise NBDiffError(f"the checkpoint in {out} is already at step {ckpt.step} of {self.config.steps}",
+                              f"pass --steps larger than {ckpt.step} to train on")
+        return ckpt
+
+    def _read_data(self, ckpt: Checkpoint | None) -> None:
+        from transformers import AutoTokenizer
+
+        cfg = self.config
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        cache_dir = cfg.cache_dir or str(self.folder.dir / DATA_CACHE)
+        with self.acc.main_process_first():  # rank 0 tokenises and fills the cache, the others read it
+            self.data: Dataset = build_dataset(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, cfg.eval_fraction,
+                                               cfg.eval_max_rows, cache_dir)
+        self.fingerprint = _data_fingerprint(self.data)
+        if ckpt is not None and ckpt.state.get("data_fingerprint", self.fingerprint) != self.fingerprint:
+            raise NBDiffError("--resume: the training data changed since the checkpoint was written",
+                              "resume with the same data files, or start a new run in another --out")
+        if self.data.train.real_tokens < cfg.seq_len:
+            self.warnings.append(
+                f"the training data holds {self.data.train.real_tokens} tokens, less than one row of --seq-len "
+                f"{cfg.seq_len}: every step trains on the same mostly padded row")
+
+    def _load_model(self, ckpt: Checkpoint | None) -> None:
+        cfg, acc = self.config, self.acc
+        torch.manual_seed(cfg.seed)  # LoRA initialisation
+        model = load_model(cfg, self.model_folder, acc.device)
+        self.names = trainable_names(model)
+        if not self.names:
+            raise NBDiffError("the model has no trainable parameters")
+        if ckpt is not None:
+            load_trained_weights(model, ckpt.weights(), self.names, ckpt.path)
+        self.model = acc.prepare(model)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = acc.prepare(torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                                       weight_decay=cfg.weight_decay))
+        if ckpt is not None:
+            self._restore(ckpt)
+
+    def _restore(self, ckpt: Checkpoint) -> None:
+        acc = self.acc
+        if ckpt.state.get("world_size") != acc.num_processes and _is_fsdp(acc):
+            raise NBDiffError(f"--resume: the checkpoint was written by {ckpt.state.get('world_size')} processes, "
+                              f"this run has {acc.num_processes}", "FSDP optimizer shards need the same world size")
+        opt_state = ckpt.optimizer_state(acc.process_index if _is_fsdp(acc) else 0)
+        if opt_state is not None:
+            self.optimizer.load_state_dict(opt_state)
+        ckpt.restore_rng()
+        self.step = self.start_step = ckpt.step
+        self.tokens = int(ckpt.state.get("tokens", 0))
+        self.saved_at, self.checkpoint = ckpt.step, ckpt.path
+        if self.is_main:
+            self.evals = _trim_metrics(self.folder.dir / METRICS, ckpt.step)
+
+    def _emit_start(self, ckpt: Checkpoint | None) -> None:
+        data = self.data
+        self.emit({"event": "start", "step": self.step, "steps": self.config.steps, "resumed": ckpt is not None,
+                   "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
+                   "seq_len": self.config.seq_len, "world_size": self.world, "rows_per_step": self.rows_per_step,
+                   "parameters": sum(p.numel() for p in self.model.parameters()),
+                   "trainable_parameters": sum(p.numel() for p in self.params), "device": str(self.acc.device),
+                   "data": dict(data.stats.__dict__), "out": str(self.folder.out), "warnings": list(self.warnings)})
+
+    # --- one optimizer step
+    def train_step(self) -> None:
+        """One optimizer step: micro-batches weighted by their tokens, backward through `compute_loss`, update."""
+        cfg, acc = self.config, self.acc
+        self.block = block = self.curriculum.block_size_at(self.step)
+        lr = lr_at(cfg, self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        t0 = time.perf_counter()
+        micro = [make_micro_batch(self.data.train, self._slots(m), cfg, block, self.model_folder.settings.mask_token_id)
+                 for m in range(cfg.grad_accum)]
+        step_tokens = self._set_shares(micro)
+        logged: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        masked = torch.zeros(2, dtype=torch.float64)  # masked tokens, masked correct
+        for m, mb in enumerate(micro):
+            sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
+            with sync, acc.autocast():
+                parts = compute_loss(self.model, mb.to(acc.device), cfg, block)
+                # DDP/FSDP average gradients over processes; * world turns that into the global sum
+                loss = parts.total * self.world
+            acc.backward(loss)
+            for name, value, weight in _terms(parts, cfg.ar_weight_at(block)):
+                logged[name] = logged.get(name, 0.0) + float(value.detach())
+                weights[name] = weight
+            masked += torch.tensor([parts.mdm_tokens, parts.mdm_correct], dtype=torch.float64)
+        totals = acc.reduce(torch.tensor([*logged.values(), *masked.tolist()], dtype=torch.float64).to(acc.device),
+                            reduction="sum").cpu().tolist()
+        logged = dict(zip(logged, totals))
+        loss_v = sum(weights[k] * v for k, v in logged.items())
+        grad_norm = float(acc.clip_grad_norm_(self.params, cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None
+        if not math.isfinite(loss_v) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            self.optimizer.zero_grad(set_to_none=True)
+            where = f"; the last good checkpoint is {self.checkpoint}" if self.checkpoint else ""
+            raise NBDiffError(f"the loss became {loss_v} at step {self.step + 1} (block size {block}); training stopped{where}",
+                              "lower --lr, or check the data; --resume continues from the last checkpoint")
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens += step_tokens
+        self._log_step(logged, weights, loss_v, lr, grad_norm, totals[-2:], step_tokens, t0)
+
+    def _slots(self, m: int) -> list[int]:
+        """Stream slots of micro-batch m of the current step on this process."""
+        bs = self.config.batch_size
+        base = self.step * self.rows_per_step + m * self.world * bs + self.rank * bs
+        return list(range(base, base + bs))
+
+    def _set_shares(self, micro: list[MicroBatch]) -> int:
+        """Give every micro-batch its share of each loss term's tokens in the whole step; returns the step's tokens."""
+        names = list(micro[0].token_counts(self.config))
+        local = torch.tensor([[*mb.token_counts(self.config).values(), mb.real_tokens] for mb in micro],
+                             dtype=torch.float64)  # [M, terms + 1]
+        glob = self.acc.reduce(local.sum(0).to(self.acc.device), reduction="sum").cpu()
+        for m, mb in enumerate(micro):
+            mb.shares = {n: float(local[m, i]) / float(glob[i]) if float(glob[i]) else 0.0 for i, n in enumerate(names)}
+        return int(glob[-1])
+
+    def _log_step(self, logged, weights, loss_v, lr, grad_norm, masked, step_tokens, t0) -> None:
+        cfg = self.config
+        start, tokens = self._window
+        self._window = (start, tokens + step_tokens)
+        if self.step % cfg.log_every and self.step != cfg.steps:
+            return
+        now = time.perf_counter()
+        n_masked, correct = masked
+        rec = {"event": "train", "step": self.step, "steps": cfg.steps, "block_size": self.block, "loss": loss_v}
+        rec.update(logged)
+        rec.update({f"{k}_weight": w for k, w in weights.items() if k != "mdm"})
+        rec.update({"lr": lr, "grad_norm": grad_norm, "masked_tokens": int(n_masked),
+                    "masked_accuracy": correct / n_masked if n_masked else None, "tokens": self.tokens,
+                    "tokens_per_s": self._window[1] / max(now - start, 1e-9), "step_seconds": now - t0,
+                    "elapsed": now - self.started,
+                    "eta_s": (now - self._loop_start) / (self.step - self.start_step) * (cfg.steps - self.step),
+                    "peak_memory_bytes": peak_memory_bytes(self.acc.device)})
+        self._window = (now, 0)
+        self.last = rec
+        self.emit(rec, log=True)
+
+    # --- evaluation, checkpoints, export
+    def evaluate(self) -> dict | None:
+        """Held-out MDM/AR losses at every evaluation block size (None without held-out rows)."""
+        if self.data.eval is None:
+            return None
+        res = evaluate(self.model, self.data.eval, eval_block_sizes(self.config.block_size),
+                       self.model_folder.settings.mask_token_id, self.config.context_mask,
+                       batch_size=self.config.batch_size, autocast=self.acc.autocast)
+        rec = {"event": "eval", "step": self.step, "block_size": self.curriculum.block_size_at(max(self.step - 1, 0)),
+               "ar": res["ar"], "mdm": {str(k): v for k, v in res["mdm"].items()},
+               "acc": {str(k): v for k, v in res["acc"].items()},
+               "mdm_tokens": {str(k): v for k, v in res["mdm_tokens"].items()}, "ar_tokens": res["ar_tokens"]}
+        self.evals.append(rec)
+        self.emit(rec, log=True)
+        return rec
+
+    def save(self) -> Path | None:
+        """A checkpoint of the current step (every process calls it); the first one commits a --force run."""
+        acc, step = self.acc, self.step
+        if step == self.saved_at or step == 0:
+            return self.checkpoint
+        state_dict = acc.get_state_dict(self.model)  # collective under FSDP: every rank calls it
+        run_dir = self.folder.dir
+        if _is_fsdp(acc):
+            write_optimizer(staging_dir(run_dir, step), self.optimizer.state_dict(), self.rank)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if not _is_fsdp(acc):
+                write_optimizer(staging_dir(run_dir, step), self.optimizer.state_dict())
+            wanted = set(self.names)
+            state = {"tokens": self.tokens, "block_size": self.curriculum.block_size_at(step - 1),
+                     "data_slot": step * self.rows_per_step, "curriculum_step": step, "world_size": self.world,
+                     "data_fingerprint": self.fingerprint, "recipe": self.config.to_dict(),
+                     "elapsed": time.perf_counter() - self.started}
+            finish_checkpoint(run_dir, step, {k: v for k, v in state_dict.items() if k in wanted}, state,
+                              keep=self.config.keep_checkpoints)
+        acc.wait_for_everyone()
+        self.folder.commit()
+        self.saved_at = step
+        self.checkpoint = self.folder.dir / CHECKPOINTS / _checkpoint_name(step)
+        self.emit({"event": "checkpoint", "step": step, "path": str(self.checkpoint)})
+        return self.checkpoint
+
+    def export(self) -> None:
+        """Write the final model (or adapter) into the run folder."""
+        acc = self.acc
+        state_dict = acc.get_state_dict(self.model)  # collective under FSDP
+        if acc.is_main_process:
+            settings = adapted_settings(self.model_folder, self.config, self.step, self.tokens, self.block)
+            write_final_model(self.folder.dir, acc.unwrap_model(self.model), state_dict, self.tokenizer, self.config,
+                              self.model_folder, settings)
+        acc.wait_for_everyone()
+        self.folder.commit()
+
+    # --- the loop
+    def train(self) -> AdaptResult:
+        """Train from the current step to --steps; Ctrl-C (KeyboardInterrupt) saves a checkpoint and returns."""
+        status = "completed"
+        self._loop_start = time.perf_counter()
+        self._window = (time.perf_counter(), 0)
+        cfg = self.config
+        try:
+            if self.step == 0:
+                self.evaluate()
+            self.model.train()
+            while self.step < cfg.steps:
+                self.train_step()
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                    self.evaluate()
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
+                    self.save()
+        except KeyboardInterrupt:
+            self.optimizer.zero_grad(set_to_none=True)
+            status = "interrupted"
+            self.save()
+        if status == "completed":
+            self.evaluate()
+            self.save()  # the final checkpoint: `--resume --steps N` extends the run
+            self.export()
+            if cfg.prune_checkpoints and self.is_main:
+                remove_checkpoints(self.folder.dir)
+                self.checkpoint = None
+        return self._finish(status)
+
+    def _finish(self, status: str) -> AdaptResult:
+        size = folder_bytes(self.checkpoint) if self.checkpoint is not None and self.is_main else 0
+        result = AdaptResult(out_dir=self.folder.out, status=status, steps=self.step, tokens=self.tokens,
+                             block_size=self.block, seconds=time.perf_counter() - self.started,
+                             checkpoint=self.checkpoint, checkpoint_bytes=size, last=self.last, evals=self.evals,
+                             warnings=self.warnings)
+        self.emit({"event": "done", "status": status, "step": self.step, "tokens": self.tokens,
+                   "block_size": self.block, "seconds": result.seconds, "out": str(self.folder.out),
+                   "checkpoint": str(self.checkpoint) if self.checkpoint else None, "checkpoint_bytes": size})
+        self.acc.wait_for_everyone()
+        return result
+
+    def close(self) -> None:
+        """Release the output folder (its lock; an uncommitted --force staging folder is dropped)."""
+        if self.folder is not None:
+            self.folder.close()
 
 
 def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
@@ -319,206 +534,41 @@ def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
     "done". Raising KeyboardInterrupt (from the callback or Ctrl-C) saves a checkpoint and returns a
     result with status 'interrupted'. Raises NBDiffError for bad input and for a NaN loss.
     """
-    run = _Run(config, callback)
-    settings = _check_model_dir(config)
-    acc = run.acc = _make_accelerator(config)
-    ckpt = _prepare_out(config, acc.is_main_process)
-    acc.wait_for_everyone()
-    out = run.out
-    if acc.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        config.save_yaml(out / RECIPE)
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(config.model)
-    cache_dir = config.cache_dir or str(out / "data-cache")
-    _check_positions(config)
-    with acc.main_process_first():  # rank 0 tokenises and fills the cache, the others read it
-        data = build_dataset(config.data, tokenizer, config.seq_len, config.seed, config.eval_fraction,
-                             config.eval_max_rows, cache_dir)
-
-    fingerprint = _data_fingerprint(data)
-    if ckpt is not None and ckpt.state.get("data_fingerprint", fingerprint) != fingerprint:
-        raise NBDiffError("--resume: the training data changed since the checkpoint was written",
-                          "resume with the same data files, or start a new run in another --out")
-    torch.manual_seed(config.seed)  # LoRA initialisation
-    model = _load_model(config, settings, acc.device)
-    names = _trainable_names(model)
-    if not names:
-        raise NBDiffError("the model has no trainable parameters")
-    if ckpt is not None:
-        _load_weights(model, ckpt, names)
-    model = acc.prepare(model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                  weight_decay=config.weight_decay)
-    optimizer = acc.prepare(optimizer)
-    start_step, tokens = 0, 0
-    if ckpt is not None:
-        if ckpt.state.get("world_size") != acc.num_processes and _is_fsdp(acc):
-            raise NBDiffError(f"--resume: the checkpoint was written by {ckpt.state.get('world_size')} processes, "
-                              f"this run has {acc.num_processes}", "FSDP optimizer shards need the same world size")
-        opt_state = ckpt.optimizer_state(acc.process_index if _is_fsdp(acc) else 0)
-        if opt_state is not None:
-            optimizer.load_state_dict(opt_state)
-        ckpt.restore_rng()
-        start_step, tokens = ckpt.step, int(ckpt.state.get("tokens", 0))
-    if acc.is_main_process:
-        _trim_metrics(out / METRICS, start_step)
-
-    curriculum = config.curriculum_schedule()
-    mask_id = settings.mask_token_id
-    world, rank = acc.num_processes, acc.process_index
-    per_step_rows = config.batch_size * config.grad_accum * world
-    n_params = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in params)
-    run.emit({"event": "start", "step": start_step, "steps": config.steps, "resumed": ckpt is not None,
-              "train_rows": len(data.train), "eval_rows": len(data.eval) if data.eval is not None else 0,
-              "seq_len": config.seq_len, "world_size": world, "rows_per_step": per_step_rows,
-              "parameters": n_params, "trainable_parameters": n_train, "device": str(acc.device),
-              "data": dict(data.stats.__dict__), "out": str(out)})
-
-    evals: list[dict] = []
-    last: dict = {}
-    saved_at = ckpt.step if ckpt is not None else -1
-    last_ckpt_path = ckpt.path if ckpt is not None else None
-    step = start_step
-    block = curriculum.block_size_at(max(step - 1, 0))
-    session_start = time.perf_counter()
-    window_start, window_tokens = time.perf_counter(), 0
-
-    def do_eval(at_step: int) -> None:
-        if data.eval is None:
-            return
-        sizes = eval_block_sizes(config.block_size)
-        res = evaluate(model, data.eval, sizes, mask_id, config.context_mask, batch_size=config.batch_size,
-                       autocast=acc.autocast)
-        rec = {"event": "eval", "step": at_step, "block_size": curriculum.block_size_at(max(at_step - 1, 0)),
-               "ar": res["ar"], "mdm": {str(k): v for k, v in res["mdm"].items()},
-               "acc": {str(k): v for k, v in res["acc"].items()}, "mdm_tokens": {str(k): v for k, v in res["mdm_tokens"].items()},
-               "ar_tokens": res["ar_tokens"]}
-        evals.append(rec)
-        run.emit(rec, log=True)
-
-    def save(at_step: int) -> Path | None:
-        nonlocal saved_at, last_ckpt_path
-        if at_step == saved_at or at_step == 0:
-            return last_ckpt_path
-        state_dict = acc.get_state_dict(model)  # collective under FSDP: every rank calls it
-        staging = staging_dir(out, at_step)
-        if _is_fsdp(acc):
-            write_optimizer(staging, optimizer.state_dict(), rank)
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if not _is_fsdp(acc):
-                write_optimizer(staging, optimizer.state_dict())
-            wanted = set(names)
-            weights = {k: v for k, v in state_dict.items() if k in wanted}
-            state = {"tokens": tokens, "block_size": curriculum.block_size_at(at_step - 1),
-                     "data_slot": at_step * per_step_rows, "curriculum_step": at_step, "world_size": world,
-                     "data_fingerprint": fingerprint,
-                     "recipe": config.to_dict(), "elapsed": time.perf_counter() - run.started}
-            last_ckpt_path = finish_checkpoint(out, at_step, weights, state, keep=config.keep_checkpoints)
-        acc.wait_for_everyone()
-        saved_at = at_step
-        run.emit({"event": "checkpoint", "step": at_step, "path": str(last_ckpt_path)})
-        return last_ckpt_path
-
-    status = "completed"
+    run = AdaptRun(config, callback)
     try:
-        if start_step == 0 and (config.eval_every > 0 or data.eval is not None):
-            do_eval(0)
-        model.train()
-        while step < config.steps:
-            block = curriculum.block_size_at(step)
-            lam = config.ar_weight_at(block)
-            lr = lr_at(config, step)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            # all micro-batches of the step first: their token counts set each one's share of the loss
-            micro = []
-            for m in range(config.grad_accum):
-                base = step * per_step_rows + m * world * config.batch_size + rank * config.batch_size
-                micro.append(make_micro_batch(data.train, list(range(base, base + config.batch_size)), config,
-                                              block, mask_id))
-            local = torch.tensor([[mb.mdm_denominator(config.loss_weighting), int(mb.ar_target[:, 1:].sum()),
-                                   mb.real_tokens] for mb in micro], dtype=torch.float64)
-            glob = acc.reduce(local.sum(0).to(acc.device), reduction="sum").cpu()
-            mdm_total, ar_total = float(glob[0]), float(glob[1])
-            parts = torch.zeros(4, dtype=torch.float64)  # mdm, ar, masked tokens, masked correct
-            for m, mb in enumerate(micro):
-                mb_dev = mb.to(acc.device)
-                sync = acc.no_sync(model) if m < len(micro) - 1 else nullcontext()
-                with sync, acc.autocast():
-                    noised_logits, clean_logits = parallel_forward(
-                        model, mb_dev.x_t, mb_dev.x_0, mb_dev.position_ids, mb_dev.doc_ids, block, config.context_mask)
-                    mdm, n_masked, correct = mdm_loss(noised_logits, mb_dev.x_0, mb_dev.masked, mb_dev.t,
-                                                      config.loss_weighting, mb_dev.eligible)
-                    ar, n_ar = ar_loss(clean_logits, mb_dev.x_0, mb_dev.ar_target)
-                    w_mdm = float(local[m, 0]) / mdm_total if mdm_total else 0.0
-                    w_ar = float(local[m, 1]) / ar_total if ar_total else 0.0
-                    mdm_part, ar_part = mdm * w_mdm, ar * w_ar
-                    # DDP/FSDP average gradients over processes; * world turns that into the global sum
-                    loss = (mdm_part + lam * ar_part) * world
-                acc.backward(loss)
-                parts += torch.tensor([float(mdm_part.detach()), float(ar_part.detach()), n_masked, correct], dtype=torch.float64)
-            parts = acc.reduce(parts.to(acc.device), reduction="sum").cpu()
-            mdm_v, ar_v = float(parts[0]), float(parts[1])
-            loss_v = mdm_v + lam * ar_v
-            grad_norm = None
-            if config.max_grad_norm > 0:
-                grad_norm = float(acc.clip_grad_norm_(params, config.max_grad_norm))
-            if not math.isfinite(loss_v) or (grad_norm is not None and not math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
-                where = f"; the last good checkpoint is {last_ckpt_path}" if last_ckpt_path else ""
-                raise NBDiffError(
-                    f"the loss became {loss_v} at step {step + 1} (block size {block}); training stopped{where}",
-                    "lower --lr, or check the data; --resume continues from the last checkpoint",
-                )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            step_tokens = int(glob[2])
-            tokens += step_tokens
-            window_tokens += step_tokens
-            if step % config.log_every == 0 or step == config.steps:
-                now = time.perf_counter()
-                per_step = (now - session_start) / (step - start_step)
-                last = {"event": "train", "step": step, "steps": config.steps, "block_size": block, "loss": loss_v,
-                        "mdm": mdm_v, "ar": ar_v, "ar_weight": lam, "lr": lr, "grad_norm": grad_norm,
-                        "masked_tokens": int(parts[2]), "masked_accuracy": float(parts[3] / parts[2]) if parts[2] else None,
-                        "tokens": tokens, "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
-                        "step_seconds": now - t0, "elapsed": now - run.started,
-                        "eta_s": per_step * (config.steps - step),
-                        "peak_memory_bytes": peak_memory_bytes(acc.device)}
-                window_start, window_tokens = now, 0
-                run.emit(last, log=True)
-            if config.eval_every and step % config.eval_every == 0 and step < config.steps:
-                do_eval(step)
-            if config.save_every and step % config.save_every == 0 and step < config.steps:
-                save(step)
-    except KeyboardInterrupt:
-        optimizer.zero_grad(set_to_none=True)
-        status = "interrupted"
-        save(step)
-    result = AdaptResult(out_dir=out, status=status, steps=step, tokens=tokens, block_size=block,
-                         seconds=time.perf_counter() - run.started, checkpoint=last_ckpt_path, last=last, evals=evals)
-    if status == "completed":
-        do_eval(step)
-        result.evals = evals
-        _export(acc, model, tokenizer, config, settings, result)
-    run.emit({"event": "done", "status": status, "step": step, "tokens": tokens, "block_size": block,
-              "seconds": result.seconds, "out": str(out), "checkpoint": str(last_ckpt_path) if last_ckpt_path else None})
-    acc.wait_for_everyone()
-    return result
+        run.setup()
+        return run.train()
+    finally:
+        run.close()
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _terms(parts: LossParts, ar_weight: float):
+    """(name, weighted value, weight in L) of every logged loss term."""
+    yield "mdm", parts.mdm, 1.0
+    yield "ar", parts.ar, ar_weight
+    for name, value in parts.extra.items():
+        yield name, value, 1.0
+
+
+def _checkpoint_name(step: int) -> str:
+    from .checkpoint import checkpoint_name
+
+    return checkpoint_name(step)
 
 
 def _is_fsdp(acc) -> bool:
     from accelerate.utils import DistributedType
 
     return acc.distributed_type == DistributedType.FSDP
+
+
+def _yaml(config: AdaptConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
 def _data_fingerprint(data: Dataset) -> str:
@@ -528,100 +578,21 @@ def _data_fingerprint(data: Dataset) -> str:
     return f"{tuple(t.shape)}:{int(t.sum())}:{int(t[:, ::7].sum())}:{tuple(e.shape)}:{int(e.sum())}"
 
 
-def _check_positions(config: AdaptConfig) -> None:
-    cfg = json.loads((Path(config.model) / "config.json").read_text(encoding="utf-8"))
-    max_pos = cfg.get("max_position_embeddings")
-    if isinstance(max_pos, int) and config.seq_len > max_pos:
-        raise NBDiffError(f"--seq-len {config.seq_len} exceeds the model's context ({max_pos} positions)",
-                          f"use --seq-len {max_pos - max_pos % config.block_size} or less")
+def _trim_metrics(path: Path, step: int) -> list[dict]:
+    """On resume, drop records after the checkpoint's step (they will be written again); returns the evals kept."""
+    from .fsutil import atomic_write_text
 
-
-def _load_weights(model, ckpt, names: list[str]) -> None:
-    weights = ckpt.weights()
-    missing = [n for n in names if n not in weights]
-    if missing:
-        raise NBDiffError(f"checkpoint {ckpt.path} lacks {len(missing)} trainable weights (e.g. {missing[0]})",
-                          "it was written by a different model or LoRA setup")
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for n in names:
-            params[n].copy_(weights[n].to(params[n].dtype))
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """On resume, drop records after the checkpoint's step (they will be written again)."""
     if not path.is_file():
-        return
-    keep = []
+        return []
+    keep, evals = [], []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if rec.get("step", 0) <= step:
+        if isinstance(rec, dict) and rec.get("step", 0) <= step:
             keep.append(line)
-    path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
-
-
-# ----------------------------------------------------------------------------- export
-
-
-def _export(acc, model, tokenizer, config: AdaptConfig, settings: BlockDiffusionSettings, result: AdaptResult) -> None:
-    """Write the final model into OUT (through OUT/.final-tmp, config.json moved in last)."""
-    state_dict = acc.get_state_dict(model)  # collective under FSDP
-    if not acc.is_main_process:
-        acc.wait_for_everyone()
-        return
-    out = Path(config.out)
-    tmp = out / ".final-tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    new_settings = BlockDiffusionSettings.from_dict(settings.to_dict())
-    new_settings.block_size = config.block_size
-    new_settings.adapted_block_size = result.block_size
-    new_settings.context_mask = config.context_mask
-    new_settings.extra = dict(new_settings.extra, adapt={
-        "steps": result.steps, "tokens": result.tokens, "context_mask": config.context_mask,
-        "ar_loss_weight": config.ar_loss_weight, "curriculum": config.curriculum, "lora_rank": config.lora_rank,
-        "from": str(config.model)})
-    unwrapped = acc.unwrap_model(model)
-    src_dtype = _source_dtype(Path(config.model))
-    if config.lora_rank > 0 and config.export == "adapter":
-        unwrapped.save_pretrained(tmp)
-        (tmp / "nbdiff.json").write_text(json.dumps(new_settings.to_dict(), indent=1), encoding="utf-8")
-    else:
-        if config.lora_rank > 0:
-            final = _merge_lora(unwrapped, config)
-            state = final.state_dict()
-        else:
-            final = unwrapped
-            state = state_dict
-        state = {k: (v.to(src_dtype) if v.is_floating_point() else v) for k, v in state.items()}
-        attach_settings(final.config, new_settings)
-        final.config.use_cache = True
-        final.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    files = sorted(tmp.iterdir(), key=lambda p: p.name == "config.json")  # config.json last: loadable = complete
-    for f in files:
-        target = out / f.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        os.replace(f, target)
-    shutil.rmtree(tmp, ignore_errors=True)
-    acc.wait_for_everyone()
-
-
-def _merge_lora(peft_model, config: AdaptConfig):
-    """Merged weights: in place for LoRA; for QLoRA the adapter goes onto a full-precision reload of the base."""
-    if config.quantize == "none":
-        return peft_model.merge_and_unload()
-    from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoModelForCausalLM
-
-    adapter = {k: v.detach().float().cpu() for k, v in get_peft_model_state_dict(peft_model).items()}
-    base = AutoModelForCausalLM.from_pretrained(config.model, dtype=torch.float32,
-                                                attn_implementation=config.attn_implementation)
-    fresh = get_peft_model(base, peft_model.peft_config["default"])
-    set_peft_model_state_dict(fresh, adapter)
-    return fresh.merge_and_unload()
+            if rec.get("event") == "eval":
+                evals.append(rec)
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    return evals

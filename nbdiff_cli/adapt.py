@@ -1,102 +1,51 @@
-"""`nbdiff adapt`: the NBDiff adaptation recipe, with a Rich live panel."""
+"""`nbdiff adapt`: the NBDiff adaptation recipe, with a Rich live panel.
+
+The flags are made from `nbdiff.recipe.AdaptConfig`: one per field, help from its attribute
+docstring, panel from its `# --- Section` comment, default from the dataclass (shown in --help).
+Every flag defaults to None here, so `AdaptConfig.build` can tell "not given" from "given" and the
+precedence stays command line > --config file > default. A bool field is a switch (`--resume`);
+a hidden `--no-...` twin turns off a switch that a --config file turned on.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import os
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
+from rich.text import Text
 
 from .console import console, err_console, stdout_is_tty
 
-RECIPE = "Recipe"
-CURRICULUM = "Curriculum"
-OPTIM = "Optimisation"
-MEMORY = "Hardware and memory"
-RUN = "Data and bookkeeping"
+SHORT = {"data": "-d", "out": "-o", "block_size": "-b", "quantize": "-q"}
+PATHS = {"data", "out", "cache_dir"}
+HELP = {  # where the command line says more than the field docstring
+    "data": ("Training data; repeat for several: --data a.txt --data chats.jsonl. Text (.txt/.md), .jsonl with "
+             "`text` or chat `messages`, .parquet, a `datasets.save_to_disk` folder, or a folder of such files."),
+}
 
 
-def _opt(*names: str, help: str, panel: str):
-    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=False)
-
-
-def adapt(
-    model: Annotated[Path, typer.Argument(help="Converted model folder (from `nbdiff convert`).", show_default=False)],
-    data: Annotated[Optional[list[Path]], _opt("--data", "-d", panel=RUN, help=(
-        "Training data; repeat for several: --data a.txt --data chats.jsonl. Text (.txt/.md), .jsonl with "
-        "`text` or chat `messages`, .parquet, a `datasets.save_to_disk` folder, or a folder of such files."))] = None,
-    out: Annotated[Optional[Path], _opt("--out", "-o", panel=RUN, help="Output folder (final model, metrics.jsonl, checkpoints/).")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe; flags given here override it.",
-                                                   show_default=False)] = None,
-    # recipe
-    context_mask: Annotated[Optional[str], _opt("--context-mask", panel=RECIPE, help="causal (NBDiff) | block-causal (BD3-LM baseline). \\[default: causal]")] = None,
-    ar_loss_weight: Annotated[Optional[float], _opt("--ar-loss-weight", panel=RECIPE, help="lambda of the AR loss; 0 = off. \\[default: 0.5]")] = None,
-    ar_loss_weight_final: Annotated[Optional[float], _opt("--ar-loss-weight-final", panel=RECIPE, help="Anneal lambda towards this as blocks grow (linear in log2 b).")] = None,
-    loss_weighting: Annotated[Optional[str], _opt("--loss-weighting", panel=RECIPE, help="none | inverse-t (1/t on L_MDM). \\[default: none]")] = None,
-    complementary_masks: Annotated[Optional[bool], _opt("--complementary-masks/--no-complementary-masks", panel=RECIPE,
-                                                        help="Also train each row's complementary mask (Fast-dLLM v2).")] = None,
-    noise_eps: Annotated[Optional[float], _opt("--noise-eps", panel=RECIPE, help="Smallest noise level t. \\[default: 0.001]")] = None,
-    # curriculum
-    block_size: Annotated[Optional[int], _opt("--block-size", "-b", panel=CURRICULUM, help="Target block size. \\[default: 32]")] = None,
-    curriculum: Annotated[Optional[str], _opt("--curriculum", panel=CURRICULUM, help=(
-        "auto (1,2,..,b over --growth-steps) | none (b from the start) | 1,2,4,8 | 0:1,100:2 | formula. \\[default: auto]"))] = None,
-    growth_steps: Annotated[Optional[int], _opt("--growth-steps", panel=CURRICULUM, help="Steps to reach the target size. \\[default: 5/8 of --steps]")] = None,
-    growth_start: Annotated[Optional[int], _opt("--growth-start", panel=CURRICULUM, help="formula: step s0 where growth starts. \\[default: 0]")] = None,
-    growth_interval: Annotated[Optional[int], _opt("--growth-interval", panel=CURRICULUM, help="formula: steps between doublings. \\[default: 100]")] = None,
-    # optimisation
-    steps: Annotated[Optional[int], _opt("--steps", panel=OPTIM, help="Optimizer steps. \\[default: 100]")] = None,
-    seq_len: Annotated[Optional[int], _opt("--seq-len", panel=OPTIM, help="Tokens per packed row. \\[default: 512]")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", panel=OPTIM, help="Rows per micro-batch per process. \\[default: 1]")] = None,
-    grad_accum: Annotated[Optional[int], _opt("--grad-accum", panel=OPTIM, help="Micro-batches per step. \\[default: 1]")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", panel=OPTIM, help="Peak learning rate (AdamW). \\[default: 1e-5]")] = None,
-    min_lr_ratio: Annotated[Optional[float], _opt("--min-lr-ratio", panel=OPTIM, help="Cosine floor as a fraction of --lr. \\[default: 0.1]")] = None,
-    warmup_steps: Annotated[Optional[int], _opt("--warmup-steps", panel=OPTIM, help="Linear warmup steps. \\[default: 3% of --steps]")] = None,
-    weight_decay: Annotated[Optional[float], _opt("--weight-decay", panel=OPTIM, help="AdamW weight decay. \\[default: 0]")] = None,
-    adam_beta1: Annotated[Optional[float], _opt("--adam-beta1", panel=OPTIM, help="AdamW beta1. \\[default: 0.9]")] = None,
-    adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", panel=OPTIM, help="AdamW beta2. \\[default: 0.95]")] = None,
-    max_grad_norm: Annotated[Optional[float], _opt("--max-grad-norm", panel=OPTIM, help="Gradient clipping; 0 = off. \\[default: 1.0]")] = None,
-    seed: Annotated[Optional[int], _opt("--seed", panel=OPTIM, help="Seed of data order, noise and LoRA init. \\[default: 0]")] = None,
-    # memory / hardware
-    device: Annotated[Optional[str], _opt("--device", panel=MEMORY, help="auto | cpu | cuda. \\[default: auto]")] = None,
-    dtype: Annotated[Optional[str], _opt("--dtype", panel=MEMORY, help="auto | fp32 | bf16 weights. \\[default: auto]")] = None,
-    gradient_checkpointing: Annotated[Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", panel=MEMORY,
-                                                           help="Recompute activations to save memory.")] = None,
-    attn_implementation: Annotated[Optional[str], _opt("--attn-implementation", panel=MEMORY, help="sdpa | eager. \\[default: sdpa]")] = None,
-    lora_rank: Annotated[Optional[int], _opt("--lora-rank", panel=MEMORY, help="LoRA rank; 0 = full fine-tuning. The mask token's embedding row stays trainable.")] = None,
-    lora_alpha: Annotated[Optional[float], _opt("--lora-alpha", panel=MEMORY, help="LoRA alpha. \\[default: 2 * rank]")] = None,
-    lora_dropout: Annotated[Optional[float], _opt("--lora-dropout", panel=MEMORY, help="LoRA dropout. \\[default: 0]")] = None,
-    lora_targets: Annotated[Optional[str], _opt("--lora-targets", panel=MEMORY, help="all-linear | q_proj,v_proj,... \\[default: all-linear]")] = None,
-    quantize: Annotated[Optional[str], _opt("--quantize", "-q", panel=MEMORY, help="none | nf4 (QLoRA; needs --lora-rank).")] = None,
-    export: Annotated[Optional[str], _opt("--export", panel=MEMORY, help="LoRA output: merged | adapter. \\[default: merged]")] = None,
-    # bookkeeping
-    eval_every: Annotated[Optional[int], _opt("--eval-every", panel=RUN, help="Evaluate every N steps (0 = before and after). \\[default: 0]")] = None,
-    eval_fraction: Annotated[Optional[float], _opt("--eval-fraction", panel=RUN, help="Packed rows held out. \\[default: 0.05]")] = None,
-    eval_max_rows: Annotated[Optional[int], _opt("--eval-max-rows", panel=RUN, help="At most this many held-out rows. \\[default: 16]")] = None,
-    log_every: Annotated[Optional[int], _opt("--log-every", panel=RUN, help="Metrics line every N steps. \\[default: 1]")] = None,
-    keep_checkpoints: Annotated[Optional[int], _opt("--keep-checkpoints", panel=RUN, help="Checkpoints kept. \\[default: 2]")] = None,
-    save_every: Annotated[Optional[int], _opt("--save-every", panel=RUN, help="Checkpoint every N steps (always on Ctrl-C). \\[default: 0]")] = None,
-    cache_dir: Annotated[Optional[Path], _opt("--cache-dir", panel=RUN, help="Tokenised-data cache. \\[default: OUT/data-cache]")] = None,
-    resume: Annotated[Optional[bool], _opt("--resume", panel=RUN, help="Continue from the last checkpoint in --out.")] = None,
-    force: Annotated[Optional[bool], _opt("--force", panel=RUN, help="Replace an --out that already holds a run.")] = None,
-) -> None:
+def _run(model: Path, config: Optional[Path] = None, **values: Any) -> None:
     """Adapt a converted model with the NBDiff recipe (2L layout, AR loss, block-size curriculum).
 
     Runs unchanged on one CPU, one GPU, or under `accelerate launch` / `torchrun` (DDP, FSDP).
     Ctrl-C saves a checkpoint; `--resume` continues it exactly.
+    `--resume --steps N` extends a finished run.
     """
-    values = {k: v for k, v in locals().items() if k not in ("config", "model", "data", "out")}
     from nbdiff.errors import NBDiffError
     from nbdiff.recipe import AdaptConfig
     from nbdiff.trainer import adapt as run_adapt
 
+    for name in [k for k in values if k.startswith("no_")]:
+        if values.pop(name):
+            values[name[3:]] = False
+    values = {k: ([str(p) for p in v] if isinstance(v, list) else str(v) if isinstance(v, Path) else v)
+              for k, v in values.items()}
     values["model"] = str(model)
-    if data:
-        values["data"] = [str(p) for p in data]
-    if out is not None:
-        values["out"] = str(out)
-    if cache_dir is not None:
-        values["cache_dir"] = str(cache_dir)
     cfg = AdaptConfig.build(file=config, **values)
     if not cfg.data:
         raise NBDiffError("no training data", "pass --data FILE (repeat it for several files) or set `data:` in --config")
@@ -105,22 +54,90 @@ def adapt(
 
     _quiet_libraries()
     panel = _Panel(cfg)
-    import os
-
     # under torchrun / accelerate launch only rank 0 talks (the trainer creates the process group)
     main = int(os.environ.get("RANK", "0")) == 0
     with panel.live(enabled=main):
         result = run_adapt(cfg, callback=panel.update)
-    if not main:
-        return
+    if main:
+        _report(result)
+
+
+def _report(result) -> None:
     if result.status == "interrupted":
-        err_console.print(f"[yellow]interrupted at step {result.steps}[/]; checkpoint: {result.checkpoint}")
-        err_console.print(f"[dim]continue with the same command plus --resume[/]")
+        err_console.print(f"interrupted at step {result.steps}; checkpoint: {result.checkpoint}", style="yellow")
+        err_console.print("continue with the same command plus --resume", style="dim")
         raise typer.Exit(130)
-    console.print(f"[green]done[/]: {result.steps} steps, {result.tokens:,} tokens, block size {result.block_size}, "
-                  f"{result.seconds:.1f}s -> {result.out_dir}")
+    console.print(Text.assemble(("done", "green"), f": {result.steps} steps, {result.tokens:,} tokens, block size "
+                                f"{result.block_size}, {result.seconds:.1f}s -> {result.out_dir}"))
+    if result.checkpoint is not None:
+        console.print(f"kept the final checkpoint {result.checkpoint} ({_fmt_bytes(result.checkpoint_bytes)}) so "
+                      "--resume --steps N can extend the run; --prune-checkpoints deletes it", style="dim")
     if result.evals:
         console.print(_eval_table(result.evals[0], result.evals[-1]))
+
+
+# ----------------------------------------------------------------------------- flags from AdaptConfig
+
+
+def _parameters() -> list[inspect.Parameter]:
+    """The command's parameters: MODEL, --config, then one option per AdaptConfig field (and --no-X twins)."""
+    from dataclasses import MISSING, fields
+
+    from nbdiff.recipe import CHOICES, AdaptConfig, field_docs
+
+    kw = inspect.Parameter.KEYWORD_ONLY
+    params = [
+        inspect.Parameter("model", kw, annotation=Annotated[Path, typer.Argument(
+            help="Converted model folder (from `nbdiff convert`).", show_default=False)]),
+        inspect.Parameter("config", kw, default=None, annotation=Annotated[Optional[Path], typer.Option(
+            "--config", "-c", help="YAML recipe; flags given here override it.", show_default=False)]),
+    ]
+    docs = field_docs(AdaptConfig)
+    twins = []
+    for f in fields(AdaptConfig):
+        if f.name == "model":
+            continue
+        section, doc = docs[f.name]
+        default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = HELP.get(f.name, doc)
+        if f.name in CHOICES and not any(c in doc for c in CHOICES[f.name][1:]):
+            help_text += f" One of: {', '.join(CHOICES[f.name])}."
+        if not (default is None or default is False or default == "" or default == []) and "default:" not in doc:
+            help_text += f" [default: {default}]"
+        help_text = help_text.replace("[", "\\[")  # typer reads help as Rich markup
+        flag = "--" + f.name.replace("_", "-")
+        names = [flag, SHORT[f.name]] if f.name in SHORT else [flag]
+        params.append(inspect.Parameter(f.name, kw, default=None, annotation=Annotated[
+            _cli_type(f.name, str(f.type)), typer.Option(*names, help=help_text, rich_help_panel=section,
+                                                         show_default=False)]))
+        if str(f.type) == "bool":
+            twins.append(inspect.Parameter("no_" + f.name, kw, default=None, annotation=Annotated[
+                Optional[bool], typer.Option("--no-" + f.name.replace("_", "-"), hidden=True)]))
+    return params + twins
+
+
+def _cli_type(name: str, annotation: str):
+    base = annotation.replace("| None", "").strip()
+    if name in PATHS:
+        return Optional[list[Path]] if base.startswith("list") else Optional[Path]
+    return Optional[{"int": int, "float": float, "bool": bool, "str": str}[base]]
+
+
+def _command():
+    def adapt(**values: Any) -> None:
+        _run(**values)
+
+    params = _parameters()
+    adapt.__doc__ = _run.__doc__
+    adapt.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    adapt.__annotations__ = {p.name: p.annotation for p in params}
+    return adapt
+
+
+adapt = _command()
+
+
+# ----------------------------------------------------------------------------- output
 
 
 def _quiet_libraries() -> None:
@@ -165,6 +182,33 @@ def _eval_table(first: dict, last: dict):
     return table
 
 
+@contextlib.contextmanager
+def no_ctrl_echo(stream=None):
+    """Keep the terminal from echoing `^C` while the live panel is drawn.
+
+    The echoed characters land after the panel's last line and shift what Rich thinks is on the
+    screen, so the next redraw leaves a second border behind.
+    """
+    import sys
+
+    fd = None
+    try:
+        import termios
+
+        fd = (stream or sys.stdin).fileno()
+        old = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    new = list(old)
+    new[3] &= ~termios.ECHOCTL
+    termios.tcsetattr(fd, termios.TCSANOW, new)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, old)
+
+
 class _Panel:
     """The live view: fed by the trainer's callback records."""
 
@@ -177,26 +221,21 @@ class _Panel:
         self._live = None
         self._tty = stdout_is_tty()
 
+    @contextlib.contextmanager
     def live(self, enabled: bool = True):
-        from contextlib import nullcontext
-
         from rich.live import Live
 
         if not enabled or not self._tty:
-            return nullcontext()
+            yield
+            return
         self._live = Live(self.render(), console=console, refresh_per_second=4, transient=False)
-        return self._live
+        with no_ctrl_echo(), self._live:
+            yield
 
     def update(self, rec: dict) -> None:
         ev = rec.get("event")
         if ev == "start":
-            self.info = rec
-            d = rec["data"]
-            skipped = d["skipped_empty"] + d["skipped_non_utf8"] + d["skipped_no_field"] + d["skipped_no_assistant"]
-            self.note = (f"{d['documents']} documents, {d['tokens']:,} tokens, {rec['train_rows']} train rows, "
-                         f"{rec['eval_rows']} held-out rows" + (f", {skipped} skipped" if skipped else ""))
-            if not self._tty:
-                console.print(f"adapt {self.cfg.model} -> {rec['out']} on {rec['device']} x{rec['world_size']}: {self.note}")
+            self._start(rec)
         elif ev == "train":
             self.train = rec
             if not self._tty:
@@ -214,7 +253,19 @@ class _Panel:
         if self._live is not None:
             self._live.update(self.render())
 
+    def _start(self, rec: dict) -> None:
+        self.info = rec
+        d = rec["data"]
+        skipped = d["skipped_empty"] + d["skipped_non_utf8"] + d["skipped_no_field"] + d["skipped_no_assistant"]
+        self.note = (f"{d['documents']} documents, {d['tokens']:,} tokens, {rec['train_rows']} train rows, "
+                     f"{rec['eval_rows']} held-out rows" + (f", {skipped} skipped" if skipped else ""))
+        for warning in rec.get("warnings", []):
+            err_console.print(f"warning: {warning}", style="yellow")
+        if not self._tty:
+            console.print(f"adapt {self.cfg.model} -> {rec['out']} on {rec['device']} x{rec['world_size']}: {self.note}")
+
     def render(self):
+        from rich.console import Group
         from rich.panel import Panel
         from rich.table import Table
 
@@ -232,10 +283,6 @@ class _Panel:
         if self.eval:
             mdm = "  ".join(f"b{b} {v:.3f}" for b, v in self.eval["mdm"].items())
             grid.add_row("eval", f"step {self.eval['step']}", "AR / MDM", f"{self.eval['ar']:.3f} / {mdm}")
-        body = grid
-        if self.note:
-            from rich.console import Group
-            from rich.text import Text
-
-            body = Group(grid, Text(""), Text(self.note, style="dim"))
-        return Panel(body, title=f"nbdiff adapt  [dim]{time.strftime('%H:%M:%S')}[/]", border_style="cyan")
+        body = Group(grid, Text(""), Text(self.note, style="dim")) if self.note else grid
+        title = Text.assemble("nbdiff adapt  ", (time.strftime("%H:%M:%S"), "dim"))
+        return Panel(body, title=title, border_style="cyan")
