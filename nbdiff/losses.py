@@ -17,7 +17,7 @@ usual ELBO form of masked diffusion.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,8 @@ class LossParts:
     ar_tokens: int
     mdm_correct: int
     """Masked positions whose argmax prediction is right (for masked-token accuracy)."""
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Further loss terms, already weighted and included in `total` (the trainer logs them by name)."""
 
 
 def _shifted_ce(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
