@@ -8,7 +8,8 @@ Notable features:
   processes that are gone (the pid in the name says whose they are). Nothing without the marker is
   ever touched: nbdiff deletes only what nbdiff wrote.
 - `quiet_transformers` silences transformers' logging and progress bars (and the GGUF loader's own
-  tqdm) for the duration of a block: the library never prints.
+  tqdm) for the duration of a block, and `quiet_bitsandbytes` its per-forward warnings: the
+  library never prints.
 """
 
 from __future__ import annotations
@@ -163,6 +164,18 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
         if gguf_tqdm is not None:
             gguf_utils.tqdm = gguf_tqdm
+
+
+def quiet_bitsandbytes() -> None:
+    """Keep bitsandbytes' warnings off the screen for the rest of the process.
+
+    They are not per call: int8 layers warn on every forward that their input is cast to fp16
+    (hundreds of identical lines per reply), and on CPU the import warns that the optional
+    `kernels` package is missing. Both are expected and harmless here. Errors still show.
+    """
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 def _gguf_utils_module():

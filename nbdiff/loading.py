@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .errors import NBDiffError
+from .fsutil import quiet_transformers
 from .hardware import DtypeChoice, auto_dtype
 from .quantize import bnb_config, normalize
 from .settings import BlockDiffusionSettings, read_settings, settings_from_config
@@ -81,7 +82,6 @@ def check_folder(path: str | Path) -> Path:
 def load_model(path: str | Path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Load (model, tokenizer) from a folder, in eval mode with sdpa attention."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     folder = check_folder(path)
     read_settings(folder)  # validates the nbdiff section early, with a clear message
@@ -93,16 +93,17 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
     if kind is not None:
         kwargs["quantization_config"] = bnb_config(kind, torch_dtype)
         kwargs["device_map"] = {"": dev}
-    bar = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the library never prints
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+        with quiet_transformers():  # the library never prints
+            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError) as exc:
         raise NBDiffError(f"cannot load {path}: {str(exc).splitlines()[0]}", "is it a causal LM folder?") from None
-    finally:
-        if bar:
-            hf_logging.enable_progress_bar()
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise NBDiffError(f"the weights in {path} are corrupt or truncated ({str(exc).splitlines()[0]})",
+                          "write the folder again (`nbdiff convert` or `nbdiff adapt`)") from None
     if kind is None:
         model.to(dev)
     model.eval()

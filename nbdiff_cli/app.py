@@ -40,18 +40,25 @@ def _register() -> None:
         app.command(name)(handle_errors(func))
 
 
+def _show_version(value: bool) -> None:
+    # runs while options are parsed, so `nbdiff --version` needs no command after it
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version as pkg_version
+
+    try:
+        typer.echo(f"nbdiff {pkg_version('nbdiff')}")
+    except PackageNotFoundError:
+        typer.echo("nbdiff (not installed)")
+    raise typer.Exit()
+
+
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", help="Show the version and exit.", is_eager=True),
+    version: bool = typer.Option(False, "--version", help="Show the version and exit.", is_eager=True,
+                                 callback=_show_version, expose_value=True),
 ) -> None:
-    if version:
-        from importlib.metadata import PackageNotFoundError, version as pkg_version
-
-        try:
-            typer.echo(f"nbdiff {pkg_version('nbdiff')}")
-        except PackageNotFoundError:
-            typer.echo("nbdiff (not installed)")
-        raise typer.Exit()
+    pass
 
 
 _register()

@@ -465,3 +465,97 @@ def test_smollm2_gguf_converts_and_matches(tmp_path):
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1187, 30, 2]])
     torch.testing.assert_close(logits(converted, ids)[..., :vocab], logits(reference, ids), rtol=1e-4, atol=1e-4)
     assert read_settings(out).mask_token_id == vocab  # SmolLM2 has no spare row: one is added
+
+
+# --------------------------------------------------------------------------------------------
+# faults and odd sources (issue 9)
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_temp_of_a_killed_convert_is_removed_by_the_next(tmp_path, good_src):
+    # what kill -9 during a convert leaves: a hidden temp folder owned by a dead process
+    stale = tmp_path / f".out.nbdiff-tmp-{_dead_pid()}-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    unrelated = tmp_path / ".out-notes"
+    unrelated.mkdir()
+    result = cli(str(good_src), "--out", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.output
+    assert not stale.exists() and unrelated.exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("errno_, cause", [(28, "No space left on device"), (30, "Read-only file system")])
+def test_disk_full_or_read_only_is_one_line_and_leaves_nothing(tmp_path, good_src, monkeypatch, errno_, cause):
+    import safetensors.torch
+
+    def refuse(tensors, filename, metadata=None):
+        # safetensors reports I/O failures as its own error type, with the OS error inside
+        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {cause} (os error {errno_})")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    out = tmp_path / "out"
+    result = cli(str(good_src), "--out", str(out))
+    assert_one_line_error(result, str(out), cause)
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_read_only_parent_folder_is_one_line(tmp_path, good_src, monkeypatch):
+    import os as os_mod
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if tmp_path / "ro" in (self, *self.parents):
+            raise OSError(30, "Read-only file system", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    result = cli(str(good_src), "--out", str(tmp_path / "ro" / "out"))
+    assert_one_line_error(result, "Read-only file system", str(tmp_path / "ro"))
+    assert os_mod.listdir(tmp_path) == ["good"]
+
+
+def test_converting_an_adapted_folder_keeps_its_training_record(tmp_path):
+    from nbdiff.testing import save_tiny_converted
+
+    src = save_tiny_converted(tmp_path / "adapted", "llama", block_size=8, adapted=8)
+    config = json.loads((src / "config.json").read_text())
+    config["nbdiff"]["extra"] = {"adapt": {"steps": 200, "tokens": 12345}}
+    (src / "config.json").write_text(json.dumps(config))
+
+    result = convert(src, tmp_path / "out", block_size=16)
+    settings = read_settings(tmp_path / "out")
+    assert settings.adapted_block_size == 8 and settings.block_size == 16
+    assert settings.extra["adapt"] == {"steps": 200, "tokens": 12345}
+    assert settings.mask_token == "<|mask|>" and settings.mask_token_id == config["nbdiff"]["mask_token_id"]
+    assert result.mask.how == "reused"
+    # another mask token would void the training: refused with a hint
+    result = cli(str(src), "--out", str(tmp_path / "out2"), "--mask-token", "<|other|>")
+    assert_one_line_error(result, "was adapted", "omit --mask-token")
+
+
+def test_dangling_auto_map_is_not_copied(tmp_path, good_src):
+    config = json.loads((good_src / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}  # no such file
+    (good_src / "config.json").write_text(json.dumps(config))
+    convert(good_src, tmp_path / "out")
+    assert "auto_map" not in json.loads((tmp_path / "out" / "config.json").read_text())
+
+
+def test_truncated_gguf_is_reported_as_truncated(tmp_path):
+    full = write_tiny_gguf(tmp_path / "full.gguf")
+    cut = tmp_path / "cut.gguf"
+    data = full.read_bytes()
+    cut.write_bytes(data[: len(data) // 3])
+    result = cli(str(cut), "--out", str(tmp_path / "out"))
+    assert_one_line_error(result, "cut.gguf is truncated")
+    assert "JSON" not in result.output

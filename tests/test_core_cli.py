@@ -84,3 +84,176 @@ def test_info_missing_folder_is_one_line_error(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+# ---- issue 9: what a user types or a model says is shown literally and safely -----------------
+
+
+def test_version_works_without_a_command():
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("nbdiff ")
+
+
+def test_markup_in_paths_errors_and_hints_is_printed_literally(tmp_path, capsys):
+    from nbdiff_cli.console import fail
+
+    for path in ("foo[/]", "[bold red]x[/]"):
+        result = runner.invoke(app, ["generate", path, "--prompt", "hi"])
+        assert result.exit_code == 1, result.output
+        assert f"model folder {path} does not exist" in result.output and "Traceback" not in result.output
+    fail("needs bitsandbytes", "pip install 'nbdiff[quant]' (or bitsandbytes)")
+    assert "pip install 'nbdiff[quant]'" in capsys.readouterr().err
+
+
+def test_convert_summary_shows_bracketed_paths_literally(tmp_path):
+    src = save_tiny_checkpoint(tmp_path / "src")
+    out = tmp_path / "out[red]x[/]"
+    result = runner.invoke(app, ["convert", str(src), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    flat = "".join(result.output.split()).replace("│", "")  # the table may wrap a long path
+    assert "out[red]x[/]" in flat and (out / "config.json").is_file()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_float_options_are_refused(tmp_path, value):
+    for args in (["generate", str(tmp_path), "--prompt", "hi", "--temperature", value],
+                 ["generate", str(tmp_path), "--prompt", "hi", "--top-p", value],
+                 ["visualize", "--demo", "--speed", value]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, (args, result.output)
+        assert "must be a finite number" in result.output and "Traceback" not in result.output
+
+
+def test_chat_set_refuses_non_finite_and_the_options_keep_it_out():
+    from nbdiff.options import DecodeOptions
+    from nbdiff_cli.chat import parse_set
+
+    for text in ("temperature nan", "temperature inf", "threshold nan", "top_p inf"):
+        with pytest.raises(NBDiffError, match="finite"):
+            parse_set(DecodeOptions(), text)
+    for value in (float("nan"), float("inf")):
+        with pytest.raises(NBDiffError, match="temperature"):
+            DecodeOptions(temperature=value)
+
+
+def test_control_characters_are_escaped_and_bad_utf8_replaced():
+    from nbdiff_cli.console import printable, user_text
+
+    assert printable("a\x1b[31mb\x02c\x7f\x9b\td\n") == "a\\x1b[31mb\\x02c\\x7f\\x9b\td\n"
+    broken = b"caf\xe9 \xff ok".decode("utf-8", "surrogateescape")  # how Python hands over bad argv bytes
+    assert user_text(broken) == "caf\ufffd \ufffd ok"
+    broken.encode("utf-8", "surrogateescape")  # still surrogates before
+    user_text(broken).encode("utf-8")  # valid afterwards
+
+
+def test_replay_of_a_non_utf8_or_non_object_trace_is_one_line(tmp_path):
+    from nbdiff_cli.visualize.trace import read_trace
+
+    cases = {"latin.jsonl": b'{"kind": "header"}\n\xff\xfe not text\n', "list.jsonl": b"[1, 2, 3]\n",
+             "number.jsonl": b'{"kind": "header"}\n42\n'}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(NBDiffError, match="not UTF-8|not a trace line"):
+            read_trace(tmp_path / name)
+        result = runner.invoke(app, ["visualize", "--replay", str(tmp_path / name)])
+        assert result.exit_code == 1 and "error:" in result.output and "Traceback" not in result.output, result.output
+
+
+def test_visualize_demo_starts_with_a_sample_prompt(monkeypatch):
+    import nbdiff_cli.visualize.app as app_mod
+    from nbdiff_cli.visualize import DEMO_PROMPT
+
+    seen = {}
+
+    class FakeApp:
+        def run(self):
+            pass
+
+    def make_app(backend, *, prompt, **kwargs):
+        seen["prompt"] = prompt
+        return FakeApp()
+
+    monkeypatch.setattr(app_mod, "make_app", make_app)
+    assert runner.invoke(app, ["visualize", "--demo"]).exit_code == 0
+    assert seen["prompt"] == DEMO_PROMPT
+    assert runner.invoke(app, ["visualize", "--demo", "--prompt", "mine"]).exit_code == 0
+    assert seen["prompt"] == "mine"
+
+
+def test_plot_to_a_full_or_read_only_disk_is_one_line_and_leaves_no_temp(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"event": "train", "step": s, "loss": 1.0 / s, "block_size": 1,
+                                           "lr": 1e-5, "mdm": 1.0, "ar": 1.0}) + "\n" for s in (1, 2, 3)))
+
+    def full(self, fname, *args, **kwargs):
+        with open(fname, "wb") as fh:
+            fh.write(b"half a png")
+        raise OSError(28, "No space left on device", str(fname))
+
+    monkeypatch.setattr(Figure, "savefig", full)
+    out = tmp_path / "plots" / "loss.png"
+    result = runner.invoke(app, ["plot", str(metrics), "-o", str(out)])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in result.output
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == []
+
+
+def test_generate_on_truncated_weights_is_one_line(tmp_path):
+    from nbdiff.testing import save_tiny_converted
+
+    folder = save_tiny_converted(tmp_path / "m")
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    result = runner.invoke(app, ["generate", str(folder), "--prompt", "hi", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "corrupt or truncated" in result.output and "Traceback" not in result.output
+
+
+def test_generate_escapes_control_characters_and_decodes_bad_utf8(tmp_path, monkeypatch):
+    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.testing import save_tiny_converted
+
+    folder = save_tiny_converted(tmp_path / "m")
+    prompts = []
+
+    def fake_stream(model, tokenizer, prompt, *args, **kwargs):
+        prompts.append(prompt)
+        yield BlockEvent(seq=0, block=0, tokens=[1], text="x\x1b]0;owned\x07y\x02")
+        yield FinalEvent(new_tokens=1, forwards=1, tokens_per_forward=1.0, seconds=0.1, tokens_per_second=10.0,
+                         finish_reason="length", texts=["x\x1b]0;owned\x07y\x02"])
+
+    monkeypatch.setattr("nbdiff.api.stream", fake_stream)
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    result = runner.invoke(app, ["generate", str(folder), "--prompt", bad, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert prompts == ["caf\ufffd"]
+    assert "x\\x1b]0;owned\\x07y\\x02" in result.output and "\x1b" not in result.output
+    result = runner.invoke(app, ["generate", str(folder), "--prompt", "hi", "--device", "cpu", "--json"])
+    assert json.loads(result.output)["text"] == "x\x1b]0;owned\x07y\x02"  # --json stays exact
+
+
+def test_chat_escapes_output_keeps_going_after_bad_utf8_and_echoes_set(tmp_path, monkeypatch):
+    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.testing import save_tiny_converted
+
+    folder = save_tiny_converted(tmp_path / "m")
+    said = []
+
+    def fake_stream(model, tokenizer, messages, *args, **kwargs):
+        said.append(messages[-1]["content"])
+        yield BlockEvent(seq=0, block=0, tokens=[1], text="hi\x1b[2J")
+        yield FinalEvent(new_tokens=1, forwards=1, tokens_per_forward=1.0, seconds=0.1, tokens_per_second=10.0,
+                         finish_reason="length", texts=["hi\x1b[2J"])
+
+    monkeypatch.setattr("nbdiff.api.stream", fake_stream)
+    script = b"caf\xe9\n/set threshold 0.8\nsecond\n"
+    result = runner.invoke(app, ["chat", str(folder), "--device", "cpu"], input=script)
+    assert result.exit_code == 0, result.output
+    assert said == ["caf\ufffd", "second"]  # the conversation went on
+    assert "set threshold = 0.8" in result.output
+    assert "hi\\x1b[2J" in result.output and "\x1b" not in result.output
