@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "generate": "nbdiff_cli.generate:generate",
     "chat": "nbdiff_cli.chat:chat",
     "visualize": "nbdiff_cli.visualize:visualize",
+    "eval": "nbdiff_cli.eval:eval_",
     "bench": "nbdiff_cli.bench:bench",
 }
 
