@@ -257,3 +257,25 @@ def test_chat_escapes_output_keeps_going_after_bad_utf8_and_echoes_set(tmp_path,
     assert said == ["caf\ufffd", "second"]  # the conversation went on
     assert "set threshold = 0.8" in result.output
     assert "hi\\x1b[2J" in result.output and "\x1b" not in result.output
+
+
+def test_int8_decoding_does_not_flood_the_screen_with_bitsandbytes_warnings(tmp_path, caplog):
+    import logging
+
+    import torch
+
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:  # not importorskip: importing it warns
+        pytest.skip("bitsandbytes is not installed")
+    import nbdiff
+    from nbdiff.testing import save_tiny_converted
+
+    folder = save_tiny_converted(tmp_path / "m", hidden_size=128, intermediate_size=256)
+    logging.getLogger("bitsandbytes").setLevel(logging.NOTSET)  # as in a fresh process
+    with caplog.at_level(logging.WARNING):
+        model, _ = nbdiff.load(folder, device="cpu", quantize="int8")
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.tensor([[5, 17, 33]]))
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")] == []
