@@ -279,3 +279,30 @@ def test_int8_decoding_does_not_flood_the_screen_with_bitsandbytes_warnings(tmp_
             for _ in range(3):
                 model(torch.tensor([[5, 17, 33]]))
     assert [r.getMessage() for r in caplog.records if r.name.startswith("bitsandbytes")] == []
+
+
+def test_tui_text_and_tiles_escape_control_characters():
+    from nbdiff_cli.visualize.state import RunView, Tile
+    from nbdiff_cli.visualize.widgets import render_text, tile_label
+
+    view = RunView(prompt="p\x1b[2J", blocks=["one\x1b]0;x\x07", "two\x02"])
+    shown = render_text(view).plain
+    assert "\x1b" not in shown and "\x07" not in shown and "\x02" not in shown
+    assert "one\\x1b]0;x\\x07" in shown and "two\\x02" in shown and "p\\x1b[2J" in shown
+    assert "\x1b" not in tile_label(Tile(token=5, text="\x1b", confidence=0.5, step=1, step_in_block=0))
+
+
+@pytest.mark.anyio
+async def test_tui_screenshot_says_where_it_wrote(tmp_path, monkeypatch):
+    from nbdiff_cli.visualize.app import make_app
+    from nbdiff_cli.visualize.backends import FakeBackend
+
+    monkeypatch.chdir(tmp_path)
+    app = make_app(FakeBackend(), prompt="x", speed=0)  # the default folder: the current one
+    said = []
+    monkeypatch.setattr(app, "notify", lambda message, **kwargs: said.append(message))
+    async with app.run_test() as pilot:
+        await pilot.press("s")
+        await pilot.pause(0.1)
+    svgs = list(tmp_path.glob("*.svg"))
+    assert len(svgs) == 1 and said == [f"saved {svgs[0].resolve()}"]

@@ -22,7 +22,7 @@ from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Footer, Header, Input, Label, Static
 
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff.events import Event, StepEvent
 
@@ -329,7 +329,7 @@ class VisualizeApp(App):
     def action_screenshot(self) -> None:
         self.screenshot_dir.mkdir(parents=True, exist_ok=True)
         path = self.save_screenshot(path=str(self.screenshot_dir))
-        self.notify(f"saved {path}", title="screenshot")
+        self.notify(f"saved {Path(path).resolve()}", title="screenshot")  # the full path: say where it went
 
     async def action_quit(self) -> None:
         self.cancel_run()

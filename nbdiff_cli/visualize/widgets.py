@@ -16,9 +16,10 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static
 
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 
+from ..console import printable
 from .state import RunView, Tile
 
 TILE_WIDTH = 8
@@ -32,7 +33,7 @@ BLOCK_BACKGROUNDS = ("#1c2b3a", "#2e2338")
 def visible(text: str) -> str:
     """Token text made visible in a tile: newlines and tabs as arrows, spaces as middle dots."""
     text = text.replace("\n", "↵").replace("\t", "→").replace("\r", "")
-    return text.replace(" ", "·")
+    return printable(text.replace(" ", "·"))
 
 
 def unit_confidence(value: float) -> float:
@@ -100,16 +101,16 @@ def render_text(view: RunView) -> Text:
     committed tokens so far (masked positions as dots)."""
     out = Text()
     out.append("prompt ", style="bold #5fafff")
-    out.append(view.prompt or "(none)", style="#d0d0d0")
+    out.append(printable(view.prompt) or "(none)", style="#d0d0d0")
     out.append("\n\n")
     for i, block in enumerate(view.blocks):
-        out.append(block, style=f"#ffffff on {BLOCK_BACKGROUNDS[i % 2]}")
+        out.append(printable(block), style=f"#ffffff on {BLOCK_BACKGROUNDS[i % 2]}")  # model text: controls escaped
     if view.tiles and not view.active_committed:
         for tile in view.tiles:
             if tile is None:
                 out.append("·", style="#6c6c6c")
             else:
-                out.append(tile.text, style="italic #ffd75f")
+                out.append(printable(tile.text), style="italic #ffd75f")
     if view.final is not None:
         out.append(f"  [{view.final.finish_reason}]", style="dim")
     return out
