@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import nbdiff
-    from nbdiff.decoding import DecodeOptions
+    from nbdiff.options import DecodeOptions
     from nbdiff_cli.visualize.app import make_app
     from nbdiff_cli.visualize.backends import LiveBackend
 

@@ -10,18 +10,23 @@ A prompt is a string, a list of chat messages, or a list of either (a batch). St
 message lists go through the tokenizer's chat template when it has one (`raw=True` for a plain
 continuation). Decoding options come from a `DecodeOptions`, overridden by keyword arguments;
 `block_size=None` means the model folder's block size (1 for a never-converted folder).
+
+Layers (as mlx-lm's generate_step / stream_generate / generate): `nbdiff.decoder.decode` knows the
+model and the cache and yields token records; `stream` adds the text of every record and the
+timing; `generate` collects. A `Session` keeps the KV cache between calls, so a chat's next turn
+computes only the tokens its prompt adds.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import fields
-from typing import Any, Iterator, Sequence, Union
+import time
+from typing import Any, Callable, Iterator, Sequence, Union
 
-from .decoding import DecodeOptions
 from .errors import NBDiffError
-from .events import Event, FinalEvent
+from .events import BlockEvent, Event, FinalEvent, StepEvent
 from .loading import context_length, load_model, model_settings
+from .options import DecodeOptions
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -111,6 +116,57 @@ def _prompts(tokenizer, prompt_or_messages, system, raw) -> tuple[list[list[int]
     raise NBDiffError("nothing to decode: the prompt list is empty", "pass a string or a list of messages")
 
 
+class Session:
+    """Keeps the KV cache of one conversation between `stream` calls (batch size 1).
+
+    The next call reuses the longest cached prefix its prompt shares (a chat's earlier turns) and
+    computes only the rest. The replies are those of a fresh cache: the cached keys/values are the
+    causal ones a fresh prefill would compute for the same tokens.
+    """
+
+    def __init__(self) -> None:
+        self.context = None
+
+    def clear(self) -> None:
+        self.context = None
+
+
+class _Text:
+    """Incremental detokenization of one row: a block's text is what its tokens add to the whole."""
+
+    def __init__(self, detokenize: Callable[[list[int]], str]):
+        self.detokenize = detokenize
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def delta(self, tokens: list[int], final: bool) -> str:
+        self.tokens.extend(tokens)
+        full = self.detokenize(self.tokens)
+        # a multi-byte character split across blocks decodes as U+FFFD until its last byte arrives
+        stable = full if final else full.rstrip("\ufffd")
+        new = stable[len(self.sent) :] if stable.startswith(self.sent) else stable
+        self.sent = stable
+        return new
+
+
+def with_text(events: Iterator[Event], tokenizer, eos: Sequence[int]) -> Iterator[Event]:
+    """Fill the text of the decoder's records, and the wall time of its final record."""
+    start = time.perf_counter()
+    eos_set = set(eos)
+    texts: dict[int, _Text] = {}
+    detokenize = lambda ids: tokenizer.decode([t for t in ids if t not in eos_set], skip_special_tokens=True)
+    for event in events:
+        if isinstance(event, StepEvent):
+            event.texts = [tokenizer.decode([t]) for t in event.tokens]
+        elif isinstance(event, BlockEvent):
+            event.text = texts.setdefault(event.seq, _Text(detokenize)).delta(event.tokens, event.last)
+        elif isinstance(event, FinalEvent):
+            event.seconds = time.perf_counter() - start
+            event.tokens_per_second = event.new_tokens / event.seconds if event.seconds > 0 else 0.0
+            event.texts = [texts[i].sent if i in texts else "" for i in range(len(event.tokens))]
+        yield event
+
+
 def stream(
     model,
     tokenizer,
@@ -120,12 +176,14 @@ def stream(
     cancel: threading.Event | None = None,
     system: str | None = None,
     raw: bool = False,
+    session: Session | None = None,
     **overrides: Any,
 ) -> Iterator[Event]:
     """Decode and yield StepEvent / BlockEvent records, then one FinalEvent.
 
     Errors in the input (empty prompt, prompt longer than the context, bad options) are raised
-    by the first `next()`; set `cancel` to stop before the next forward pass.
+    by the first `next()`; set `cancel` to stop before the next forward pass. `session` keeps the
+    KV cache for the next call (one prompt at a time).
     """
     from .decoder import decode
 
@@ -144,21 +202,33 @@ def stream(
             notes.append(f"max_new_tokens shortened to {opts.max_new_tokens} to fit the context of {limit}")
     settings = model_settings(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos = eos_ids(model, tokenizer)
+    context = None
+    if session is not None and len(prompts) == 1:
+        from .context import CachedContext
+
+        if session.context is None or session.context.model is not model:
+            session.context = CachedContext(model, prompts, pad)
+        context = session.context
     events = decode(
         model,
         prompts,
         opts,
         mask_token_id=settings.mask_token_id if settings is not None else -1,
-        eos_token_ids=eos_ids(model, tokenizer),
+        eos_token_ids=eos,
         pad_token_id=pad,
-        detokenize=lambda ids: tokenizer.decode(ids, skip_special_tokens=True),
-        token_text=lambda t: tokenizer.decode([t]),
         cancel=cancel,
+        context=context,
     )
-    for event in events:
-        if isinstance(event, FinalEvent):
-            event.notes = notes + event.notes
-        yield event
+    try:
+        for event in with_text(events, tokenizer, eos):
+            if isinstance(event, FinalEvent):
+                event.notes = notes + event.notes
+            yield event
+    except BaseException:
+        if session is not None:
+            session.clear()  # a run that stopped half-way may have left the cache mid-pass
+        raise
 
 
 def generate(
@@ -170,18 +240,16 @@ def generate(
     cancel: threading.Event | None = None,
     system: str | None = None,
     raw: bool = False,
+    session: Session | None = None,
     **overrides: Any,
 ) -> tuple[str | list[str], FinalEvent]:
     """Decode to the end. Returns (text, final record); a batch input gives a list of texts."""
     batch = not (isinstance(prompt_or_messages, str) or _is_messages(prompt_or_messages))
     final = None
-    for event in stream(model, tokenizer, prompt_or_messages, options, cancel=cancel, system=system, raw=raw, **overrides):
+    for event in stream(model, tokenizer, prompt_or_messages, options, cancel=cancel, system=system, raw=raw,
+                        session=session, **overrides):
         if isinstance(event, FinalEvent):
             final = event
     assert final is not None  # decode always ends with a FinalEvent
     return (final.texts if batch else final.texts[0]), final
 
-
-def option_fields() -> list[str]:
-    """Names of the decoding options (what `**overrides` and chat's /set accept)."""
-    return [f.name for f in fields(DecodeOptions)]

@@ -7,127 +7,89 @@
                  masked position of the current sub-block plus every one above the threshold
         commit:  one causal forward of the finished block that stores its keys/values; its last
                  logits give the next block's first token (AR step)
+    exact mode (`options.exact`): the denoising steps (or the n-gram drafter) only draft the block;
+        the commit pass verifies it (`nbdiff.exact`), keeps the longest prefix AR agrees with, and
+        AR's token after that prefix starts the next block. The output is the AR output.
+
+The parts: `CachedContext` (nbdiff.context) owns the cache, positions and masks; a `Block` is the
+state of the active block; `Decoding` holds one run and has one method per step (AR step,
+denoising step, draft, finish or verify); `decode()` is the loop over them. Text and timing are
+added by the streaming layer (`nbdiff.api.stream`): the records this module yields carry token ids,
+empty texts and zero seconds.
 
 Notable choices:
-- Exact cache: a denoising forward appends the block's keys/values and they are cropped right
-  after, so the cache only ever holds committed, causally computed (= AR) keys/values.
 - Logits only where used: prefill and commit keep the last position, a denoising step keeps the
   `sub_block_size` positions that predict the current sub-block (`logits_to_keep`).
 - The commit pass is NOT folded into the next block's first denoising step: that step needs the
   next block's first token, which only the commit pass's logits give, so a folded pass would
   denoise with MASK at offset 0 and change the results. Cost per block = steps + 1 commit.
 - No commit pass after the last block (nothing would use it). Every forward is counted.
-- Batches: prompts are left-padded to a common length so every row's blocks share columns; a pad
-  query row attends only to itself (a fully masked row would make sdpa return NaN).
+- Batches: prompts are left-padded to a common length so every row's blocks share columns.
 - EOS ends a row: positions after the first EOS of a block are dropped (not denoised, not emitted).
 - `max_new_tokens` not a multiple of the block size: the last block is shorter.
+- Host round trips: bookkeeping (which offsets are filled, EOS) lives on the host; each step copies
+  its chosen tokens and confidences back once, and block tokens go to the device once per step.
 - With block size 1 there is nothing to denoise: prefill + one commit per token = greedy AR.
 """
 
 from __future__ import annotations
 
-import inspect
 import threading
-import time
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Sequence
 
 import torch
 
-from .decoding import DecodeOptions
+from .context import CachedContext
+from .drafters import ngram_draft
 from .errors import NBDiffError
 from .events import BlockEvent, Event, FinalEvent, StepEvent
-from .masks import decoding_mask, left_padded, to_model_mask
-from .sampling import choose, select_commits
+from .exact import verify_greedy, verify_sampled
+from .options import DecodeOptions
+from .sampling import choose, confidence, select_commits
+
+__all__ = ["CachedContext", "decode"]
 
 
-class CachedContext:
-    """The committed context of a batch: a DynamicCache plus the bookkeeping for left padding.
+@dataclass
+class Block:
+    """The active block of every row."""
 
-    Columns: every row has `pad[i]` pad columns, then its prompt, then its blocks; `length` is the
-    number of columns in the cache. Position of a column = column - pad[i].
-    """
-
-    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int = 0):
-        from transformers import DynamicCache
-
-        if not prompts or any(len(p) == 0 for p in prompts):
-            raise NBDiffError("every prompt needs at least one token", "pass a non-empty prompt")
-        self.model = model
-        self.device = model.device
-        width = max(len(p) for p in prompts)
-        self.pad = torch.tensor([width - len(p) for p in prompts], device=self.device)  # [B]
-        rows = [[pad_token_id] * (width - len(p)) + list(p) for p in prompts]
-        self.prompt_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # [B, P]
-        self.cache = DynamicCache(config=model.config)
-        self.length = 0
-        self.forwards = 0
-        # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this model takes
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+    index: int
+    tokens: torch.Tensor
+    """[B, n] long, on the model device: committed tokens, MASK where still open."""
+    filled: torch.Tensor
+    """[B, n] bool, on the host: committed, or never to be decoded (after an EOS, past the row's limit)."""
+    eos_at: list[int]
+    """Offset of the first EOS per row (n = none)."""
+    limit: list[int]
+    """Tokens this block may give each row (0 = the row has finished)."""
+    drafted: list[int] = field(default_factory=list)
+    """Per row, offsets holding its first token or a draft (the n-gram drafter may propose fewer than n)."""
+    steps: int = 0
+    """Denoising forwards spent on this block."""
+    rows: Any = None
+    """The denoising mask, built at the block's first step and reused by the others."""
 
     @property
-    def batch_size(self) -> int:
-        return self.prompt_ids.shape[0]
+    def n(self) -> int:
+        return self.tokens.shape[1]
 
-    def _positions(self, n: int) -> torch.Tensor:
-        cols = torch.arange(self.length, self.length + n, device=self.device)  # [n]
-        return (cols[None] - self.pad[:, None]).clamp_(min=0)  # [B, n]; pad columns get 0
+    @property
+    def open(self) -> bool:
+        return not bool(self.filled.all())
 
-    def _attention(self, rows: torch.Tensor) -> torch.Tensor:
-        """Per-row mask for queries at columns [length, length + n) over keys [0, length + n).
 
-        rows: bool [n, length + n] from nbdiff.masks. Pad key columns are hidden; a pad query row
-        sees only itself. Returns the model's 4-D mask [B, 1, n, length + n].
-        """
-        return to_model_mask(left_padded(rows.to(self.device), self.pad, self.length), self.model)
+@dataclass
+class Stats:
+    """Exact-mode counters over a run."""
 
-    def _forward(self, ids: torch.Tensor, rows: torch.Tensor, keep) -> torch.Tensor:
-        out = self.model(
-            input_ids=ids,
-            position_ids=self._positions(ids.shape[1]),
-            attention_mask=self._attention(rows),
-            use_cache=True,
-            logits_to_keep=keep,
-            **{self._cache_kwarg: self.cache},
-        )
-        self.forwards += 1
-        return out.logits
-
-    @torch.no_grad()
-    def prefill(self) -> torch.Tensor:
-        """Causal forward of the prompts into the cache. Returns the last logits [B, V]."""
-        width = self.prompt_ids.shape[1]
-        logits = self._forward(self.prompt_ids, decoding_mask(width, 0), 1)  # [B, 1, V]
-        self.length = width
-        return logits[:, -1]
-
-    @torch.no_grad()
-    def block_logits(self, block: torch.Tensor, keep: torch.Tensor | int = 0, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Denoising forward of the active block [B, n]; the cache is left as it was.
-
-        keep: 0 = logits at every block offset, or block offsets [s] / [B, s] to keep.
-        rows: the mask rows (pass the same tensor for every step of a block to avoid rebuilding).
-        Returns logits [B, n or s, V]; logits at offset j predict the token at offset j + 1.
-        """
-        n = block.shape[1]
-        if rows is None:
-            rows = self.denoise_rows(n)
-        try:
-            return self._forward(block, rows, keep)
-        finally:
-            self.cache.crop(-n)  # drop the block's keys/values: they were not computed causally
-
-    def denoise_rows(self, n: int) -> torch.Tensor:
-        return decoding_mask(self.length, n)[self.length :]  # [n, length + n]
-
-    @torch.no_grad()
-    def commit(self, block: torch.Tensor) -> torch.Tensor:
-        """Causal forward of a finished block [B, n] that stores its keys/values. Returns last logits [B, V]."""
-        n = block.shape[1]
-        rows = decoding_mask(self.length + n, 0)[self.length :]  # causal rows [n, length + n]
-        logits = self._forward(block, rows, 1)
-        self.length += n
-        return logits[:, -1]
+    verified: int = 0
+    """Row-blocks that went through a verification pass."""
+    drafted: int = 0
+    accepted: int = 0
+    accepted_at: list[int] = field(default_factory=list)
+    """accepted_at[k]: row-blocks whose draft token at offset k + 1 was accepted."""
 
 
 def _eos_set(eos_token_ids) -> set[int]:
@@ -138,22 +100,286 @@ def _eos_set(eos_token_ids) -> set[int]:
     return {int(t) for t in eos_token_ids}
 
 
-class _Text:
-    """Incremental detokenization of one row: a block's text is what its tokens add to the whole."""
+class Decoding:
+    """One decode() run: its context, sampling generator and what every row has produced."""
 
-    def __init__(self, detokenize: Callable[[list[int]], str] | None):
-        self.detokenize = detokenize
-        self.sent = ""
+    def __init__(self, model, prompts, options: DecodeOptions, *, mask_token_id: int, eos_token_ids,
+                 pad_token_id: int, cancel: threading.Event | None, context: CachedContext | None):
+        b = options.block_size
+        if b is None:
+            raise NBDiffError("decode() needs options.block_size", "pass block_size or load a converted model")
+        if b > 1 and (mask_token_id is None or mask_token_id < 0) and not (options.exact and options.drafter == "ngram"):
+            raise NBDiffError(
+                f"block size {b} needs a mask token, and this model has none",
+                "run `nbdiff convert` on the model folder first, or use --block-size 1",
+            )
+        if context is None:
+            context = CachedContext(model, prompts, pad_token_id)
+        else:
+            context.restart(prompts)
+        self.ctx = context
+        self.options = options
+        self.mask_id, self.pad_id = mask_token_id, pad_token_id
+        self.eos = _eos_set(eos_token_ids)
+        self.cancel = cancel
+        self.prompts = [list(p) for p in prompts]
+        B = self.ctx.batch_size
+        self.generator = torch.Generator(device=self.ctx.device)
+        if options.seed is not None:
+            self.generator.manual_seed(options.seed)
+        else:
+            self.generator.seed()
+        self.produced: list[list[int]] = [[] for _ in range(B)]
+        self.reasons: list[str | None] = [None] * B
+        self.step_count = [0] * B
+        self.denoise_forwards = 0
+        self.block_index = 0
+        self.cancelled = False
+        self.ended = False
+        self.stats = Stats(accepted_at=[0] * max(b - 1, 0))
+        self.last_logits: torch.Tensor | None = None  # [B, V] logits that give the next block's first token
+        self.first: tuple[list[int], list[float]] | None = None  # exact mode: next first tokens, decided by verification
 
-    def delta(self, tokens: list[int], final: bool) -> str:
-        if self.detokenize is None:
-            return ""
-        full = self.detokenize(tokens)
-        # a multi-byte character split across blocks decodes as U+FFFD until its last byte arrives
-        stable = full if final else full.rstrip("\ufffd")
-        new = stable[len(self.sent) :] if stable.startswith(self.sent) else stable
-        self.sent = stable
-        return new
+    # ---- small helpers ---------------------------------------------------------------------
+
+    def pick(self, logits: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and confidences for logits [..., V] (greedy for exact-mode drafts: see nbdiff.exact)."""
+        o = self.options
+        shape = logits.shape[:-1]
+        tokens, conf = choose(
+            logits.reshape(-1, logits.shape[-1]), temperature=0.0 if greedy else o.temperature, top_k=o.top_k,
+            top_p=o.top_p, rule=o.confidence, generator=self.generator,
+        )
+        return tokens.reshape(shape), conf.reshape(shape)
+
+    def stop_requested(self) -> bool:
+        if self.cancel is not None and self.cancel.is_set():
+            self.cancelled = True
+        return self.cancelled
+
+    def done(self, i: int) -> bool:
+        return self.reasons[i] is not None or len(self.produced[i]) >= self.options.max_new_tokens
+
+    def _step(self, i: int, block: Block, offs: list[int], toks: list[int], confs: list[float],
+              sub_block: int = 0, ar: bool = False) -> StepEvent:
+        self.step_count[i] += 1
+        return StepEvent(
+            seq=i, block=block.index, step=self.step_count[i], positions=offs, tokens=toks, texts=[""] * len(toks),
+            confidences=confs, masks_left=int((~block.filled[i]).sum()), block_size=block.n, sub_block=sub_block, ar=ar,
+        )
+
+    # ---- AR step ---------------------------------------------------------------------------
+
+    def first_tokens(self) -> tuple[list[int], list[float]]:
+        """Every row's next first token: from the verification (exact) or the last logits (AR step)."""
+        if self.first is not None:
+            return self.first
+        tokens, conf = self.pick(self.last_logits)
+        return tokens.tolist(), conf.tolist()
+
+    def open_block(self, width: int, first: list[int], first_conf: list[float]) -> tuple[Block, list[StepEvent]]:
+        """A new block of `width` columns holding every row's first token; the AR step's records."""
+        B = len(first)
+        limit = [0 if self.done(i) else self.options.max_new_tokens - len(self.produced[i]) for i in range(B)]
+        rows = [[t] + [self.mask_id if width > 1 else self.pad_id] * (width - 1) for t in first]
+        filled = torch.zeros(B, width, dtype=torch.bool)
+        block = Block(self.block_index, None, filled, [width] * B, limit, [width] * B)  # type: ignore[arg-type]
+        events = []
+        for i in range(B):
+            if limit[i] == 0:
+                rows[i] = [self.pad_id] * width
+                filled[i] = True
+                continue
+            filled[i, 0] = True
+            filled[i, limit[i] :] = True  # past this row's token budget: never decoded
+            if first[i] in self.eos:
+                block.eos_at[i] = 0
+                filled[i] = True
+        block.tokens = torch.tensor(rows, dtype=torch.long, device=self.ctx.device)
+        for i in range(B):
+            if limit[i]:
+                events.append(self._step(i, block, [0], [first[i]], [float(first_conf[i])], ar=True))
+        return block, events
+
+    # ---- denoising (or drafting) -----------------------------------------------------------
+
+    def window(self, block: Block, whole: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sub-block index [B], block offsets [B, s]) predicted at this step; whole = every offset."""
+        n, filled = block.n, block.filled
+        sub = self.options.block_size // self.options.sub_blocks
+        first_open = (~filled).float().argmax(1)  # [B]
+        sub_idx = torch.where(filled.all(1), torch.zeros_like(first_open), first_open // sub)
+        if whole:
+            return sub_idx, torch.arange(n).expand(len(filled), n)
+        return sub_idx, sub_idx[:, None] * sub + torch.arange(sub)[None]
+
+    def denoise(self, block: Block, cap: int | None = None) -> Iterator[StepEvent]:
+        """Denoising steps until the block is filled (at most `cap` steps: the last commits every open offset)."""
+        n = block.n
+        while block.open and not self.stop_requested():
+            last = cap is not None and block.steps >= cap - 1
+            sub_idx, offsets = self.window(block, whole=last)
+            keep = (offsets - 1).clamp(0, n - 1)  # shift: offset j is read from logits at j - 1
+            keep = keep[0] if bool((keep == keep[0]).all()) else keep
+            if block.rows is None:
+                block.rows = self.ctx.denoise_rows(n)
+            logits = self.ctx.block_logits(block.tokens, keep.to(self.ctx.device), block.rows)  # [B, s, V]
+            self.denoise_forwards += 1
+            block.steps += 1
+            tokens, conf = self.pick(logits, greedy=self.options.exact)
+            chosen = torch.stack([tokens.float(), conf]).cpu()  # the step's one host round trip (ids < 2**24)
+            yield from self.apply(block, offsets, chosen[0].long(), chosen[1], sub_idx, commit_all=last)
+
+    def apply(self, block: Block, offsets: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor,
+              sub_idx: torch.Tensor, commit_all: bool = False) -> Iterator[StepEvent]:
+        """Commit the chosen candidates (host tensors [B, s]) into the block; the EOS rule; one record per row."""
+        n = block.n
+        candidates = (offsets < n) & ~block.filled.gather(1, offsets.clamp(max=n - 1))
+        chosen = candidates if commit_all else select_commits(conf, candidates, self.options.threshold)
+        where_rows, where_offs, values, events = [], [], [], []
+        for i in range(chosen.shape[0]):
+            if not bool(chosen[i].any()):
+                continue
+            idx = chosen[i].nonzero()[:, 0]
+            offs, toks, confs = offsets[i, idx].tolist(), tokens[i, idx].tolist(), conf[i, idx].tolist()
+            block.filled[i, offs] = True
+            for off, tok in zip(offs, toks):
+                if tok in self.eos and off < block.eos_at[i]:
+                    block.eos_at[i] = off
+            if block.eos_at[i] < n:  # nothing after the first EOS is decoded or kept
+                block.filled[i, block.eos_at[i] :] = True
+                kept = [k for k, o in enumerate(offs) if o <= block.eos_at[i]]
+                offs, toks, confs = [offs[k] for k in kept], [toks[k] for k in kept], [confs[k] for k in kept]
+            where_rows += [i] * len(offs)
+            where_offs += offs
+            values += toks
+            events.append(self._step(i, block, offs, toks, confs, sub_block=int(sub_idx[i])))
+        if values:  # one host-to-device copy per step
+            block.tokens[torch.tensor(where_rows), torch.tensor(where_offs)] = torch.tensor(values, device=self.ctx.device)
+        yield from events
+
+    def ngram_drafts(self, first: list[int], width: int) -> list[list[int]]:
+        """Per row, up to width - 1 tokens looked up in its prompt and reply so far."""
+        return [
+            [] if self.done(i) or first[i] in self.eos
+            else ngram_draft(self.prompts[i] + self.produced[i] + [first[i]], width - 1)
+            for i in range(len(first))
+        ]
+
+    def apply_drafts(self, block: Block, drafts: list[list[int]]) -> Iterator[StepEvent]:
+        """Put looked-up drafts into the block (no forward) as one step per row."""
+        B, n = block.tokens.shape
+        tokens = torch.full((B, n - 1), self.mask_id, dtype=torch.long)
+        for i, d in enumerate(drafts):
+            tokens[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+        known = torch.arange(n - 1)[None] < torch.tensor([len(d) for d in drafts])[:, None]
+        block.filled[:, 1:] |= ~known  # offsets with no draft stay unverified
+        block.drafted = [1 + len(d) for d in drafts]
+        offsets = torch.arange(1, n).expand(B, n - 1)
+        yield from self.apply(block, offsets, tokens, torch.ones(B, n - 1), torch.zeros(B, dtype=torch.long), True)
+
+    # ---- finishing a block -----------------------------------------------------------------
+
+    def block_records(self, block: Block, before: list[int], ending: bool, drafted=None, accepted=None):
+        for i in range(len(before)):
+            if block.limit[i] == 0:
+                continue
+            yield BlockEvent(
+                seq=i, block=block.index, tokens=self.produced[i][before[i] :], text="",
+                drafted=drafted[i] if drafted else [], accepted=accepted[i] if accepted else 0,
+                last=ending or self.done(i),
+            )
+
+    def keep(self, block: Block, tokens: list[list[int]], kept: list[int]) -> list[int]:
+        """Append kept[i] tokens of the block to row i; mark EOS. Returns the lengths before."""
+        before = [len(p) for p in self.produced]
+        for i, k in enumerate(kept):
+            self.produced[i].extend(tokens[i][:k])
+            if block.eos_at[i] < k:
+                self.reasons[i] = "eos"
+        return before
+
+    def ending(self) -> bool:
+        """After a block: every row has finished, or a cancel came (checked here, before the next pass)."""
+        self.ended = self.stop_requested() or all(self.done(i) for i in range(len(self.produced)))
+        return self.ended
+
+    def finish(self, block: Block) -> Iterator[BlockEvent]:
+        """Keep each row's tokens up to its first EOS (after a cancel: the contiguous committed prefix),
+        then commit the block with a causal pass unless decoding ends."""
+        tokens = block.tokens.tolist()
+        kept = []
+        for i in range(len(tokens)):
+            upto = min(block.n, block.eos_at[i] + 1) if block.limit[i] else 0
+            if self.cancelled and upto:
+                open_ = (~block.filled[i]).nonzero()
+                upto = min(upto, int(open_[0]) if len(open_) else block.n)
+            kept.append(upto)
+        before = self.keep(block, tokens, kept)
+        ending = self.ending()
+        yield from self.block_records(block, before, ending)
+        if not ending:
+            self.last_logits = self.ctx.commit(block.tokens)
+            self.block_index += 1
+
+    def verify(self, block: Block) -> Iterator[BlockEvent]:
+        """Exact mode: the causal pass checks the draft; keep the accepted prefix; AR's next token starts the next block."""
+        tokens = block.tokens.tolist()
+        B, n = block.tokens.shape
+        # drafted tokens to check per row: the filled offsets after the first token, up to an EOS or the budget
+        checks = [0 if not block.limit[i] or self.cancelled
+                  else min(block.drafted[i], block.eos_at[i] + 1, block.limit[i]) - 1 for i in range(B)]
+        if self.cancelled:  # a cancelled draft is unverified: only the AR token is kept
+            kept = [1 if block.limit[i] else 0 for i in range(B)]
+            before = self.keep(block, tokens, kept)
+            self.ended = True
+            yield from self.block_records(block, before, True, [[] for _ in range(B)], [0] * B)
+            return
+        if max(checks) == 0 and all(block.limit[i] <= 1 or block.eos_at[i] == 0 for i in range(B) if block.limit[i]):
+            kept, accepted = [1 if block.limit[i] else 0 for i in range(B)], [0] * B  # nothing to verify or follow: no pass
+        else:
+            logits = self.ctx.causal(block.tokens, keep=n)  # [B, n, V]
+            checks_t = torch.tensor(checks, device=self.ctx.device)
+            if self.options.temperature == 0:
+                acc, nxt, dist = verify_greedy(logits, block.tokens, checks_t)
+            else:
+                o = self.options
+                acc, nxt, dist = verify_sampled(logits, block.tokens, checks_t, temperature=o.temperature,
+                                                top_k=o.top_k, top_p=o.top_p, generator=self.generator)
+            conf = confidence(dist, nxt, self.options.confidence)
+            packed = torch.stack([acc.float(), nxt.float(), conf]).cpu()  # the pass's one host round trip
+            accepted = [int(a) for a in packed[0]]
+            kept = [accepted[i] + 1 if block.limit[i] else 0 for i in range(B)]
+            self.ctx.keep_last(n, kept)
+            self.first = ([int(t) for t in packed[1]], packed[2].tolist())
+        for i in range(B):
+            if block.limit[i]:
+                self.stats.verified += 1
+                self.stats.drafted += checks[i]
+                self.stats.accepted += accepted[i]
+                for k in range(accepted[i]):
+                    self.stats.accepted_at[k] += 1
+        before = self.keep(block, tokens, kept)
+        drafted = [tokens[i][1 : 1 + checks[i]] for i in range(B)]
+        yield from self.block_records(block, before, self.ending(), drafted, accepted)
+        self.block_index += 1
+
+    def final(self) -> FinalEvent:
+        for i, reason in enumerate(self.reasons):
+            if reason is None:
+                self.reasons[i] = "cancelled" if self.cancelled else "length"
+        new_tokens = sum(len(p) for p in self.produced)
+        forwards = self.ctx.forwards
+        s = self.stats
+        return FinalEvent(
+            new_tokens=new_tokens, forwards=forwards, tokens_per_forward=new_tokens / max(forwards, 1),
+            seconds=0.0, tokens_per_second=0.0, finish_reason=self.reasons[0], texts=[],
+            finish_reasons=list(self.reasons), steps=self.denoise_forwards,
+            prompt_tokens=sum(len(p) for p in self.prompts), tokens=self.produced, block_size=self.options.block_size,
+            drafted=s.drafted, accepted=s.accepted, accepted_at=list(s.accepted_at), verified_blocks=s.verified,
+            accepted_length=(s.verified + s.accepted) / s.verified if s.verified else 0.0,
+            reused_tokens=self.ctx.reused,
+        )
 
 
 def decode(
@@ -164,178 +390,33 @@ def decode(
     mask_token_id: int,
     eos_token_ids: int | Sequence[int] | None = None,
     pad_token_id: int = 0,
-    detokenize: Callable[[list[int]], str] | None = None,
-    token_text: Callable[[int], str] | None = None,
     cancel: threading.Event | None = None,
+    context: CachedContext | None = None,
 ) -> Iterator[Event]:
     """Decode a batch of token-id prompts; yields StepEvent / BlockEvent records, then one FinalEvent.
 
-    `options.block_size` must be set (the API fills it from the model folder). `detokenize` turns
-    a row's tokens (EOS excluded) into text, `token_text` one token into text; without them the
-    records carry empty strings. Setting `cancel` stops before the next forward pass.
+    `options.block_size` must be set (the API fills it from the model folder). Setting `cancel` stops
+    before the next forward pass. `context`: a CachedContext to continue (chat keeps one across
+    turns; its cached prefix shared with the new prompt is not computed again).
     """
-    b = options.block_size
-    if b is None:
-        raise NBDiffError("decode() needs options.block_size", "pass block_size or load a converted model")
-    if b > 1 and (mask_token_id is None or mask_token_id < 0):
-        raise NBDiffError(
-            f"block size {b} needs a mask token, and this model has none",
-            "run `nbdiff convert` on the model folder first, or use --block-size 1",
-        )
-    sub = b // options.sub_blocks  # sub-block size
-    eos = _eos_set(eos_token_ids)
-    start = time.perf_counter()
-    ctx = CachedContext(model, prompts, pad_token_id)
-    B, device = ctx.batch_size, ctx.device
-    generator = torch.Generator(device=device)
-    if options.seed is not None:
-        generator.manual_seed(options.seed)
-    else:
-        generator.seed()
-
-    def pick(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = logits.shape[:-1]
-        tokens, conf = choose(
-            logits.reshape(-1, logits.shape[-1]),
-            temperature=options.temperature,
-            top_k=options.top_k,
-            top_p=options.top_p,
-            rule=options.confidence,
-            generator=generator,
-        )
-        return tokens.reshape(shape), conf.reshape(shape)
-
-    def texts_of(tokens: list[int]) -> list[str]:
-        return [token_text(t) if token_text else "" for t in tokens]
-
-    produced: list[list[int]] = [[] for _ in range(B)]
-    reasons: list[str | None] = [None] * B
-    texts = [_Text(detokenize) for _ in range(B)]
-    steps = [0] * B
-    denoise_forwards = 0
-    generated = 0  # block columns generated so far (shared by all rows)
-    block_index = 0
-    cancelled = False
-    last_logits = ctx.prefill()  # [B, V]
-
+    run = Decoding(model, prompts, options, mask_token_id=mask_token_id, eos_token_ids=eos_token_ids,
+                   pad_token_id=pad_token_id, cancel=cancel, context=context)
+    o = options
+    ngram = o.exact and o.drafter == "ngram"
+    run.last_logits = run.ctx.prefill()  # [B, V]
     while True:
-        n = min(b, options.max_new_tokens - generated)
-        active = [reasons[i] is None for i in range(B)]
-        block = torch.full((B, n), mask_token_id if n > 1 else pad_token_id, dtype=torch.long, device=device)
-        filled = torch.zeros(B, n, dtype=torch.bool, device=device)  # committed, or dropped after EOS
-        eos_at = [n] * B  # offset of the first EOS in the block (n = none)
-
-        # AR step: the block's first token from the previous forward's last logits
-        first, first_conf = pick(last_logits)
-        block[:, 0] = first
-        filled[:, 0] = True
-        for i in range(B):
-            if not active[i]:
-                block[i] = pad_token_id
-                filled[i] = True
-                continue
-            tok = int(first[i])
-            if tok in eos:
-                eos_at[i] = 0
-                filled[i] = True
-            steps[i] += 1
-            yield StepEvent(
-                seq=i, block=block_index, step=steps[i], positions=[0], tokens=[tok], texts=texts_of([tok]),
-                confidences=[float(first_conf[i])], masks_left=int((~filled[i]).sum()), block_size=n,
-                sub_block=0, ar=True,
-            )
-
-        # denoising steps until every row's block is filled
-        rows = ctx.denoise_rows(n) if not bool(filled.all()) else None
-        slot = torch.arange(sub, device=device)  # [s]
-        while not bool(filled.all()):
-            if cancel is not None and cancel.is_set():
-                cancelled = True
-                break
-            # current sub-block of each row = the one holding its first unfilled offset
-            first_open = (~filled).float().argmax(1)  # [B]
-            sub_idx = torch.where(filled.all(1), torch.zeros_like(first_open), first_open // sub)  # [B]
-            offsets = sub_idx[:, None] * sub + slot[None]  # [B, s] block offsets being predicted
-            keep = (offsets - 1).clamp(0, n - 1)  # shift: offset j is read from logits at j - 1
-            keep_arg = keep[0] if bool((keep == keep[0]).all()) else keep
-            logits = ctx.block_logits(block, keep_arg, rows)  # [B, s, V]
-            denoise_forwards += 1
-            tokens, conf = pick(logits)  # [B, s]
-            in_block = offsets < n
-            safe = offsets.clamp(max=n - 1)
-            candidates = in_block & ~filled.gather(1, safe)
-            commit = select_commits(conf, candidates, options.threshold)  # [B, s]
-            for i in range(B):
-                if not bool(commit[i].any()):
-                    continue
-                where = commit[i].nonzero()[:, 0]
-                offs = offsets[i, where].tolist()
-                toks = tokens[i, where].tolist()
-                confs = conf[i, where].tolist()
-                block[i, offs] = tokens[i, where]
-                filled[i, offs] = True
-                for off, tok in zip(offs, toks):
-                    if tok in eos and off < eos_at[i]:
-                        eos_at[i] = off
-                if eos_at[i] < n:  # nothing after the first EOS is decoded or kept
-                    filled[i, eos_at[i] :] = True
-                    keep_mask = [o <= eos_at[i] for o in offs]
-                    offs = [o for o, k in zip(offs, keep_mask) if k]
-                    toks = [t for t, k in zip(toks, keep_mask) if k]
-                    confs = [c for c, k in zip(confs, keep_mask) if k]
-                steps[i] += 1
-                yield StepEvent(
-                    seq=i, block=block_index, step=steps[i], positions=offs, tokens=toks, texts=texts_of(toks),
-                    confidences=confs, masks_left=int((~filled[i]).sum()), block_size=n,
-                    sub_block=int(sub_idx[i]),
-                )
-
-        # the block is finished (or cancelled): keep each row's tokens up to its first EOS
-        before = [len(p) for p in produced]
-        for i in range(B):
-            if not active[i]:
-                continue
-            upto = min(n, eos_at[i] + 1)
-            if cancelled:  # keep the contiguous committed prefix only
-                open_ = (~filled[i]).nonzero()
-                upto = min(upto, int(open_[0]) if len(open_) else n)
-            produced[i].extend(block[i, :upto].tolist())
-            if eos_at[i] < upto:
-                reasons[i] = "eos"
-        generated += n
-        ending = cancelled or all(r is not None for r in reasons) or generated >= options.max_new_tokens
-        if not ending and cancel is not None and cancel.is_set():
-            cancelled = ending = True
-        for i in range(B):
-            if not active[i]:
-                continue
-            kept = [t for t in produced[i] if t not in eos]
-            yield BlockEvent(
-                seq=i, block=block_index, tokens=produced[i][before[i] :],
-                text=texts[i].delta(kept, final=ending or reasons[i] is not None),
-            )
-        if ending:
+        first, first_conf = run.first_tokens()
+        width = min(o.block_size, max(o.max_new_tokens - len(p) for p, r in zip(run.produced, run.reasons) if r is None))
+        drafts = run.ngram_drafts(first, width) if ngram else None
+        if drafts is not None:
+            width = 1 + max(len(d) for d in drafts)
+        block, events = run.open_block(width, first, first_conf)
+        yield from events
+        if drafts is not None:
+            yield from run.apply_drafts(block, drafts)
+        else:
+            yield from run.denoise(block, o.draft_steps if o.exact else None)
+        yield from (run.verify(block) if o.exact else run.finish(block))
+        if run.ended:
             break
-        last_logits = ctx.commit(block)
-        block_index += 1
-
-    for i in range(B):
-        if reasons[i] is None:
-            reasons[i] = "cancelled" if cancelled else "length"
-    seconds = time.perf_counter() - start
-    new_tokens = sum(len(p) for p in produced)
-    yield FinalEvent(
-        new_tokens=new_tokens,
-        forwards=ctx.forwards,
-        tokens_per_forward=new_tokens / max(ctx.forwards, 1),
-        seconds=seconds,
-        tokens_per_second=new_tokens / seconds if seconds > 0 else 0.0,
-        finish_reason=reasons[0],
-        texts=[texts[i].sent if detokenize else "" for i in range(B)],
-        finish_reasons=list(reasons),
-        steps=denoise_forwards,
-        prompt_tokens=sum(len(p) for p in prompts),
-        tokens=produced,
-        block_size=b,
-    )
-
+    yield run.final()

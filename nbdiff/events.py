@@ -47,8 +47,21 @@ class BlockEvent:
     seq: int
     block: int
     tokens: list[int]
+    """Tokens the block gives this sequence (exact mode: its first token and the accepted drafts)."""
     text: str
+    """What those tokens add to the sequence's text (filled by the streaming layer, nbdiff.api)."""
+    drafted: list[int] = field(default_factory=list)
+    """Exact mode: the draft tokens after the first token that the verification pass checked."""
+    accepted: int = 0
+    """Exact mode: how many of them were kept (a prefix); the rest were rejected."""
+    last: bool = False
+    """True when this is the sequence's last block (EOS, length or cancel)."""
     kind: str = "block"
+
+    @property
+    def rejected(self) -> list[int]:
+        """Exact mode: the draft tokens the verification dropped."""
+        return self.drafted[self.accepted :]
 
 
 @dataclass
@@ -60,6 +73,7 @@ class FinalEvent:
     """Every forward pass: prefill, denoising steps and commit passes."""
     tokens_per_forward: float
     seconds: float
+    """Wall time of the run (set by the streaming layer, nbdiff.api.stream; 0 from a bare decode())."""
     tokens_per_second: float
     finish_reason: str
     """'eos', 'length' or 'cancelled' (first sequence's reason for batches; see finish_reasons)."""
@@ -74,6 +88,18 @@ class FinalEvent:
     """Block size the decoder used."""
     notes: list[str] = field(default_factory=list)
     """Things the caller should tell the user (e.g. max_new_tokens shortened to fit the context)."""
+    drafted: int = 0
+    """Exact mode: draft tokens checked by verification passes (all sequences)."""
+    accepted: int = 0
+    """Exact mode: draft tokens the verification kept."""
+    accepted_at: list[int] = field(default_factory=list)
+    """Exact mode: accepted_at[k] = verified blocks whose draft token at offset k + 1 was kept."""
+    verified_blocks: int = 0
+    """Exact mode: blocks (per sequence) that went through verification."""
+    accepted_length: float = 0.0
+    """Exact mode: mean tokens a verified block gives (its first token plus the accepted drafts)."""
+    reused_tokens: int = 0
+    """Prompt tokens served from a kept cache (chat's next turn) instead of being computed again."""
     kind: str = "final"
 
 

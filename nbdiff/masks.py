@@ -136,6 +136,28 @@ def left_padded(rows: torch.Tensor, pad: torch.Tensor, first_query: int) -> torc
     return mask | (pad_query[:, :, None] & self_key[None])
 
 
+def cached_rows(hidden: torch.Tensor, first_query: int, causal: bool) -> torch.Tensor:
+    """Mask rows of the queries at columns [first_query, K) of a cached decoding pass, in O(n*K).
+
+    hidden: bool [B, K], columns no query may see (left padding, rejected drafts); K = first_query
+    + n covers the cached columns and the n new ones. Cached columns are visible unless hidden; the
+    new ones are seen causally (`causal=True`: prefill, commit, verification) or all at once (a
+    denoising pass: the block is bidirectional). A query on a hidden column (a pad query) sees only
+    itself, since a fully masked row would make sdpa return NaN. Returns bool [B, n, K] on
+    hidden's device; the rows of `decoding_mask` with `left_padded` applied, without the K x K tensor.
+    """
+    _, k = hidden.shape
+    cols = torch.arange(k, device=hidden.device)  # [K]
+    q_cols = cols[first_query:]  # [n]
+    mask = ~hidden[:, None, :]  # [B, 1, K]
+    if causal:
+        mask = mask & (cols[None, :] <= q_cols[:, None])[None]  # [B, n, K]
+    else:
+        mask = mask.expand(-1, k - first_query, -1)
+    self_key = q_cols[:, None] == cols[None, :]  # [n, K]
+    return mask | (hidden[:, first_query:, None] & self_key[None])
+
+
 def to_model_mask(mask: torch.Tensor, model, dtype: torch.dtype | None = None) -> torch.Tensor:
     """Turn a bool mask [Q, K] or [B, Q, K] into the 4-D mask the model's attention honours.
 

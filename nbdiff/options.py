@@ -1,4 +1,7 @@
-"""Decoding options: one dataclass shared by the decoder, the API, chat, visualize and bench."""
+"""Decoding options: one dataclass shared by the decoder, the API, chat, visualize and bench.
+
+Messages name the fields (`threshold`), not command-line flags; the CLI maps them to its flags.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ from .errors import NBDiffError
 from .settings import check_block_size
 
 CONFIDENCE_RULES = ("prob", "entropy", "margin")
+DRAFTERS = ("diffusion", "ngram")
 
 
 @dataclass
@@ -33,6 +37,12 @@ class DecodeOptions:
     """Upper bound on generated tokens (need not be a multiple of the block size)."""
     seed: int | None = None
     """Seed of the sampling generator (None = nondeterministic)."""
+    exact: bool = False
+    """Verify every drafted block with the model's own causal pass: the output is the AR output."""
+    draft_steps: int | None = None
+    """Exact mode: at most this many denoising forwards per draft (1 = one-shot; None = until filled)."""
+    drafter: str = "diffusion"
+    """Exact mode: 'diffusion' (the block's denoising steps) or 'ngram' (lookup in prompt and reply)."""
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
@@ -48,14 +58,18 @@ class DecodeOptions:
             raise NBDiffError(f"--threshold must be in (0, 1], got {self.threshold}")
         if self.confidence not in CONFIDENCE_RULES:
             raise NBDiffError(f"--confidence must be one of {', '.join(CONFIDENCE_RULES)}, got {self.confidence!r}")
-        if self.temperature < 0:
-            raise NBDiffError(f"--temperature must be >= 0, got {self.temperature}")
+        if not self.temperature >= 0 or self.temperature == float("inf"):  # also refuses nan
+            raise NBDiffError(f"--temperature must be a finite number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise NBDiffError(f"--top-k must be >= 0, got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise NBDiffError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.max_new_tokens < 1:
             raise NBDiffError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.draft_steps is not None and self.draft_steps < 1:
+            raise NBDiffError(f"--draft-steps must be >= 1, got {self.draft_steps}", "1 = one-shot draft of the whole block")
+        if self.drafter not in DRAFTERS:
+            raise NBDiffError(f"--drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
 
     def with_(self, **changes: Any) -> "DecodeOptions":
         """A validated copy with some fields changed (used by chat's /set)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .decoding import CONFIDENCE_RULES
+from .options import CONFIDENCE_RULES
 from .errors import NBDiffError
 
 

@@ -22,32 +22,12 @@ from rich.text import Text
 
 from .console import console, printable, user_text
 from .generate import load_for_decoding
-from .options import (
-    make_options,
-    BlockSize,
-    Confidence,
-    ConfidenceOpt,
-    Device,
-    DeviceChoice,
-    Dtype,
-    DtypeChoice,
-    MaxNewTokens,
-    ModelArg,
-    Quantize,
-    QuantizeChoice,
-    Seed,
-    SubBlocks,
-    SystemPrompt,
-    Temperature,
-    Threshold,
-    TopK,
-    TopP,
-)
+from .options import Hardware, ModelArg, decoding_options
 
 HELP = """commands:
   /help              this help
   /clear             forget the conversation
-  /set NAME VALUE    change a decoding option, e.g. /set threshold 0.8, /set block_size 8, /set seed none
+  /set NAME VALUE    change a decoding option, e.g. /set threshold 0.8, /set block_size 8, /set exact on
   /set               show the decoding options
   /exit              leave (Ctrl-D works too)
   \"\"\"                start / end multi-line input
@@ -107,6 +87,10 @@ def parse_set(options, text: str):
     kind = kinds[name]
     if raw.lower() in ("none", "default") and "None" in kind:
         value = None
+    elif kind == "bool":
+        if raw.lower() not in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+            raise NBDiffError(f"{name} is on or off, got {raw!r}", f"e.g. /set {name} on")
+        value = raw.lower() in ("on", "true", "1", "yes")
     else:
         try:
             value = float(raw) if "float" in kind else int(raw) if "int" in kind else raw
@@ -120,12 +104,15 @@ def parse_set(options, text: str):
 def _stats(final) -> str:
     return (
         f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward, "
+        + (f"{final.accepted_length:.2f} tokens/block accepted, " if final.verified_blocks else "") +
         f"{final.tokens_per_second:.1f} tokens/s" + ("" if final.finish_reason != "cancelled" else ", stopped")
     )
 
 
-def _reply(model, tokenizer, messages, options, system):
-    """Stream one reply; returns (text, final or None). Ctrl-C cancels and still returns what was said."""
+def _reply(model, tokenizer, messages, options, system, session=None):
+    """Stream one reply; returns (text, final or None). Ctrl-C cancels and still returns what was said.
+
+    `session` (nbdiff.api.Session) keeps the KV cache: the next turn computes only its new tokens."""
     from nbdiff.api import stream
     from nbdiff.events import BlockEvent, FinalEvent
 
@@ -134,7 +121,7 @@ def _reply(model, tokenizer, messages, options, system):
 
     def work():
         try:
-            for event in stream(model, tokenizer, messages, options, cancel=cancel, system=system):
+            for event in stream(model, tokenizer, messages, options, cancel=cancel, system=system, session=session):
                 events.put(event)
         except BaseException as exc:  # handed to the main thread, which reports it
             events.put(exc)
@@ -170,31 +157,20 @@ def _reply(model, tokenizer, messages, options, system):
     return "".join(parts), final
 
 
+@decoding_options()
 def chat(
     model: ModelArg = None,
-    block_size: BlockSize = None,
-    sub_blocks: SubBlocks = 1,
-    threshold: Threshold = 0.9,
-    confidence: ConfidenceOpt = Confidence.prob,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    max_new_tokens: MaxNewTokens = 256,
-    seed: Seed = None,
-    system: SystemPrompt = None,
-    device: Device = DeviceChoice.auto,
-    dtype: Dtype = DtypeChoice.auto,
-    quantize: Quantize = QuantizeChoice.none,
+    *,
+    options=None,
+    hardware: Hardware = Hardware(),
+    system: Optional[str] = None,
 ) -> None:
     """Chat with a model; each block is printed as it is committed. /help lists the commands."""
-    from nbdiff.api import resolve_options
+    from nbdiff.api import Session, resolve_options
     from nbdiff.errors import NBDiffError
 
-    options = make_options(
-        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
-        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-    )
-    mdl, tok = load_for_decoding(model, device, dtype, quantize)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize)
+    session = Session()  # the KV cache of the conversation, kept across turns
     templated = bool(getattr(tok, "chat_template", None))
     console.print(Text.assemble(
         ("nbdiff chat", "bold"), " ", "" if templated else "(no chat template: plain continuation) ",
@@ -221,6 +197,7 @@ def chat(
                 console.print(HELP, markup=False, highlight=False)
             elif command == "/clear":
                 messages.clear()
+                session.clear()
                 console.print("conversation cleared", style="dim")
             elif command == "/set":
                 if not rest.strip():
@@ -243,7 +220,7 @@ def chat(
                 if note not in said:
                     said.add(note)
                     console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
-            reply, final = _reply(mdl, tok, messages, options, system)
+            reply, final = _reply(mdl, tok, messages, options, system, session=session)
         except NBDiffError as exc:
             messages.pop()
             console.print(f"error: {exc}", style="red", markup=False, highlight=False)

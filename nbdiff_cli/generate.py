@@ -7,27 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console, err_console, printable, user_text
-from .options import (
-    make_options,
-    BlockSize,
-    ConfidenceOpt,
-    Confidence,
-    Device,
-    DeviceChoice,
-    Dtype,
-    DtypeChoice,
-    MaxNewTokens,
-    ModelArg,
-    Quantize,
-    QuantizeChoice,
-    Seed,
-    SubBlocks,
-    SystemPrompt,
-    Temperature,
-    Threshold,
-    TopK,
-    TopP,
-)
+from .options import Hardware, ModelArg, decoding_options
 
 
 def load_for_decoding(model: Optional[str], device, dtype, quantize):
@@ -40,24 +20,16 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize):
     return load(model, quantize=quantize.value, device=device.value, dtype=dtype.value)
 
 
+@decoding_options()
 def generate(
     model: ModelArg = None,
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="The prompt (a user message when the tokenizer has a chat template).")] = "",
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object (text and speed figures) instead of streaming.")] = False,
     raw: Annotated[bool, typer.Option("--raw", help="Plain continuation: do not apply the chat template.")] = False,
-    block_size: BlockSize = None,
-    sub_blocks: SubBlocks = 1,
-    threshold: Threshold = 0.9,
-    confidence: ConfidenceOpt = Confidence.prob,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    max_new_tokens: MaxNewTokens = 256,
-    seed: Seed = None,
-    system: SystemPrompt = None,
-    device: Device = DeviceChoice.auto,
-    dtype: Dtype = DtypeChoice.auto,
-    quantize: Quantize = QuantizeChoice.none,
+    *,
+    options=None,
+    hardware: Hardware = Hardware(),
+    system: Optional[str] = None,
 ) -> None:
     """Generate one reply with block diffusion and print it (or --json with tokens/forward and tokens/s)."""
     import json
@@ -66,15 +38,11 @@ def generate(
     from nbdiff.errors import NBDiffError
     from nbdiff.events import BlockEvent, FinalEvent
 
-    options = make_options(
-        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
-        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-    )
     prompt = user_text(prompt)  # bytes that are not UTF-8 become U+FFFD (tokenizers refuse them raw)
     system = user_text(system) if system is not None else None
     if not prompt.strip():
         raise NBDiffError("the prompt is empty", "pass some text with --prompt")
-    mdl, tok = load_for_decoding(model, device, dtype, quantize)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize)
     final = None
     for event in stream(mdl, tok, prompt, options, system=system, raw=raw):
         if isinstance(event, BlockEvent) and not json_out:
@@ -96,13 +64,17 @@ def generate(
             "block_size": final.block_size,
             "notes": final.notes,
         }
+        if options.exact:  # what the verification kept: tokens per block and the accepted length per offset
+            payload.update(accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
+                           accepted=final.accepted, accepted_at=final.accepted_at)
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     console.out("")
     for note in final.notes:
         err_console.print(f"note: {note}", style="yellow", markup=False)
     err_console.print(
-        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward, "
+        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward"
+        + (f", {final.accepted_length:.2f} tokens/block accepted" if options.exact else "") + ", "
         f"{final.tokens_per_second:.1f} tokens/s ({final.finish_reason})",
         style="dim", markup=False,
     )

@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 import nbdiff
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff.events import BlockEvent, FinalEvent, StepEvent, event_from_json, to_json
 from nbdiff_cli.app import app

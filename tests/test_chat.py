@@ -5,7 +5,7 @@ import queue
 import pytest
 from typer.testing import CliRunner
 
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff_cli import chat as chat_mod
 from nbdiff_cli.app import app
@@ -41,9 +41,9 @@ def test_multiline_input_is_one_message(folder, monkeypatch):
     seen = []
     real = chat_mod._reply
 
-    def spy(model, tok, messages, options, system):
+    def spy(model, tok, messages, options, system, **kwargs):
         seen.append([dict(m) for m in messages])
-        return real(model, tok, messages, options, system)
+        return real(model, tok, messages, options, system, **kwargs)
 
     monkeypatch.setattr(chat_mod, "_reply", spy)
     result = chat(folder, '"""\nline one\nline two\n"""\n"""single"""\n/exit\nnever read\n')

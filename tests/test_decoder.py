@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nbdiff.decoder import CachedContext, decode
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.events import BlockEvent, FinalEvent, StepEvent
 from nbdiff.layout import parallel_forward
 from nbdiff.masks import decoding_mask, to_model_mask

@@ -13,47 +13,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import (
-    make_options,
-    BlockSize,
-    Confidence,
-    ConfidenceOpt,
-    Device,
-    DeviceChoice,
-    Dtype,
-    DtypeChoice,
-    MaxNewTokens,
-    ModelArg,
-    Quantize,
-    QuantizeChoice,
-    Seed,
-    SubBlocks,
-    SystemPrompt,
-    Temperature,
-    Threshold,
-    TopK,
-    TopP,
-)
+from ..options import Hardware, ModelArg, QuantizeChoice, decoding_options
 
 TRACE = "Trace"
 
 
+@decoding_options(max_new_tokens=128)
 def visualize(
     model: ModelArg = None,
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="Prompt to run at start (or type one in the app).")] = None,
-    block_size: BlockSize = None,
-    sub_blocks: SubBlocks = 1,
-    threshold: Threshold = 0.9,
-    confidence: ConfidenceOpt = Confidence.prob,
-    temperature: Temperature = 0.0,
-    top_k: TopK = 0,
-    top_p: TopP = 1.0,
-    max_new_tokens: MaxNewTokens = 128,
-    seed: Seed = None,
-    system: SystemPrompt = None,
-    device: Device = DeviceChoice.auto,
-    dtype: Dtype = DtypeChoice.auto,
-    quantize: Quantize = QuantizeChoice.none,
     record: Annotated[Optional[Path], typer.Option("--record", help="Write the run's events to this file (JSON lines).",
                                                    rich_help_panel=TRACE)] = None,
     replay: Annotated[Optional[Path], typer.Option("--replay", help="Play a recorded trace, no model needed.",
@@ -62,6 +30,10 @@ def visualize(
                                          rich_help_panel=TRACE)] = 8.0,
     demo: Annotated[bool, typer.Option("--demo", help="Synthetic events, no model (to try the interface).",
                                        rich_help_panel=TRACE)] = False,
+    *,
+    options=None,
+    hardware: Hardware = Hardware(),
+    system: Optional[str] = None,
 ) -> None:
     """Watch the decoder unmask tokens block by block, live, in the terminal.
 
@@ -71,10 +43,6 @@ def visualize(
 
     if speed < 0:
         raise NBDiffError(f"--speed must be >= 0, got {speed}", "steps per second; 0 = as fast as the model")
-    options = make_options(
-        block_size=block_size, sub_blocks=sub_blocks, threshold=threshold, confidence=confidence,
-        temperature=temperature, top_k=top_k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
-    )
     if record is not None and not record.parent.is_dir():
         raise NBDiffError(f"--record {record}: folder {record.parent} does not exist", "create it or pick another path")
     from .backends import FakeBackend, LiveBackend, ReplayBackend
@@ -93,8 +61,9 @@ def visualize(
         from nbdiff.loading import check_folder
 
         check_folder(model)  # a missing folder fails here, not after the screen has opened
+        quantize = hardware.quantize
         backend = LiveBackend(model, quantize=None if quantize == QuantizeChoice.none else quantize.value,
-                              device=device.value, dtype=dtype.value, system=system)
+                              device=hardware.device.value, dtype=hardware.dtype.value, system=system)
 
     from .app import make_app
 

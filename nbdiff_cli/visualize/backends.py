@@ -19,7 +19,7 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from nbdiff.decoding import DecodeOptions
+from nbdiff.options import DecodeOptions
 from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent
 
 from .trace import read_trace

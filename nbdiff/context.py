@@ -1,0 +1,173 @@
+"""The committed context of a decoding batch: the KV cache, the position of every column, the masks.
+
+Columns: every row has `pad[i]` pad columns, then its prompt, then its blocks; `length` is the number
+of columns in the cache. Every row shares the columns, so a batch runs as one tensor.
+
+Notable choices:
+- The cache only ever holds causally computed (= AR) keys/values: a denoising pass appends the
+  block's keys/values and crops them right after.
+- Causal passes (prefill, commit, verification) hand the model no mask at all while no column is
+  hidden, so its own causal attention (and its fast kernels) runs. Hidden columns are left padding
+  and, in exact mode with a batch, drafts one row rejected while another kept them; then the mask
+  is built for the new rows only (`masks.cached_rows`, O(n * length)), on the model's device.
+- Positions are per row (`next_pos`): a hidden column takes no position, so a row that rejected
+  part of a block continues exactly where its accepted tokens end.
+- The same context can serve the next prompt (chat): `restart` keeps the longest cached prefix
+  the new prompt shares and `prefill` forwards only the rest (batch size 1).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+
+from .errors import NBDiffError
+from .masks import cached_rows, to_model_mask
+
+
+class CachedContext:
+    """A DynamicCache plus the bookkeeping for left padding, hidden columns and per-row positions."""
+
+    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int = 0):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.device = model.device
+        self.pad_token_id = pad_token_id
+        self.cache = DynamicCache(config=model.config)
+        self.length = 0
+        self.forwards = 0
+        self.ids: list[list[int]] = []  # token id of every cached column, per row (host)
+        # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this model takes
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self.restart(prompts)
+
+    def restart(self, prompts: Sequence[Sequence[int]]) -> None:
+        """Take new prompts. A single prompt keeps the cached columns it starts with (chat's next turn)."""
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise NBDiffError("every prompt needs at least one token", "pass a non-empty prompt")
+        width = max(len(p) for p in prompts)
+        pads = [width - len(p) for p in prompts]
+        rows = [[self.pad_token_id] * pad + list(p) for pad, p in zip(pads, prompts)]
+        keep = 0
+        if self.length and len(rows) == 1 and len(self.ids) == 1:
+            old = self.ids[0]
+            while keep < min(len(old), width - 1) and old[keep] == rows[0][keep]:
+                keep += 1  # at least one prompt token is forwarded again: its logits start the reply
+        self._crop_to(keep)
+        self.length = keep
+        self.reused = keep
+        self.ids = [row[:keep] for row in rows]
+        self.pad = torch.tensor(pads, device=self.device)  # [B]
+        self.prompt_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # [B, P]
+        self.hidden = (torch.arange(keep, device=self.device)[None] < self.pad[:, None])  # [B, length]
+        self.any_hidden = any(pads)  # known on the host: no device sync to decide the mask path
+        self.next_pos = (torch.full_like(self.pad, keep) - self.pad).clamp_(min=0)  # [B] next column's position
+
+    def _crop_to(self, length: int) -> None:
+        extra = self.cache.get_seq_length() - length
+        if extra > 0:
+            self.cache.crop(-extra)  # transformers 5 takes the number of columns to drop
+
+    @property
+    def batch_size(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    def _positions(self, n: int) -> torch.Tensor:
+        return self.next_pos[:, None] + torch.arange(n, device=self.device)[None]  # [B, n]
+
+    def _mask(self, n: int, causal: bool, hidden_new: torch.Tensor | None = None):
+        """The model mask for n new columns, or None where the model's own causal attention is exact."""
+        if causal and not self.any_hidden:
+            return None
+        if hidden_new is None:
+            hidden_new = torch.zeros(self.batch_size, n, dtype=torch.bool, device=self.device)
+        hidden = torch.cat([self.hidden, hidden_new], dim=1)  # [B, length + n]
+        return to_model_mask(cached_rows(hidden, self.length, causal), self.model)
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, keep) -> torch.Tensor:
+        out = self.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            use_cache=True,
+            logits_to_keep=keep,
+            **{self._cache_kwarg: self.cache},
+        )
+        self.forwards += 1
+        return out.logits
+
+    @torch.no_grad()
+    def prefill(self) -> torch.Tensor:
+        """Causal forward of the prompt columns not cached yet. Returns the last logits [B, V]."""
+        width = self.prompt_ids.shape[1]
+        ids = self.prompt_ids[:, self.length :]  # [B, new]
+        cols = torch.arange(self.length, width, device=self.device)
+        positions = (cols[None] - self.pad[:, None]).clamp_(min=0)  # pad columns get position 0
+        hidden_new = cols[None] < self.pad[:, None]  # [B, new]
+        logits = self._forward(ids, positions, self._mask(ids.shape[1], True, hidden_new), 1)  # [B, 1, V]
+        self._append(ids, hidden_new)
+        self.next_pos = width - self.pad
+        return logits[:, -1]
+
+    def _append(self, ids: torch.Tensor, hidden_new: torch.Tensor) -> None:
+        self.hidden = torch.cat([self.hidden, hidden_new], dim=1)
+        self.length += ids.shape[1]
+        for row, new in zip(self.ids, ids.tolist()):
+            row.extend(new)
+
+    @torch.no_grad()
+    def block_logits(self, block: torch.Tensor, keep: torch.Tensor | int = 0, rows=None) -> torch.Tensor:
+        """Denoising forward of the active block [B, n]; the cache is left as it was.
+
+        keep: 0 = logits at every block offset, or block offsets [s] / [B, s] to keep.
+        rows: the mask from `denoise_rows(n)` (build it once per block and pass it to every step).
+        Returns logits [B, n or s, V]; logits at offset j predict the token at offset j + 1.
+        """
+        n = block.shape[1]
+        if rows is None:
+            rows = self.denoise_rows(n)
+        try:
+            return self._forward(block, self._positions(n), rows, keep)
+        finally:
+            self._crop_to(self.length)  # drop the block's keys/values: they were not computed causally
+
+    def denoise_rows(self, n: int):
+        """The model mask of a denoising pass: cached columns visible unless hidden, the block bidirectional."""
+        return self._mask(n, causal=False)
+
+    @torch.no_grad()
+    def causal(self, block: torch.Tensor, keep: int = 1) -> torch.Tensor:
+        """Causal forward of a block [B, n] that stores its keys/values. Returns logits [B, keep or n, V]."""
+        n = block.shape[1]
+        logits = self._forward(block, self._positions(n), self._mask(n, True), keep)
+        self._append(block, torch.zeros(block.shape, dtype=torch.bool, device=self.device))
+        self.next_pos = self.next_pos + n
+        return logits
+
+    def commit(self, block: torch.Tensor) -> torch.Tensor:
+        """Causal forward of a finished block [B, n] that stores its keys/values. Returns last logits [B, V]."""
+        return self.causal(block, 1)[:, -1]
+
+    def keep_last(self, n: int, kept: Sequence[int]) -> None:
+        """After a causal pass of n columns, keep the first kept[i] of them for row i (exact mode).
+
+        Columns no row keeps leave the cache; the others are hidden from the rows that rejected them.
+        """
+        most = max(kept)
+        if most < n:
+            self.length -= n - most
+            self._crop_to(self.length)
+            self.hidden = self.hidden[:, : self.length]
+            for row in self.ids:
+                del row[self.length :]
+        start = self.length - most
+        if any(k < most for k in kept):
+            cols = torch.arange(most, device=self.device)
+            dropped = cols[None] >= torch.tensor(kept, device=self.device)[:, None]  # [B, most]
+            self.hidden[:, start:] |= dropped
+            self.any_hidden = True
+        self.next_pos = self.next_pos - torch.tensor([n - k for k in kept], device=self.device)
