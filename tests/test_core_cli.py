@@ -306,3 +306,39 @@ async def test_tui_screenshot_says_where_it_wrote(tmp_path, monkeypatch):
         await pilot.pause(0.1)
     svgs = list(tmp_path.glob("*.svg"))
     assert len(svgs) == 1 and said == [f"saved {svgs[0].resolve()}"]
+
+
+def test_chat_ctrl_c_ends_the_line_and_shows_nothing_after_it(tmp_path, monkeypatch):
+    import queue
+
+    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.testing import save_tiny_converted
+    from nbdiff_cli import chat as chat_mod
+
+    folder = save_tiny_converted(tmp_path / "m")
+
+    def fake_stream(model, tokenizer, messages, *args, cancel=None, **kwargs):
+        yield BlockEvent(seq=0, block=0, tokens=[1], text="before")
+        cancel.wait(10)  # the decoder notices the cancel only at its next forward
+        yield BlockEvent(seq=1, block=1, tokens=[2], text="after")
+        yield FinalEvent(new_tokens=2, forwards=2, tokens_per_forward=1.0, seconds=0.1, tokens_per_second=10.0,
+                         finish_reason="cancelled", texts=["beforeafter"])
+
+    class CtrlCAfterFirstBlock(queue.Queue):
+        armed = False
+
+        def get(self, *args, **kwargs):
+            if CtrlCAfterFirstBlock.armed:
+                CtrlCAfterFirstBlock.armed = False
+                raise KeyboardInterrupt
+            item = super().get(*args, **kwargs)
+            if isinstance(item, BlockEvent) and item.text == "before":
+                CtrlCAfterFirstBlock.armed = True
+            return item
+
+    monkeypatch.setattr("nbdiff.api.stream", fake_stream)
+    monkeypatch.setattr(chat_mod.queue, "Queue", CtrlCAfterFirstBlock)
+    result = runner.invoke(app, ["chat", str(folder), "--device", "cpu"], input="Hello\n")
+    assert result.exit_code == 0, result.output
+    assert "before\n" in result.output  # the ^C the terminal echoes ends this line, not the next one
+    assert "after" not in result.output and "stopped" in result.output
