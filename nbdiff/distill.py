@@ -1,0 +1,261 @@
+"""Self-distillation data: the model answers prompts, and the answers become `nbdiff adapt` data.
+
+    prompts = read_prompts("assets/prompts/distill.jsonl")
+    for progress in distill(model, tokenizer, prompts, "data.jsonl", batch_size=16):
+        ...                                   # DistillProgress after every batch
+
+Notable choices:
+- Output: one chat record per line, `{"messages": [..., {"role": "assistant", "content": reply}],
+  "id": ..., "finish": "eos"|"length", "tokens": n}`, the format `nbdiff.data` reads (only the
+  assistant reply is trained).
+- Resumable: a prompt's id is a hash of its messages; prompts whose id is already in the output
+  are skipped. Records are appended one line per `write` and flushed (and fsynced) after every
+  batch; a torn last line from an interrupted run is cut off before appending again.
+- Batched: prompts are sorted by token length (inside windows of 8 batches) so a batch pads little; each batch is one left-padded
+  `nbdiff.api.generate` call at block size 1 (greedy AR, or sampled with `temperature`), or
+  transformers `generate()` with `backend="hf"`.
+- Replies cut by `max_new_tokens` are kept by default (`keep_truncated`): they are still the
+  model's own text, and dropping them would bias the data towards short replies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .errors import NBDiffError
+
+BACKENDS = ("nbdiff", "hf")
+
+
+@dataclass
+class Prompt:
+    id: str
+    messages: list[dict]
+
+
+@dataclass
+class DistillProgress:
+    """Where a distillation run stands (yielded after every batch)."""
+
+    done: int
+    """Prompts answered in this run so far."""
+    todo: int
+    """Prompts this run has to answer (skipped ones not counted)."""
+    skipped: int
+    """Prompts already answered in the output before this run."""
+    new_tokens: int
+    """Reply tokens generated in this run."""
+    seconds: float
+    truncated: int = 0
+    """Replies cut by max_new_tokens."""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompt_id(messages: list[dict]) -> str:
+    text = json.dumps([[m.get("role"), m.get("content")] for m in messages], ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def _as_messages(record, where: str) -> list[dict]:
+    if isinstance(record, str):
+        return [{"role": "user", "content": record}]
+    if isinstance(record, dict):
+        if isinstance(record.get("prompt"), str):
+            msgs = [{"role": "user", "content": record["prompt"]}]
+            if isinstance(record.get("system"), str):
+                msgs.insert(0, {"role": "system", "content": record["system"]})
+            return msgs
+        msgs = record.get("messages")
+        if isinstance(msgs, list) and msgs and all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
+            if msgs[-1]["role"] == "assistant":  # a finished conversation: answer its last user turn again
+                msgs = msgs[:-1]
+            if msgs and msgs[-1]["role"] == "user":
+                return [{"role": m["role"], "content": m["content"]} for m in msgs]
+    raise NBDiffError(f"{where}: not a prompt", 'each line should be {"prompt": "..."} or {"messages": [... ending with a user turn]}')
+
+
+def read_prompts(path: str | Path, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a .jsonl file ({"prompt": ...} or {"messages": [...]}) or a text file (one per line).
+
+    Empty lines are skipped; duplicates (same messages) are kept once.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise NBDiffError(f"prompt file {path} does not exist", "pass --prompts FILE (.jsonl or .txt)")
+    out: list[Prompt] = []
+    seen: set[str] = set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            if path.suffix == ".jsonl":
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise NBDiffError(f"{path}:{n}: not valid JSON", "one JSON object per line") from None
+            else:
+                record = line
+            messages = _as_messages(record, f"{path}:{n}")
+            key = prompt_id(messages)
+            if key not in seen:
+                seen.add(key)
+                out.append(Prompt(key, messages))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise NBDiffError(f"{path} has no prompts", "write one prompt per line")
+    return out
+
+
+def answered_ids(out: str | Path) -> set[str]:
+    """Ids of the prompts already answered in an output file (a torn last line is ignored)."""
+    path = Path(out)
+    ids: set[str] = set()
+    if not path.is_file():
+        return ids
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                ids.add(record["id"])
+    return ids
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Drop an unfinished last line (an interrupted write) so the next append starts clean."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        data_end = size
+        step = 1 << 16
+        while data_end > 0:  # find the last newline from the end
+            start = max(0, data_end - step)
+            f.seek(start)
+            chunk = f.read(data_end - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return
+            data_end = start
+        f.truncate(0)
+
+
+def _generate_batch(model, tokenizer, batch: list[Prompt], backend: str, temperature: float,
+                    max_new_tokens: int, seed: int | None) -> list[tuple[list[int], str]]:
+    """(reply token ids without EOS, finish reason) per prompt."""
+    from .api import encode, eos_ids, generate
+
+    if backend == "nbdiff":
+        _, final = generate(model, tokenizer, [p.messages for p in batch], block_size=1, temperature=temperature,
+                            max_new_tokens=max_new_tokens, seed=seed)
+        eos = set(eos_ids(model, tokenizer))
+        replies = []
+        for ids, reason in zip(final.tokens, final.finish_reasons or [final.finish_reason] * len(batch)):
+            ids = [t for t in ids]
+            while ids and ids[-1] in eos:
+                ids.pop()
+            replies.append((ids, reason))
+        return replies
+    # transformers generate(): left-padded batch, same stopping ids
+    prompts = [encode(tokenizer, p.messages) for p in batch]
+    width = max(len(p) for p in prompts)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device)
+    eos = eos_ids(model, tokenizer)
+    kwargs = dict(max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    if temperature > 0:
+        if seed is not None:
+            torch.manual_seed(seed)
+        kwargs.update(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_k=None, top_p=None)
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    replies = []
+    for row in out[:, width:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos), None)
+        replies.append((row[:cut], "eos") if cut is not None else (row, "length"))
+    return replies
+
+
+def distill(
+    model,
+    tokenizer,
+    prompts: list[Prompt],
+    out: str | Path,
+    *,
+    temperature: float = 0.0,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    seed: int | None = 0,
+    backend: str = "nbdiff",
+    keep_truncated: bool = True,
+) -> Iterator[DistillProgress]:
+    """Answer every prompt not yet in `out` and append the chat records; yields progress per batch."""
+    from .api import encode
+
+    if backend not in BACKENDS:
+        raise NBDiffError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if batch_size < 1:
+        raise NBDiffError(f"--batch-size must be >= 1, got {batch_size}")
+    if max_new_tokens < 1:
+        raise NBDiffError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    path = Path(out).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _cut_torn_line(path)
+    done_ids = answered_ids(path)
+    todo = [p for p in prompts if p.id not in done_ids]
+    skipped = len(prompts) - len(todo)
+    # sort by prompt length inside windows of 8 batches: a batch pads little, and a run stopped
+    # early has answered a sample of the file's order, not only its shortest prompts
+    lengths = {p.id: len(encode(tokenizer, p.messages)) for p in todo}
+    window = batch_size * 8
+    todo = [p for w in range(0, len(todo), window) for p in sorted(todo[w : w + window], key=lambda p: lengths[p.id])]
+    progress = DistillProgress(done=0, todo=len(todo), skipped=skipped, new_tokens=0, seconds=0.0)
+    start = time.perf_counter()
+    yield progress
+    with open(path, "a", encoding="utf-8") as f:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i : i + batch_size]
+            batch_seed = None if seed is None else seed + i
+            replies = _generate_batch(model, tokenizer, batch, backend, temperature, max_new_tokens, batch_seed)
+            for prompt, (ids, reason) in zip(batch, replies):
+                progress.new_tokens += len(ids)
+                if reason == "length":
+                    progress.truncated += 1
+                    if not keep_truncated:
+                        continue
+                text = tokenizer.decode(ids, skip_special_tokens=True)
+                record = {
+                    "messages": prompt.messages + [{"role": "assistant", "content": text}],
+                    "id": prompt.id,
+                    "finish": reason,
+                    "tokens": len(ids),
+                }
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+            progress.done += len(batch)
+            progress.seconds = time.perf_counter() - start
+            yield progress

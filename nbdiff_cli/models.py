@@ -1,0 +1,47 @@
+"""MODEL for the decoding commands: a folder, an adapter folder, or (omitted) the default model.
+
+`resolve_model(None)` builds the default model on first use (nbdiff.default_model: SmolLM2-135M
+converted, the shipped adapter merged in) with a Rich progress bar on stderr, and returns its
+folder; `load_for_decoding` loads whatever MODEL names. generate, chat, visualize, bench and eval
+all go through here.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from .console import err_console
+
+
+def resolve_model(model: Optional[str]) -> str:
+    """MODEL as given, or the default model's folder (built on first use, progress on stderr)."""
+    if model:
+        return model
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from nbdiff.default_model import default_model_dir, ensure_default_model, is_built
+
+    folder = default_model_dir()
+    if is_built(folder):
+        return str(folder)
+    labels = {"convert": "converting SmolLM2-135M-Instruct", "adapter": "applying the default adapter",
+              "write": "writing the default model", "done": "default model ready"}
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), DownloadColumn(), TimeElapsedColumn(),
+                        console=err_console, transient=True)
+    task = progress.add_task("preparing the default model (once)", total=None)
+
+    def on_progress(p) -> None:
+        progress.update(task, description=labels.get(p.stage, p.stage), completed=p.done, total=p.total or None)
+
+    with progress:
+        path = ensure_default_model(on_progress)
+    err_console.print(f"default model ready in {path}", style="dim")
+    return str(path)
+
+
+def load_for_decoding(model: Optional[str], device, dtype, quantize):
+    """Load MODEL (default model when omitted) for a decoding command; errors are one line."""
+    from nbdiff.api import load
+
+    value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
+    return load(resolve_model(model), quantize=value(quantize), device=value(device), dtype=value(dtype))

@@ -1,0 +1,153 @@
+"""`nbdiff distill`: the model's own replies as chat data, resumable, greedy = nbdiff.generate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from adapt_helpers import converted_tiny
+from nbdiff.errors import NBDiffError
+
+PROMPTS = ["Name a fruit.", "Count to three.", "Say hello.", "What is two plus two?", "Write one word."]
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return converted_tiny(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def loaded(model_dir):
+    import nbdiff
+
+    return nbdiff.load(model_dir, device="cpu")
+
+
+@pytest.fixture()
+def prompt_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS), encoding="utf-8")
+    return path
+
+
+def run(loaded, prompts, out, **kw):
+    from nbdiff.distill import distill
+
+    model, tok = loaded
+    return list(distill(model, tok, prompts, out, **{"max_new_tokens": 6, "batch_size": 2, **kw}))
+
+
+def records(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_output_is_chat_data_that_adapt_reads(loaded, prompt_file, tmp_path):
+    from nbdiff.data import load_corpus
+    from nbdiff.distill import read_prompts
+
+    out = tmp_path / "d.jsonl"
+    progress = run(loaded, read_prompts(prompt_file), out)
+    assert progress[-1].done == len(PROMPTS) and progress[-1].skipped == 0
+    recs = records(out)
+    assert sorted(r["messages"][0]["content"] for r in recs) == sorted(PROMPTS)
+    assert all([m["role"] for m in r["messages"]] == ["user", "assistant"] for r in recs)
+    assert sum(r["tokens"] for r in recs) == progress[-1].new_tokens > 0
+    corpus = load_corpus([out], loaded[1], cache_dir=tmp_path / "cache")
+    assert corpus.num_documents == len(PROMPTS)
+    assert 0 < corpus.stats.trainable_tokens < corpus.stats.tokens  # the replies train, the prompts do not
+
+
+def test_resume_skips_answered_prompts_and_cuts_a_torn_line(loaded, prompt_file, tmp_path):
+    from nbdiff.distill import read_prompts
+
+    prompts = read_prompts(prompt_file)
+    out = tmp_path / "d.jsonl"
+    run(loaded, prompts[:3], out)
+    first = out.read_text(encoding="utf-8")
+    with open(out, "a", encoding="utf-8") as f:
+        f.write('{"messages": [{"role": "user", "content": "half a')  # an interrupted write
+    progress = run(loaded, prompts, out)
+    assert progress[-1].skipped == 3 and progress[-1].done == 2
+    text = out.read_text(encoding="utf-8")
+    assert text.startswith(first)  # answered lines are kept as they were
+    recs = records(out)  # every line parses: the torn one is gone
+    assert len(recs) == 5 and len({r["id"] for r in recs}) == 5
+    assert run(loaded, prompts, out)[-1].done == 0  # nothing left to answer
+
+
+@pytest.mark.parametrize("backend", ["nbdiff", "hf"])
+def test_greedy_replies_equal_nbdiff_generate(loaded, prompt_file, tmp_path, backend):
+    import nbdiff
+    from nbdiff.distill import read_prompts
+
+    model, tok = loaded
+    out = tmp_path / "d.jsonl"
+    run(loaded, read_prompts(prompt_file), out, batch_size=3, backend=backend)
+    for rec in records(out):
+        prompt = rec["messages"][0]["content"]
+        text, final = nbdiff.generate(model, tok, prompt, block_size=1, max_new_tokens=6)
+        assert rec["messages"][-1]["content"] == text, prompt
+        assert rec["finish"] == final.finish_reason
+
+
+def test_sampling_is_seeded(loaded, prompt_file, tmp_path):
+    from nbdiff.distill import read_prompts
+
+    prompts = read_prompts(prompt_file)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    run(loaded, prompts, a, temperature=1.0, seed=3)
+    run(loaded, prompts, b, temperature=1.0, seed=3)
+    assert a.read_text() == b.read_text()
+
+
+def test_prompt_files(tmp_path):
+    from nbdiff.distill import read_prompts
+
+    txt = tmp_path / "p.txt"
+    txt.write_text("one\n\ntwo\none\n", encoding="utf-8")
+    assert [p.messages[0]["content"] for p in read_prompts(txt)] == ["one", "two"]  # blank and duplicate dropped
+    chat = tmp_path / "c.jsonl"
+    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]})
+                    + "\n", encoding="utf-8")
+    assert read_prompts(chat)[0].messages == [{"role": "user", "content": "hi"}]  # the old answer is dropped
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt"}\n', encoding="utf-8")
+    with pytest.raises(NBDiffError, match="not a prompt"):
+        read_prompts(bad)
+    with pytest.raises(NBDiffError, match="does not exist"):
+        read_prompts(tmp_path / "missing.jsonl")
+
+
+def test_shipped_prompts_are_many_and_unique():
+    from nbdiff.default_model import assets_dir
+    from nbdiff.distill import read_prompts
+
+    path = assets_dir() / "prompts" / "distill.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    assert len(read_prompts(path)) == len(lines) >= 2000
+
+
+def test_cli_distill(model_dir, prompt_file, tmp_path):
+    from nbdiff_cli.app import app
+
+    out = tmp_path / "d.jsonl"
+    args = ["distill", str(model_dir), "--prompts", str(prompt_file), "--out", str(out), "--max-new-tokens", "4",
+            "--batch-size", "4", "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "5 prompts answered" in result.output
+    assert len(records(out)) == 5
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "0 prompts answered" in again.output
+    bad = CliRunner().invoke(app, ["distill", str(model_dir), "--prompts", str(tmp_path / "nope.jsonl")])
+    assert bad.exit_code == 1 and "does not exist" in bad.output
