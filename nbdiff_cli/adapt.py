@@ -56,7 +56,9 @@ def _run(model: Path, config: Optional[Path] = None, **values: Any) -> None:
     panel = _Panel(cfg)
     # under torchrun / accelerate launch only rank 0 talks (the trainer creates the process group)
     main = int(os.environ.get("RANK", "0")) == 0
-    with panel.live(enabled=main):
+    from nbdiff.fsutil import quiet_transformers
+
+    with quiet_transformers(), panel.live(enabled=main):
         result = run_adapt(cfg, callback=panel.update)
     if main:
         _report(result)
@@ -68,10 +70,10 @@ def _report(result) -> None:
         err_console.print("continue with the same command plus --resume", style="dim")
         raise typer.Exit(130)
     console.print(Text.assemble(("done", "green"), f": {result.steps} steps, {result.tokens:,} tokens, block size "
-                                f"{result.block_size}, {result.seconds:.1f}s -> {result.out_dir}"))
+                                f"{result.block_size}, {result.seconds:.1f}s -> {result.out_dir}"), soft_wrap=True)
     if result.checkpoint is not None:
         console.print(f"kept the final checkpoint {result.checkpoint} ({_fmt_bytes(result.checkpoint_bytes)}) so "
-                      "--resume --steps N can extend the run; --prune-checkpoints deletes it", style="dim")
+                      "--resume --steps N can extend the run; --prune-checkpoints deletes it", style="dim", soft_wrap=True)
     if result.evals:
         console.print(_eval_table(result.evals[0], result.evals[-1]))
 
@@ -143,10 +145,6 @@ adapt = _command()
 def _quiet_libraries() -> None:
     import warnings
 
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
     warnings.filterwarnings("ignore", message=".*requires_grad=True to a scalar.*")
     warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation notes of peft/transformers internals
 
@@ -260,7 +258,7 @@ class _Panel:
         self.note = (f"{d['documents']} documents, {d['tokens']:,} tokens, {rec['train_rows']} train rows, "
                      f"{rec['eval_rows']} held-out rows" + (f", {skipped} skipped" if skipped else ""))
         for warning in rec.get("warnings", []):
-            err_console.print(f"warning: {warning}", style="yellow")
+            err_console.print(f"warning: {warning}", style="yellow", soft_wrap=True)
         if not self._tty:
             console.print(f"adapt {self.cfg.model} -> {rec['out']} on {rec['device']} x{rec['world_size']}: {self.note}")
 
