@@ -134,12 +134,12 @@ def bench(
         if not console.is_terminal:  # a file or a pipe: print the table whole rather than squeezed to 80 columns
             from rich.measure import Measurement
 
-            width = Measurement.get(console, console.options, table).maximum
+            width = Measurement.get(console, console.options.update(max_width=1000), table).maximum
             console.print(table, width=max(console.width, width))
         else:
             console.print(table)
-        console.print(f"[dim]{machine_line(result.machine)}[/]")
-        console.print(f"[dim]! = below AR quality: {BELOW_AR_RULE}[/]")
+        console.print(machine_line(result.machine), style="dim")  # the consoles print text literally
+        console.print(f"! = below AR quality: {BELOW_AR_RULE}", style="dim")
     for note in result.notes:
         err_console.print(f"note: {note}", style="yellow", markup=False)
     if markdown is not None:
@@ -153,11 +153,23 @@ def bench(
 
 
 def _run_with_progress(path, items, config, run_bench) -> "BenchResult":
+    """Run with a Rich progress bar (with ETA) on a terminal; elsewhere one plain line per prompt and row."""
+    import time
+
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+    if not err_console.is_terminal:
+        start = time.perf_counter()
+
+        def log(done: int, total: int, label: str) -> None:
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done * (total - done) if done else 0.0
+            err_console.print(f"[{done}/{total}] {label} ({elapsed:.0f} s, eta {eta:.0f} s)", style="dim", highlight=False)
+
+        return run_bench(path, items, config, progress=log)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+    with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("loading", total=None)
 
         def progress(done: int, total: int, label: str) -> None:

@@ -37,6 +37,7 @@ def convert(
     """
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
     from rich.table import Table
+    from rich.text import Text
 
     from nbdiff.settings import check_block_size
     from nbdiff.sources import resolve_source
@@ -82,4 +83,4 @@ def convert(
     table.add_row("output folder", str(result.out_dir))
     table.add_row("time", f"{result.seconds:.1f} s")
     console.print(table)
-    console.print(f"next: [bold]nbdiff info {result.out_dir}[/]")
+    console.print(Text.assemble("next: ", (f"nbdiff info {result.out_dir}", "bold")), soft_wrap=True)

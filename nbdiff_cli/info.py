@@ -18,6 +18,7 @@ def info(
     import json
 
     from rich.table import Table
+    from rich.text import Text
 
     from nbdiff.errors import NBDiffError
     from nbdiff.settings import read_settings
@@ -47,7 +48,7 @@ def info(
     table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
     table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
     if settings is None:
-        table.add_row("nbdiff", "[yellow]not converted[/] (run `nbdiff convert` on it)")
+        table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:
         table.add_row("block size", str(settings.block_size))
         table.add_row("adapted block size", str(settings.adapted_block_size))
