@@ -508,7 +508,7 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     machine = machine_info(models, config, str(model_path))
 
     if config.warmup:  # first calls pay for allocation and kernel selection; keep that out of the timings
-        warm_tokens = min(config.max_new_tokens, 16)
+        warm_tokens = min(config.max_new_tokens, 8)
         for spec in specs:
             runner.once(spec, prompts[0].prompt, max(warm_tokens, spec.block_size))
 

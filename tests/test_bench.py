@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     plot, table = root / "bench.png", root / "bench.md"
     result = runner.invoke(app, [
         "bench", str(model), "--prompts", str(prompts), "--block-sizes", "1,4", "--thresholds", "0.9,0.3",
-        "-n", "6", "--json", "--plot", str(plot), "--markdown", str(table), "--dtype", "fp32", "--device", "cpu",
+        "-n", "6", "--modes", "nbdiff", "--json", "--plot", str(plot), "--markdown", str(table), "--dtype", "fp32", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
     objects = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -145,6 +145,10 @@ def test_exact_mode_rows_agree_with_ar_when_the_decoder_has_it(tmp_path):
                                    dtypes=("fp32",), device="cpu", warmup=False))
     exact = [r for r in result.rows if r.mode == "exact"]
     assert exact and all(r.ar_agreement == 1.0 for r in exact)
+    ar = [r for r in result.rows if r.mode == "ar"]
+    assert [r.new_tokens for r in exact] == [r.new_tokens for r in ar]  # the AR replies, token for token
+    for row in exact:  # a verified block gives its first token plus the accepted drafts
+        assert 1.0 <= row.extra["accepted_length"] <= 4.0 and 0.0 <= row.extra["draft_acceptance"] <= 1.0
 
 
 # prompts files and suites -------------------------------------------------------------------
