@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from ..compat import probe_mask_support
 from ..errors import NBDiffError
 from ..fsutil import atomic_dir, quiet_transformers
 from ..loading import DTYPES
@@ -82,9 +83,7 @@ def convert(
     report(ConvertProgress("load"))
     # a GGUF file is dequantized straight to the target dtype (bf16 halves the peak)
     config, load_gguf_weights = read_config(src, target or torch.float32)
-    from ..compat import probe_mask_support
-
-    probe_mask_support(config)
+    probe_mask_support(config)  # before anything is written: the family must honour 4-D masks
     names = model_names(config)
     config.architectures = [names.class_name]
     previous = settings_from_config(config)  # a folder nbdiff already converted (or adapted)
@@ -95,30 +94,17 @@ def convert(
     groups = [TensorGroup(state=load_gguf_weights())] if load_gguf_weights else folder_groups(src.path)
     layout = _output_layout(groups, names, mask, target)
     shards = plan_shards(groups, layout, names.aliases, max_shard_bytes)  # a tied lm_head is re-tied on load
-    keys = [k for s in shards for k in s.keys]
-    total = sum(layout.nbytes(k) for k in keys)
-    main_dtype = target or _most_common_float(layout, keys)
-    parameters = sum(layout.nbytes(k) // layout.meta(k)[1].itemsize for k in keys)
+    total, parameters, main_dtype = _weight_totals(layout, [k for s in shards for k in s.keys], target)
     settings = _settings(block_size, mask, src.label, previous)
-
-    init_row = mask.how.startswith("added")
-
-    def add_mask_row(key: str, t: torch.Tensor) -> torch.Tensor:
-        if key not in layout.resized:
-            return t
-        return with_mask_row(t, layout.new_rows, mask.token_id, n_tokens_before, init_row)
-
+    add_mask_row = _mask_row_adder(layout, mask, n_tokens_before)
     try:
         with atomic_dir(out, replace=force) as tmp:
             report(ConvertProgress("weights", 0, total))
             write_shards(shards, layout, tmp, add_mask_row, lambda done: report(ConvertProgress("weights", done, total)))
             report(ConvertProgress("files", total, total))
-            config.get_text_config().vocab_size = layout.new_rows
-            config.dtype = main_dtype
-            attach_settings(config, settings)
-            _write_files(tmp, src, config, tokenizer)
-            (tmp / "README.md").write_text(model_card(src.label, names.class_name, settings, mask,
-                                                      _dtype_name(main_dtype), parameters), encoding="utf-8")
+            _write_files(tmp, src, config, tokenizer, settings, vocab_size=layout.new_rows, dtype=main_dtype)
+            card = model_card(src.label, names.class_name, settings, mask, _dtype_name(main_dtype), parameters)
+            (tmp / "README.md").write_text(card, encoding="utf-8")
             output_bytes = sum(p.stat().st_size for p in tmp.iterdir() if p.is_file())
     except OSError as exc:  # read-only filesystem, disk full, ...: nothing was left behind
         raise NBDiffError(f"cannot write {out}: {exc.strerror or exc}",
@@ -181,9 +167,24 @@ def _output_layout(groups: list[TensorGroup], names: ModelNames, mask: MaskChoic
     return OutputLayout(located, resized, new_rows, target)
 
 
-def _most_common_float(layout: OutputLayout, keys: list[str]) -> torch.dtype:
+def _weight_totals(layout: OutputLayout, keys: list[str], target) -> tuple[int, int, torch.dtype]:
+    """(bytes written, parameters, the dtype config.json names: the target or the most common float)."""
+    total = sum(layout.nbytes(k) for k in keys)
+    parameters = sum(layout.nbytes(k) // layout.meta(k)[1].itemsize for k in keys)
     floats = [layout.meta(k)[1] for k in keys if layout.meta(k)[1].is_floating_point]
-    return max(set(floats), key=floats.count, default=torch.float32)
+    return total, parameters, target or max(set(floats), key=floats.count, default=torch.float32)
+
+
+def _mask_row_adder(layout: OutputLayout, mask: MaskChoice, n_real_tokens: int):
+    """The per-tensor edit: vocabulary-sized tensors gain rows; an added mask token gets the mean row."""
+    init = mask.how.startswith("added")
+
+    def add(key: str, t: torch.Tensor) -> torch.Tensor:
+        if key not in layout.resized:
+            return t
+        return with_mask_row(t, layout.new_rows, mask.token_id, n_real_tokens, init)
+
+    return add
 
 
 def _settings(block_size: int, mask: MaskChoice, label: str, previous: BlockDiffusionSettings | None) -> BlockDiffusionSettings:
@@ -201,7 +202,12 @@ def _settings(block_size: int, mask: MaskChoice, label: str, previous: BlockDiff
     return kept
 
 
-def _write_files(folder: Path, src: Source, config, tokenizer) -> None:
+def _write_files(folder: Path, src: Source, config, tokenizer, settings: BlockDiffusionSettings, *,
+                 vocab_size: int, dtype: torch.dtype) -> None:
+    """config.json (new vocabulary size, dtype and the nbdiff section), tokenizer, generation config."""
+    config.get_text_config().vocab_size = vocab_size
+    config.dtype = dtype
+    attach_settings(config, settings)
     config.save_pretrained(str(folder))
     with quiet_transformers():
         tokenizer.save_pretrained(str(folder))
