@@ -80,9 +80,17 @@ def check_folder(path: str | Path) -> Path:
 
 
 def load_model(path: str | Path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """Load (model, tokenizer) from a folder, in eval mode with sdpa attention."""
+    """Load (model, tokenizer) from a folder, in eval mode with sdpa attention.
+
+    An adapter folder (`nbdiff adapt --export adapter`) loads its base and applies the adapter
+    (nbdiff.adapters).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .adapters import is_adapter_folder, load_adapter_folder
+
+    if is_adapter_folder(path):
+        return load_adapter_folder(path, quantize=quantize, device=device, dtype=dtype)
     folder = check_folder(path)
     read_settings(folder)  # validates the nbdiff section early, with a clear message
     dev = resolve_device(device)

@@ -112,6 +112,23 @@ def ar_targets(trainable: torch.Tensor, position_ids: torch.Tensor, block_size: 
     return target
 
 
+def certainty_loss(noised_logits: torch.Tensor, clean_ids: torch.Tensor, masked: torch.Tensor,
+                   temperature: float = 1.0) -> torch.Tensor:
+    """Certainty forcing (dParallel, arXiv 2509.26488): entropy of softmax(logits / T) at the masked
+    positions whose argmax is already the right token, summed and divided by the number of masked
+    positions (L_MDM's denominator). Pushing right predictions to certainty lets the decoder commit
+    more of them per forward; wrong ones are left to L_MDM.
+    """
+    sel = masked[:, 1:]
+    pred = noised_logits[:, :-1][sel].float()  # [N, V]
+    if pred.shape[0] == 0:
+        return noised_logits.sum() * 0.0
+    right = pred.argmax(-1) == clean_ids[:, 1:][sel]
+    logp = F.log_softmax(pred[right] / temperature, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    return entropy.sum() / pred.shape[0]
+
+
 def combine(mdm: torch.Tensor, ar: torch.Tensor, ar_weight: float) -> torch.Tensor:
     """L = L_MDM + lambda * L_AR."""
     return mdm + ar_weight * ar if ar_weight else mdm

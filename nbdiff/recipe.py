@@ -67,6 +67,10 @@ class AdaptConfig:
     """Also train each row's complementary mask (Fast-dLLM v2); doubles the noised rows."""
     noise_eps: float = 1e-3
     """Smallest noise level: t ~ U[eps, 1] per block."""
+    certainty_weight: float = 0.0
+    """Certainty forcing (dParallel): weight of the entropy of masked predictions that are already right (0 = off)."""
+    certainty_temperature: float = 1.0
+    """Temperature of the certainty-forcing entropy (the logits are divided by it)."""
 
     # --- Curriculum
     block_size: int = 32
@@ -182,6 +186,9 @@ class AdaptConfig:
         _at_least(self.ar_loss_weight, 0.0, "--ar-loss-weight")
         if self.ar_loss_weight_final is not None:
             _at_least(self.ar_loss_weight_final, 0.0, "--ar-loss-weight-final")
+        _at_least(self.certainty_weight, 0.0, "--certainty-weight")
+        if not self.certainty_temperature > 0:
+            raise NBDiffError(f"--certainty-temperature must be > 0, got {self.certainty_temperature}")
         if not 0.0 < self.noise_eps <= 1.0:
             raise NBDiffError(f"--noise-eps must be in (0, 1], got {self.noise_eps}")
         for name in ("steps", "seq_len", "batch_size", "grad_accum", "growth_interval", "log_every",

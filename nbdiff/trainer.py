@@ -51,7 +51,7 @@ from .data import Dataset, PackedRows, build_dataset, row_index
 from .errors import NBDiffError
 from .evaluation import eval_block_sizes, evaluate
 from .layout import parallel_forward
-from .losses import LossParts, ar_loss, ar_targets, combine, mdm_loss
+from .losses import LossParts, ar_loss, ar_targets, certainty_loss, combine, mdm_loss
 from .noising import NoisedBatch, block_starts, complementary, noise_blocks
 from .recipe import AdaptConfig, differences
 from .run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
@@ -192,8 +192,13 @@ def compute_loss(model, batch: MicroBatch, config: AdaptConfig, block_size: int)
     mdm, n_masked, correct = mdm_loss(noised, batch.x_0, batch.masked, batch.t, config.loss_weighting, batch.eligible)
     ar, n_ar = ar_loss(clean, batch.x_0, batch.ar_target)
     mdm, ar = mdm * batch.shares.get("mdm", 1.0), ar * batch.shares.get("ar", 1.0)
-    return LossParts(total=combine(mdm, ar, config.ar_weight_at(block_size)), mdm=mdm, ar=ar, mdm_tokens=n_masked,
-                     ar_tokens=n_ar, mdm_correct=correct)
+    total, extra = combine(mdm, ar, config.ar_weight_at(block_size)), {}
+    if config.certainty_weight > 0:  # per masked token, like L_MDM, so it shares L_MDM's token share
+        extra["certainty"] = config.certainty_weight * batch.shares.get("mdm", 1.0) * certainty_loss(
+            noised, batch.x_0, batch.masked, config.certainty_temperature)
+        total = total + extra["certainty"]
+    return LossParts(total=total, mdm=mdm, ar=ar, mdm_tokens=n_masked, ar_tokens=n_ar, mdm_correct=correct,
+                     extra=extra)
 
 
 # ----------------------------------------------------------------------------- the run

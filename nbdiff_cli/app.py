@@ -15,6 +15,7 @@ from .console import handle_errors
 # name -> "module:function" (order = order in --help)
 COMMANDS: dict[str, str] = {
     "convert": "nbdiff_cli.convert:convert",
+    "distill": "nbdiff_cli.distill:distill",
     "adapt": "nbdiff_cli.adapt:adapt",
     "plot": "nbdiff_cli.plot:plot",
     "info": "nbdiff_cli.info:info",

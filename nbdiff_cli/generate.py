@@ -7,17 +7,8 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console, err_console, printable, user_text
+from .models import load_for_decoding  # noqa: F401 - the shared loader (chat and eval import it from here)
 from .options import Hardware, ModelArg, decoding_options
-
-
-def load_for_decoding(model: Optional[str], device, dtype, quantize):
-    """Load MODEL for a decoding command (one-line errors name `nbdiff convert`)."""
-    from nbdiff.api import load
-    from nbdiff.errors import NBDiffError
-
-    if not model:
-        raise NBDiffError("no model given", "pass the folder written by `nbdiff convert`, e.g. `nbdiff generate DIR --prompt hi`")
-    return load(model, quantize=quantize.value, device=device.value, dtype=dtype.value)
 
 
 @decoding_options()

@@ -151,3 +151,43 @@ def test_cli_distill(model_dir, prompt_file, tmp_path):
     assert again.exit_code == 0 and "0 prompts answered" in again.output
     bad = CliRunner().invoke(app, ["distill", str(model_dir), "--prompts", str(tmp_path / "nope.jsonl")])
     assert bad.exit_code == 1 and "does not exist" in bad.output
+
+
+# ----------------------------------------------------------------------------- certainty forcing
+
+
+def test_certainty_loss_is_the_entropy_of_right_predictions_only():
+    import torch
+
+    from nbdiff.losses import certainty_loss
+
+    ids = torch.tensor([[0, 1, 2, 3]])
+    masked = torch.tensor([[False, True, True, True]])
+    logits = torch.zeros(1, 4, 5)
+    logits[0, 0, 1] = 2.0  # predicts token 1 at position 1: right
+    logits[0, 1, 4] = 2.0  # predicts 4 at position 2 (gold 2): wrong, no certainty term
+    logits[0, 2, 3] = 1.0  # right, less sure
+    p = torch.softmax(logits[0, [0, 2]], -1)
+    entropy = -(p * p.log()).sum(-1)
+    assert torch.allclose(certainty_loss(logits, ids, masked), entropy.sum() / 3)
+    sharp = torch.softmax(logits[0, [0, 2]] / 0.5, -1)
+    assert torch.allclose(certainty_loss(logits, ids, masked, 0.5), -(sharp * sharp.log()).sum() / 3)
+    assert certainty_loss(logits, ids, torch.zeros_like(masked)).item() == 0.0
+
+
+def test_adapt_logs_the_certainty_term(model_dir, tmp_path):
+    from adapt_helpers import text_file
+    from nbdiff.recipe import AdaptConfig
+    from nbdiff.trainer import adapt
+
+    data = text_file(tmp_path / "a.txt", repeats=20)
+    base = dict(model=str(model_dir), data=[str(data)], steps=2, seq_len=32, block_size=4, batch_size=2, lr=1e-3,
+                eval_fraction=0, curriculum="none")
+    adapt(AdaptConfig(out=str(tmp_path / "cf"), certainty_weight=1.0, certainty_temperature=0.5, **base))
+    rows = [json.loads(line) for line in (tmp_path / "cf" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["event"] == "train"]
+    assert train and all(r["certainty"] >= 0 for r in train)  # a random tiny model is rarely right: often 0
+    for r in train:  # the logged loss includes the term
+        assert r["loss"] == pytest.approx(r["mdm"] + r["ar_weight"] * r["ar"] + r["certainty"], rel=1e-4)
+    with pytest.raises(NBDiffError, match="certainty-temperature"):
+        AdaptConfig(out=str(tmp_path / "x"), certainty_temperature=0.0, **base)

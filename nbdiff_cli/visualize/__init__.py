@@ -16,6 +16,7 @@ import typer
 from ..options import Hardware, ModelArg, QuantizeChoice, decoding_options
 
 TRACE = "Trace"
+DEMO_PROMPT = "Explain block diffusion in one sentence."
 
 
 @decoding_options(max_new_tokens=128)
@@ -53,14 +54,16 @@ def visualize(
         backend = ReplayBackend(replay)
     elif demo:
         backend = FakeBackend(delay=0.05)
-    elif model is None:
-        raise NBDiffError(
-            "no model given", "pass a converted folder (`nbdiff convert` makes one), --replay TRACE or --demo"
-        )
+        prompt = prompt or DEMO_PROMPT  # the demo shows something from the first frame
     else:
+        from nbdiff.adapters import is_adapter_folder
         from nbdiff.loading import check_folder
 
-        check_folder(model)  # a missing folder fails here, not after the screen has opened
+        from ..models import resolve_model
+
+        model = resolve_model(model)  # omitted: the default model (built on first use)
+        if not is_adapter_folder(model):
+            check_folder(model)  # a missing folder fails here, not after the screen has opened
         quantize = hardware.quantize
         backend = LiveBackend(model, quantize=None if quantize == QuantizeChoice.none else quantize.value,
                               device=hardware.device.value, dtype=hardware.dtype.value, system=system)
