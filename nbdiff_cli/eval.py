@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.text import Text
 
 from .console import console, err_console
 from .generate import load_for_decoding
@@ -46,8 +47,8 @@ def eval_(
     include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder of extra task YAMLs.", rich_help_panel=EVAL)] = None,
     limit: Annotated[Optional[float], typer.Option("--limit", help="Evaluate only the first N examples of each task (or problems).", rich_help_panel=EVAL)] = None,
     num_fewshot: Annotated[Optional[int], typer.Option("--num-fewshot", help="Few-shot examples per prompt (default: the task's).", rich_help_panel=EVAL)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences per forward (HumanEval always uses 1).", rich_help_panel=EVAL)] = 1,
-    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Format prompts with the tokenizer's chat template.", rich_help_panel=EVAL)] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sequences decoded together (HumanEval: 1 keeps tokens/forward the decoder's own figure).", rich_help_panel=EVAL)] = 1,
+    apply_chat_template: Annotated[bool, typer.Option("--apply-chat-template", help="Format prompts with the tokenizer's chat template (HumanEval: a request, and the reply pre-filled with the function).", rich_help_panel=EVAL)] = False,
     log_samples: Annotated[bool, typer.Option("--log-samples", help="Keep every prompt and response in the results JSON.", rich_help_panel=EVAL)] = False,
     output_path: Annotated[Optional[Path], typer.Option("--output-path", "-o", help="Results JSON file (*.json) or folder.", rich_help_panel=EVAL)] = None,
     block_sizes: Annotated[Optional[str], typer.Option("--block-sizes", help="Compare block sizes in one run, e.g. 1,8 (overrides --block-size).", rich_help_panel=DECODING)] = None,
@@ -89,7 +90,7 @@ def eval_(
     settings = decoding_settings(base, block_sizes, exact, extra)
     mdl, tok = load_for_decoding(model, device, dtype, quantize)
     if humaneval:
-        _humaneval(mdl, tok, settings, limit, output_path)
+        _humaneval(mdl, tok, settings, limit, batch_size, apply_chat_template, output_path)
     else:
         _lm_eval(mdl, tok, settings, tasks or "", include_path, limit, num_fewshot, batch_size,
                  apply_chat_template, log_samples, output_path, model)
@@ -171,7 +172,7 @@ def _lm_eval(mdl, tok, settings, tasks, include_path, limit, num_fewshot, batch_
             continue
         speed = lm.speed()
         results["nbdiff"] = {"setting": label, "decoding": options.to_dict(), "speed": speed}
-        console.print(f"[bold]{name}[/] · {label} · limit {limit if limit is not None else 'none'}")
+        console.print(Text.assemble((name, "bold"), f" · {label} · limit {limit if limit is not None else 'none'}"))
         console.out(make_table(results))
         if "groups" in results:
             console.out(make_table(results, "groups"))
@@ -196,20 +197,19 @@ def _speed_line(speed: dict) -> str:
     return "; ".join(parts) or "no model calls"
 
 
-def _humaneval(mdl, tok, settings, limit, output_path):
+def _humaneval(mdl, tok, settings, limit, batch_size, chat, output_path):
     from rich.table import Table
 
     from nbdiff.humaneval import evaluate
 
     def progress(label, result):
         mark = "pass" if result.passed else "fail"
-        tpf = result.new_tokens / result.forwards if result.forwards else 0.0
-        err_console.print(f"{label:>12}  {result.task_id:<14} {mark}  {result.new_tokens:>4} tokens  {tpf:.2f} tokens/forward",
-                          style="dim", markup=False)
+        err_console.print(f"{label:>12}  {result.task_id:<14} {mark}  {result.new_tokens:>4} tokens", style="dim", markup=False)
 
     count = int(limit) if limit is not None else None
-    summaries = evaluate(mdl, tok, settings, limit=count, on_result=progress)
-    table = Table(title=f"HumanEval pass@1 ({summaries[0].problems} problems, greedy)", title_justify="left")
+    summaries = evaluate(mdl, tok, settings, limit=count, batch_size=batch_size, chat=chat, on_result=progress)
+    style = "chat template" if chat else "raw prompt"
+    table = Table(title=f"HumanEval pass@1 ({summaries[0].problems} problems, {style}, batch {batch_size})", title_justify="left")
     for column in ("setting", "pass@1", "passed", "tokens/forward", "tokens/s", "seconds"):
         table.add_column(column, justify="left" if column == "setting" else "right")
     for s in summaries:
@@ -218,5 +218,6 @@ def _humaneval(mdl, tok, settings, limit, output_path):
     console.print(table)
     target = _output_file(output_path, "", False, "humaneval")
     if target is not None:
-        _write_json(target, {"humaneval": {"limit": count, "settings": [s.to_dict() for s in summaries]}})
+        _write_json(target, {"humaneval": {"limit": count, "chat": chat, "batch_size": batch_size,
+                                           "settings": [s.to_dict() for s in summaries]}})
         err_console.print(f"results written to {target}", style="dim", markup=False)

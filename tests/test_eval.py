@@ -19,7 +19,8 @@ TASKS = Path(__file__).parent / "data" / "eval_tasks"
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    return converted_folder(tmp_path_factory.mktemp("eval") / "tiny", "llama", block_size=4)
+    # 2048 positions: HumanEval prompts in the chat template are ~600 tiny-tokenizer tokens
+    return converted_folder(tmp_path_factory.mktemp("eval") / "tiny", "llama", block_size=4, max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +185,23 @@ def test_humaneval_evaluate_compares_settings(loaded):
         assert 0 < s.new_tokens <= 12 and s.forwards > 0
         assert s.summary()["pass@1"] == 0.0
     assert out[0].tokens_per_forward == pytest.approx(out[0].new_tokens / out[0].forwards)
+
+
+def test_humaneval_chat_prompts_and_batches(loaded):
+    """Chat style pre-fills the reply with the function; a batch of 2 scores the same problems as 1 at a time."""
+    from nbdiff import humaneval
+    from nbdiff.options import DecodeOptions
+
+    model, tok = loaded
+    problem = humaneval.problems(limit=1)[0]
+    text = humaneval.prompt_text(tok, problem, chat=True)
+    assert text.startswith("<|im_start|>user\nComplete the following Python function.")
+    assert text.endswith("<|im_start|>assistant\n```python\n" + problem["prompt"])
+    settings = {"b1": DecodeOptions(block_size=1, max_new_tokens=5)}
+    one = humaneval.evaluate(model, tok, settings, limit=2, batch_size=1, chat=True)[0]
+    two = humaneval.evaluate(model, tok, settings, limit=2, batch_size=2, chat=True)[0]
+    assert [r.completion for r in one.results] == [r.completion for r in two.results]
+    assert two.forwards == 2 * two.results[0].forwards  # row-forwards: both rows share the batch's forwards
 
 
 # --- the command ---------------------------------------------------------------------------------
