@@ -121,6 +121,7 @@ def _move_dir_into_place(tmp: Path, final: Path, replace: bool) -> None:
 def atomic_file(path: Path) -> Iterator[Path]:
     """Yield a temporary sibling path (same extension) to write; it replaces `path` on success."""
     path = Path(path)
+    clean_stale_temps(path)
     tmp = temp_sibling(path)
     try:
         yield tmp

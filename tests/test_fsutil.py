@@ -68,6 +68,10 @@ def test_atomic_file_keeps_old_content_on_error_and_the_extension(tmp_path):
     assert path.read_bytes() == b"one" and _siblings(path) == []
     atomic_write_text(tmp_path / "t.txt", "héllo\n")
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "héllo\n"
+    stale = tmp_path / f".plot.png.nbdiff-tmp-{_dead_pid()}-0123abcd.png"  # a killed writer's
+    stale.write_bytes(b"half")
+    atomic_write_bytes(path, b"two")
+    assert path.read_bytes() == b"two" and not stale.exists()
 
 
 def test_clean_stale_temps_removes_only_dead_owners_of_this_name(tmp_path):
