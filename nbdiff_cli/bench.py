@@ -15,6 +15,7 @@ import typer
 from .console import console, err_console
 from .options import (
     Device,
+    DraftSteps,
     DeviceChoice,
     Dtype,
     DtypeChoice,
@@ -70,8 +71,7 @@ def bench(
                                        rich_help_panel=BENCH)] = "nbdiff,exact",
     exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Add / drop the exact-mode rows (shorthand for --modes).",
                                                   show_default=False, rich_help_panel=BENCH)] = None,
-    draft_steps: Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: at most this many denoising forwards per draft.",
-                                                       rich_help_panel=BENCH)] = None,
+    draft_steps: DraftSteps = None,
     max_new_tokens: MaxNewTokens = 64,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed decodes per prompt and row; the median counts.", rich_help_panel=BENCH)] = 1,
     sub_blocks: SubBlocks = 1,
@@ -159,12 +159,15 @@ def _run_with_progress(path, items, config, run_bench) -> "BenchResult":
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     if not err_console.is_terminal:
-        start = time.perf_counter()
+        first: list[float] = []  # (time, done) of the first report: loading and warm-up are not in the rate
 
         def log(done: int, total: int, label: str) -> None:
-            elapsed = time.perf_counter() - start
-            eta = elapsed / done * (total - done) if done else 0.0
-            err_console.print(f"[{done}/{total}] {label} ({elapsed:.0f} s, eta {eta:.0f} s)", style="dim", highlight=False)
+            now = time.perf_counter()
+            if not first:
+                first.extend((now, done))
+            rate = (done - first[1]) / (now - first[0]) if now > first[0] else 0.0
+            eta = f"eta {(total - done) / rate:.0f} s" if rate > 0 else "eta -"
+            err_console.print(f"[{done}/{total}] {label} ({eta})", style="dim", highlight=False)
 
         return run_bench(path, items, config, progress=log)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
