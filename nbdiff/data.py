@@ -281,39 +281,43 @@ def _valid_messages(msgs: Any) -> bool:
 
 
 def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bool]], DataStats]:
+    """Token ids and loss-target masks of every document in one input (a text file is one document)."""
     stats = DataStats(files=1)
-    docs: list[list[int]] = []
-    masks: list[list[bool]] = []
-
-    def add(ids: list[int], trainable: list[bool]) -> None:
-        docs.append(ids)
-        masks.append(trainable)
-
     suffix = path.suffix.lower()
     if path.is_file() and suffix in TEXT_SUFFIXES:
         try:
             text = path.read_bytes().decode("utf-8")
         except UnicodeDecodeError:
             stats.skipped_non_utf8 += 1
-            return docs, masks, stats
+            return [], [], stats
         if not text.strip():
             stats.skipped_empty += 1
-            return docs, masks, stats
+            return [], [], stats
         ids = _encode_text(text, tokenizer)
-        add(ids, [True] * len(ids))
-        return docs, masks, stats
-
+        return [ids], [[True] * len(ids)], stats
     if path.is_dir():
         records: Iterator[dict] = _records_hf(path)
     elif suffix == ".jsonl":
         records = _records_jsonl(path, stats)
     else:
         records = _records_parquet(path)
+    docs, masks = _tokenize_records(records, tokenizer, stats)
+    if not docs and stats.skipped_no_field:
+        raise NBDiffError(f"{path} has no record with a `text` (string) or `messages` (chat list) field",
+                          'each line should look like {"text": "..."} or {"messages": [{"role": ..., "content": ...}]}')
+    return docs, masks, stats
+
+
+def _tokenize_records(records: Iterator[dict], tokenizer, stats: DataStats) -> tuple[list[list[int]], list[list[bool]]]:
+    """Chat records through the template (assistant tokens trainable); text records in batches of 512."""
+    docs: list[list[int]] = []
+    masks: list[list[bool]] = []
     pending: list[str] = []  # text records are tokenised in batches (much faster than one call each)
 
     def flush() -> None:
         for ids in _encode_texts(pending, tokenizer):
-            add(ids, [True] * len(ids))
+            docs.append(ids)
+            masks.append([True] * len(ids))
         pending.clear()
 
     for rec in records:
@@ -325,7 +329,8 @@ def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bo
             if not any(trainable):
                 stats.skipped_no_assistant += 1
                 continue
-            add(ids, trainable)
+            docs.append(ids)
+            masks.append(trainable)
         elif "text" in rec:
             text = rec["text"]
             if not isinstance(text, str):
@@ -339,10 +344,7 @@ def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bo
         else:
             stats.skipped_no_field += 1
     flush()
-    if not docs and stats.skipped_no_field:
-        raise NBDiffError(f"{path} has no record with a `text` (string) or `messages` (chat list) field",
-                          'each line should look like {"text": "..."} or {"messages": [{"role": ..., "content": ...}]}')
-    return docs, masks, stats
+    return docs, masks
 
 
 def _save_cache(path: Path, docs, masks, stats: DataStats) -> None:

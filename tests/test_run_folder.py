@@ -12,27 +12,14 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from adapt_helpers import converted_tiny, text_file
+from adapt_helpers import converted_tiny, data_file, model_dir, text_file, tiny_config  # noqa: F401 (fixtures)
 from nbdiff.errors import NBDiffError
 from nbdiff.recipe import AdaptConfig
 from nbdiff.trainer import adapt
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return converted_tiny(tmp_path_factory.mktemp("model") / "m")
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    return text_file(tmp_path_factory.mktemp("data") / "a.txt", repeats=30)
-
-
 def cfg(model_dir, data_file, out, **kw) -> AdaptConfig:
-    base = dict(model=str(model_dir), data=[str(data_file)], out=str(out), steps=2, seq_len=32, block_size=4,
-                batch_size=2, lr=3e-3, eval_fraction=0)
-    base.update(kw)
-    return AdaptConfig(**base)
+    return tiny_config(model_dir, data_file, out, **dict(dict(steps=2), **kw))
 
 
 def hidden_siblings(folder):
