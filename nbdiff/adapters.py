@@ -16,6 +16,7 @@ converted model.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from .errors import NBDiffError
@@ -78,7 +79,9 @@ def load_adapter_folder(path: str | Path, quantize: str | None = None, device: s
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise NBDiffError(f"cannot apply the adapter in {path}: {str(exc).splitlines()[0]}",
                           "was it trained on this base model?") from None
-    model = peft_model.merge_and_unload() if normalize(quantize) is None else peft_model.get_base_model()
+    with warnings.catch_warnings():  # peft's merge calls deprecated transformers helpers: not the user's concern
+        warnings.simplefilter("ignore", FutureWarning)
+        model = peft_model.merge_and_unload() if normalize(quantize) is None else peft_model.get_base_model()
     model.eval()
     if choice is not None:
         model._nbdiff_dtype = choice

@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -128,7 +129,8 @@ def _build(tmp: Path, asset: Path, base_source: str, report: ProgressFn) -> None
     model, tokenizer = load_model(base, device="cpu", dtype="fp32")
     from peft import PeftModel
 
-    with quiet_transformers():
+    with quiet_transformers(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
         model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
     settings = dict(settings, source=f"{base_source} + nbdiff default adapter {asset_hash(asset)}")
     attach_settings(model.config, BlockDiffusionSettings.from_dict(settings))

@@ -130,11 +130,11 @@ def generators():
     ]
 
 
-def make(count: int, seed: int) -> list[str]:
+def make(count: int, seed: int, exclude: set[str] | None = None) -> list[str]:
     rng = random.Random(seed)
     gens = generators()
     weights = [w for w, _ in gens]
-    seen: set[str] = set()
+    seen: set[str] = set(exclude or ())
     out: list[str] = []
     tries = 0
     while len(out) < count and tries < count * 50:
@@ -152,8 +152,13 @@ def main() -> None:
     parser.add_argument("--out", default="assets/prompts/distill.jsonl")
     parser.add_argument("--count", type=int, default=4000)
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument("--exclude", help="a prompts .jsonl whose prompts must not be repeated")
     args = parser.parse_args()
-    prompts = make(args.count, args.seed)
+    exclude = set()
+    if args.exclude:
+        with open(args.exclude, encoding="utf-8") as f:
+            exclude = {json.loads(line)["prompt"] for line in f if line.strip()}
+    prompts = make(args.count, args.seed, exclude)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

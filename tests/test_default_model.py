@@ -1,0 +1,145 @@
+"""Adapter folders as models, the packed asset, and the default model built from it (tiny models)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from adapt_helpers import text_file
+from nbdiff.errors import NBDiffError
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """A plain tiny checkpoint, its conversion, and an adapter and a merged model trained on it identically."""
+    from nbdiff.convert import convert
+    from nbdiff.recipe import AdaptConfig
+    from nbdiff.testing import save_tiny_checkpoint
+    from nbdiff.trainer import adapt
+
+    root = tmp_path_factory.mktemp("made")
+    plain = save_tiny_checkpoint(root / "plain")
+    base = convert(str(plain), root / "base", block_size=4).out_dir
+    data = text_file(root / "a.txt", repeats=20)
+    common = dict(model=str(base), data=[str(data)], steps=2, seq_len=32, block_size=4, batch_size=2, lr=1e-2,
+                  eval_fraction=0, curriculum="none", lora_rank=4, device="cpu")
+    adapt(AdaptConfig(out=str(root / "adapter"), export="adapter", **common))
+    adapt(AdaptConfig(out=str(root / "merged"), export="merged", **common))
+    return {"plain": plain, "base": base, "adapter": root / "adapter", "merged": root / "merged", "root": root}
+
+
+def logits(path, ids=(1, 5, 9, 20, 7)):
+    import nbdiff
+
+    model, _ = nbdiff.load(path, device="cpu", dtype="fp32")
+    with torch.no_grad():
+        return model(torch.tensor([list(ids)])).logits
+
+
+def test_adapter_folder_loads_like_the_merged_export(made):
+    import nbdiff
+    from nbdiff.adapters import is_adapter_folder
+    from nbdiff.loading import model_settings
+
+    assert is_adapter_folder(made["adapter"]) and not is_adapter_folder(made["merged"])
+    model, tok = nbdiff.load(made["adapter"], device="cpu")
+    settings = model_settings(model)
+    assert settings.adapted_block_size == 4 and settings.mask_token_id == tok.mask_token_id
+    assert not any("lora" in name for name, _ in model.named_parameters())  # merged
+    assert torch.allclose(logits(made["adapter"]), logits(made["merged"]), atol=1e-5)
+    assert not torch.allclose(logits(made["adapter"]), logits(made["base"]), atol=1e-3)  # the adapter did something
+    text, final = nbdiff.generate(model, tok, "hello", block_size=4, max_new_tokens=8)
+    assert final.new_tokens > 0
+
+
+def test_adapter_folder_with_a_missing_base_says_which(made, tmp_path):
+    import shutil
+
+    import nbdiff
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(made["adapter"], moved)
+    record = json.loads((moved / "nbdiff.json").read_text())
+    record["base_model"] = {"path": str(tmp_path / "gone"), "source": "smollm2-135m"}
+    (moved / "nbdiff.json").write_text(json.dumps(record))
+    with pytest.raises(NBDiffError, match="base model .*gone.* is not there") as err:
+        nbdiff.load(moved, device="cpu")
+    assert "nbdiff convert smollm2-135m" in err.value.hint
+    record["base_model"] = "../base-copy"  # relative paths are read from the adapter folder
+    (moved / "nbdiff.json").write_text(json.dumps(record))
+    shutil.copytree(made["base"], tmp_path / "base-copy")
+    assert torch.allclose(logits(moved), logits(made["adapter"]))
+
+
+def test_default_model_is_built_once_and_rebuilt_for_a_new_asset(made, tmp_path, monkeypatch):
+    from nbdiff import default_model as dm
+
+    asset = dm.write_asset(made["adapter"], tmp_path / "a32.safetensors", dtype=torch.float32)
+    _, config, settings = dm.read_asset(asset)
+    assert "base_model" not in settings and config["r"] == 4
+    stages = []
+    folder = dm.ensure_default_model(stages.append, asset=asset, cache=tmp_path / "cache", base_source=str(made["plain"]))
+    assert folder.parent == tmp_path / "cache" and dm.asset_hash(asset) in folder.name
+    assert [s.stage for s in stages][-3:] == ["adapter", "write", "done"] and "convert" in [s.stage for s in stages]
+    assert torch.allclose(logits(folder), logits(made["adapter"]), atol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]  # no temporaries left
+
+    monkeypatch.setattr(dm, "_build", lambda *a: pytest.fail("rebuilt"))
+    assert dm.ensure_default_model(asset=asset, cache=tmp_path / "cache") == folder  # reused
+    monkeypatch.undo()
+
+    small = dm.write_asset(made["adapter"], tmp_path / "a16.safetensors")  # bf16: the shipped form
+    assert small.stat().st_size < asset.stat().st_size
+    other = dm.ensure_default_model(asset=small, cache=tmp_path / "cache", base_source=str(made["plain"]))
+    assert other != folder and torch.allclose(logits(other), logits(folder), atol=0.05)
+
+
+def test_failed_build_leaves_nothing(made, tmp_path, monkeypatch):
+    from nbdiff import default_model as dm
+
+    asset = dm.write_asset(made["adapter"], tmp_path / "a.safetensors")
+    with pytest.raises(NBDiffError):
+        dm.ensure_default_model(asset=asset, cache=tmp_path / "cache", base_source=str(tmp_path / "no-such-model"))
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+    with pytest.raises(NBDiffError, match="missing"):
+        dm.ensure_default_model(asset=tmp_path / "none.safetensors", cache=tmp_path / "cache")
+
+
+def test_cli_without_model_uses_the_default_model(made, tmp_path, monkeypatch):
+    from nbdiff import default_model as dm
+    from nbdiff_cli.app import app
+
+    asset = dm.write_asset(made["adapter"], tmp_path / "a.safetensors")
+    monkeypatch.setenv("NBDIFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dm, "default_asset", lambda: asset)
+    monkeypatch.setattr(dm, "BASE_SOURCE", str(made["plain"]))
+    result = CliRunner().invoke(app, ["generate", "--prompt", "hello", "--max-new-tokens", "4", "--json",
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output.strip().splitlines()[-1])["block_size"] == 4  # the adapted folder's block size
+    assert len(list((tmp_path / "home").iterdir())) == 1
+    direct = CliRunner().invoke(app, ["generate", str(made["adapter"]), "--prompt", "hello", "--max-new-tokens", "4",
+                                      "--json", "--device", "cpu"])
+    assert direct.exit_code == 0, direct.output
+
+
+def test_shipped_asset_is_small_and_readable():
+    from nbdiff import default_model as dm
+
+    asset = dm.default_asset()
+    if not asset.is_file():
+        pytest.skip("no default-model asset in this checkout")
+    assert asset.stat().st_size <= 20 * 2**20
+    tensors, config, settings = dm.read_asset(asset)
+    assert config["r"] >= 1 and settings["adapted_block_size"] >= 2 and tensors
