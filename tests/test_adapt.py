@@ -235,7 +235,10 @@ def test_lora_trains_the_mask_row_and_exports(model_dir, data_file, tmp_path):
     assert float((src["model.layers.0.self_attn.q_proj.weight"] - new["model.layers.0.self_attn.q_proj.weight"]).abs().max()) > 0
     adapt(cfg(model_dir, data_file, tmp_path / "adapter", lora_rank=4, steps=1, export="adapter"))
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((tmp_path / "adapter" / "nbdiff.json").read_text())["adapted_block_size"] == 4
+    record = json.loads((tmp_path / "adapter" / "nbdiff.json").read_text())
+    assert record["adapted_block_size"] == 4
+    assert record["base_model"] == {"path": str(model_dir.resolve()), "source": "tiny"}  # where a loader finds the base
+    assert (tmp_path / "adapter" / "tokenizer.json").is_file()
 
 
 def test_qlora_nf4_on_cpu(model_dir, data_file, tmp_path):
