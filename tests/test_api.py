@@ -145,3 +145,19 @@ def test_cli_generate_bad_input_is_one_line(folder, args, fragment):
 def test_cli_generate_missing_folder_says_convert(tmp_path):
     result = runner.invoke(app, ["generate", str(tmp_path / "nope"), "--prompt", "hi"])
     assert result.exit_code == 1 and "nbdiff convert" in result.output
+
+
+def test_a_session_keeps_the_cache_across_turns_with_the_same_replies(loaded):
+    model, tok = loaded
+    session = nbdiff.api.Session()
+    kept, fresh = [], []
+    for history, replies in ((kept, []), (fresh, None)):
+        messages = []
+        for turn in ("Hello", "Once upon a time", "How are you today?"):
+            messages.append({"role": "user", "content": turn})
+            text, final = nbdiff.generate(model, tok, messages, block_size=4, max_new_tokens=8,
+                                          session=session if replies is not None else None)
+            messages.append({"role": "assistant", "content": text})
+            history.append((text, final.reused_tokens))
+    assert [t for t, _ in kept] == [t for t, _ in fresh]
+    assert kept[0][1] == 0 and all(r > 0 for _, r in kept[1:]) and all(r == 0 for _, r in fresh)

@@ -102,6 +102,10 @@ def test_parse_set():
     assert chat_mod.parse_set(opts, "block-size 8").block_size == 8
     assert chat_mod.parse_set(opts, "seed none").seed is None
     assert chat_mod.parse_set(opts, "confidence margin").confidence == "margin"
+    assert chat_mod.parse_set(opts, "exact on").exact is True and chat_mod.parse_set(opts, "exact off").exact is False
+    assert chat_mod.parse_set(opts, "draft-steps 1").draft_steps == 1
+    with pytest.raises(NBDiffError, match="on or off"):
+        chat_mod.parse_set(opts, "exact maybe")
     for bad, match in [("block_size 3", "power of two"), ("top_k x", "needs a number"), ("threshold", "usage"),
                        ("confidence loud", "confidence")]:
         with pytest.raises(NBDiffError, match=match):
@@ -112,3 +116,25 @@ def test_prompt_longer_than_the_context_is_an_error_and_the_session_goes_on(fold
     result = chat(folder, "the quick brown fox " * 200 + "\nHello\n")
     assert result.exit_code == 0, result.output
     assert "context is 512" in result.output and result.output.count("tokens/forward") == 1
+
+
+def test_chat_keeps_one_cache_across_turns_and_clear_drops_it(folder, monkeypatch):
+    import nbdiff.api
+
+    sessions, reused = [], []
+    real = nbdiff.api.stream
+
+    def spy(*args, session=None, **kwargs):
+        sessions.append(session)
+        for event in real(*args, session=session, **kwargs):
+            if hasattr(event, "reused_tokens"):
+                reused.append(event.reused_tokens)
+            yield event
+
+    monkeypatch.setattr(nbdiff.api, "stream", spy)
+    result = chat(folder, "Hello\nAgain\n/clear\nThird\n/set exact on\nFourth\n")
+    assert result.exit_code == 0, result.output
+    assert len(sessions) == 4 and all(s is sessions[0] for s in sessions)
+    assert reused[0] == 0 and reused[1] > 0  # the second turn computed only its new tokens
+    assert reused[2] == 0  # /clear forgot the cache with the conversation
+    assert "tokens/block accepted" in result.output  # exact mode's stats line

@@ -269,3 +269,52 @@ def test_rows_in_different_sub_blocks_use_per_row_logits(monkeypatch):
     monkeypatch.setattr(CachedContext, "block_logits", spy)
     run(tiny_model("llama"), PROMPTS, block_size=8, threshold=0.012, sub_blocks=4, max_new_tokens=9)
     assert 2 in seen and 1 in seen
+
+
+# long context: the model's own causal attention where exact, O(n * L) mask rows otherwise ----------
+
+
+def test_causal_passes_hand_no_mask_without_padding_and_rows_with_it(monkeypatch):
+    model = tiny_model("llama")
+    seen = []
+    real = model.forward
+
+    def spy(*args, **kwargs):
+        mask = kwargs.get("attention_mask")
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", spy)
+    run(model, [PROMPTS[0]], block_size=1, max_new_tokens=3)
+    assert seen == [None] * 3  # prefill and commits: plain causal attention
+    seen.clear()
+    run(model, PROMPTS[:2], block_size=1, max_new_tokens=3)
+    assert seen[0] == (2, 1, 7, 7) and seen[1] == (2, 1, 1, 8)  # left padding: only the new rows
+
+
+def test_long_left_padded_batch_equals_generate_per_prompt():
+    """Several blocks past the prompt, rows of very different lengths: the hidden-column mask path."""
+    model = tiny_model("qwen2")
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 380, (n,), generator=g).tolist() for n in (61, 5, 33)]
+    final = run(model, prompts, block_size=1, max_new_tokens=24)[-1]
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        assert final.tokens[i] == ref[0, len(prompt) :].tolist(), i
+    together = run(model, prompts, block_size=8, threshold=0.3, max_new_tokens=24)[-1]
+    for i, prompt in enumerate(prompts):
+        assert together.tokens[i] == run(model, [prompt], block_size=8, threshold=0.3, max_new_tokens=24)[-1].tokens[0]
+
+
+def test_a_kept_context_serves_the_next_prompt():
+    model = tiny_model("llama")
+    ctx = CachedContext(model, [PROMPTS[0]])
+    first = decode(model, [PROMPTS[0]], DecodeOptions(block_size=4, max_new_tokens=8), mask_token_id=MASK, context=ctx)
+    reply = list(first)[-1].tokens[0]
+    follow = PROMPTS[0] + reply + [3, 4, 5]
+    kept = list(decode(model, [follow], DecodeOptions(block_size=4, max_new_tokens=8), mask_token_id=MASK, context=ctx))[-1]
+    fresh = run(model, [follow], block_size=4, max_new_tokens=8)[-1]
+    assert kept.tokens == fresh.tokens
+    assert kept.reused_tokens == len(PROMPTS[0]) + 4  # the prompt and the committed first block (not the last)

@@ -126,3 +126,15 @@ def test_left_padded_hides_pad_keys_and_keeps_pad_queries_alive():
     # row 1: columns 0 and 1 are padding; each pad query sees only itself, the real token none of them
     assert torch.equal(out[1], torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=torch.bool))
     assert out.any(dim=-1).all()  # no fully masked query row
+
+
+def test_cached_rows_equal_the_full_mask_rows_with_left_padding():
+    from nbdiff.masks import cached_rows, left_padded
+
+    pad = torch.tensor([0, 3])
+    for length, n in [(0, 6), (6, 1), (6, 4)]:
+        hidden = torch.arange(length + n)[None] < pad[:, None]  # [B, K]: the pad columns
+        for causal in (True, False):
+            full = decoding_mask(length + n, 0) if causal else decoding_mask(length, n)
+            want = left_padded(full[length:], pad, length)
+            assert torch.equal(cached_rows(hidden, length, causal), want), (length, n, causal)
