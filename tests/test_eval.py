@@ -188,15 +188,21 @@ def test_humaneval_evaluate_compares_settings(loaded):
 
 
 def test_humaneval_chat_prompts_and_batches(loaded):
-    """Chat style pre-fills the reply with the function; a batch of 2 scores the same problems as 1 at a time."""
+    """Chat style asks for the function and scores the reply's first code block; a batch of 2 equals 1 at a time."""
     from nbdiff import humaneval
     from nbdiff.options import DecodeOptions
 
     model, tok = loaded
     problem = humaneval.problems(limit=1)[0]
     text = humaneval.prompt_text(tok, problem, chat=True)
-    assert text.startswith("<|im_start|>user\nComplete the following Python function.")
-    assert text.endswith("<|im_start|>assistant\n```python\n" + problem["prompt"])
+    assert text.startswith("<|im_start|>user\nWrite the following Python function.")
+    assert problem["prompt"] in text and text.endswith("<|im_start|>assistant\n")
+    reply = "Sure:\n```python\ndef f():\n    return 1\n```\nIt returns 1."
+    assert humaneval.code_block_end(reply) == reply.rindex("```")
+    assert humaneval.code_block_end("```python\ndef f():") is None  # still open
+    assert humaneval.reply_code(reply) == "def f():\n    return 1\n"
+    solution = "\n" + problem["prompt"] + problem["canonical_solution"]  # a reply that restates the function
+    assert humaneval.check(problem, "\n" + humaneval.reply_code(f"```python{solution}```"))["passed"]
     settings = {"b1": DecodeOptions(block_size=1, max_new_tokens=5)}
     one = humaneval.evaluate(model, tok, settings, limit=2, batch_size=1, chat=True)[0]
     two = humaneval.evaluate(model, tok, settings, limit=2, batch_size=2, chat=True)[0]
