@@ -22,7 +22,7 @@ from nbdiff_cli.visualize.app import SPEEDS, make_app
 from nbdiff_cli.visualize.backends import FakeBackend, LiveBackend, ReplayBackend
 from nbdiff_cli.visualize.state import RunView
 from nbdiff_cli.visualize.trace import TraceHeader, TraceWriter, read_trace
-from nbdiff_cli.visualize.widgets import confidence_colour, render_step_bars, render_tiles
+from nbdiff_cli.visualize.widgets import confidence_colour, render_status, render_step_bars, render_tiles
 from textual.widgets import Input, Static
 
 pytestmark = pytest.mark.anyio
@@ -322,3 +322,17 @@ def test_snapshot_replay(snap_compare, tmp_path, size):
         await wait_until(pilot, lambda: finished(app))
 
     assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_exact_mode_blocks_show_rejected_drafts_and_the_accepted_length():
+    view = RunView()
+    view.apply(StepEvent(0, 0, 1, [0], [5], ["a"], [1.0], 3, 4, 0, ar=True))
+    view.apply(StepEvent(0, 0, 2, [1, 2, 3], [6, 7, 8], ["b", "c", "d"], [0.9, 0.8, 0.7], 0, 4, 0))
+    view.apply(BlockEvent(0, 0, [5, 6], "ab", drafted=[6, 7, 8], accepted=1))
+    assert view.rejected_from == 2 and view.accepted_length == 2.0
+    tiles = render_tiles(view)
+    struck = [span for span in tiles.spans if "strike" in str(span.style)]
+    assert len(struck) == 2  # offsets 2 and 3 were rejected
+    assert "accepted" in render_status(view, speed="8/s", paused=False, state="done").plain
+    view.apply(StepEvent(0, 1, 3, [0], [9], ["e"], [1.0], 3, 4, 0, ar=True))
+    assert view.rejected_from is None  # a new block starts clean

@@ -53,6 +53,10 @@ class RunView:
     """Tokens committed at each step (the step bars)."""
     seconds: float = 0.0
     """Recorded time of the latest event, seconds since the run started."""
+    rejected_from: int | None = None
+    """Exact mode: offsets of the active block from here on were drafts the verification rejected."""
+    accepted_lengths: list[int] = field(default_factory=list)
+    """Exact mode: tokens each verified block kept (its first token plus the accepted drafts)."""
     final: FinalEvent | None = None
 
     def apply(self, event: Event, t: float | None = None) -> None:
@@ -67,6 +71,9 @@ class RunView:
                 return
             self.blocks.append(event.text)
             self.committed_blocks += 1
+            if event.drafted:
+                self.accepted_lengths.append(len(event.tokens))
+                self.rejected_from = len(event.tokens) if event.accepted < len(event.drafted) else None
         elif isinstance(event, FinalEvent):
             self.final = event
 
@@ -76,6 +83,7 @@ class RunView:
             self.block_size = event.block_size
             self.tiles = [None] * event.block_size
             self.block_steps = 0
+            self.rejected_from = None
             self.full_block_size = max(self.full_block_size, event.block_size)
         self.sub_block = event.sub_block
         for pos, tok, text, conf in zip(event.positions, event.tokens, event.texts, event.confidences):
@@ -133,6 +141,13 @@ class RunView:
         if self.final:
             return self.final.tokens_per_forward
         return self.tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def accepted_length(self) -> float | None:
+        """Exact mode: mean tokens kept per verified block (None when nothing was verified)."""
+        if self.final and self.final.verified_blocks:
+            return self.final.accepted_length
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else None
 
     @property
     def tokens_per_second(self) -> float:

@@ -84,6 +84,8 @@ def render_tiles(view: RunView, colour_by: str = "confidence") -> Text:
             bar(pos // part, pos // part - 1)
         if tile is None:
             out.append(" ░░ ", style="#808080 on #303030")
+        elif view.rejected_from is not None and pos >= view.rejected_from:  # exact mode: a rejected draft
+            out.append(f" {tile_label(tile)} ", style="strike #8a8a8a on #3a3a3a")
         else:
             colour = step_colour(tile.step_in_block) if colour_by == "step" else confidence_colour(tile.confidence)
             out.append(f" {tile_label(tile)} ", style=f"bold #000000 on {colour}")
@@ -131,6 +133,8 @@ def render_status(view: RunView, *, speed: str, paused: bool, state: str) -> Tex
     item("tokens", str(view.new_tokens))
     item("forwards", f"{view.forwards}" + ("" if view.final else "~"))
     item("tok/fwd", f"{view.tokens_per_forward:.2f}")
+    if view.accepted_length is not None:  # exact mode: tokens kept per verified block
+        item("accepted", f"{view.accepted_length:.2f}/block")
     item("tok/s", f"{view.tokens_per_second:.1f}")
     item("speed", speed)
     shown = "PAUSED" if paused else state
