@@ -189,13 +189,15 @@ def no_ctrl_echo(stream=None):
     """
     import sys
 
-    fd = None
     try:
         import termios
-
+    except ImportError:  # not a POSIX terminal
+        yield
+        return
+    try:
         fd = (stream or sys.stdin).fileno()
         old = termios.tcgetattr(fd)
-    except (ImportError, OSError, ValueError, AttributeError):
+    except (termios.error, OSError, ValueError, AttributeError):  # stdin is a pipe or a file
         yield
         return
     new = list(old)

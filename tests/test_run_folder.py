@@ -300,6 +300,8 @@ def test_live_panel_hides_the_ctrl_c_echo_and_restores_the_terminal():
     finally:
         os.close(leader)
         os.close(follower)
+    with open(os.devnull) as not_a_terminal, no_ctrl_echo(not_a_terminal):  # stdin redirected: nothing to do
+        pass
 
 
 def _app():
