@@ -226,7 +226,8 @@ class AdaptRun:
         self.saved_at = -1
         self.folder: RunFolder | None = None
         self.acc = None
-        self._window = (time.perf_counter(), 0)
+        self._loop_start = time.perf_counter()
+        self._window = (self._loop_start, 0)  # (start of the logging window, tokens in it)
 
     # --- records
     @property
