@@ -42,20 +42,10 @@ def _split(text: str, kind, flag: str) -> tuple:
 
 
 def _model_path(model: Optional[str]) -> str:
-    """MODEL, or the default model when the CLI has a resolver for one."""
-    from nbdiff.errors import NBDiffError
+    """MODEL, or the default model's folder when it is omitted (built on first use)."""
+    from .models import resolve_model
 
-    if model:
-        return model
-    try:
-        from . import models as shared  # the shared loader that knows the default model, when present
-
-        resolve = getattr(shared, "resolve_model", None) or getattr(shared, "default_model", None)
-    except ImportError:
-        resolve = None
-    if resolve is not None:
-        return str(resolve(None) if resolve.__code__.co_argcount else resolve())
-    raise NBDiffError("no model given", "pass a folder written by `nbdiff convert` or `nbdiff adapt`, e.g. `nbdiff bench DIR`")
+    return resolve_model(model)
 
 
 def bench(
