@@ -142,17 +142,26 @@ def chunked_cross_entropy(head, hidden: torch.Tensor, gold: torch.Tensor, vocab_
                           chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row CE of head(hidden) against gold, computed a chunk of rows at a time.
 
-    head: the LM head module (any wrapper around it, e.g. peft's trainable tokens, is honoured);
-    hidden: [N, H] final hidden states; gold: [N] token ids. Returns (ce [N] float32, correct [N]
-    bool: argmax == gold). With autograd on, each chunk runs under activation checkpointing: the
-    graph keeps its [rows, H] input and recomputes the [rows, V] logits in backward, so gradients
-    equal the dense path's while only one chunk of logits ever exists.
+    head: the LM head module; hidden: [N, H] final hidden states; gold: [N] token ids. Returns
+    (ce [N] float32, correct [N] bool: argmax == gold). Only one chunk's [rows, V] logits exist at
+    a time, in forward and backward:
+    - a frozen head (LoRA; peft's trainable-token rows on a tied head included) goes through a
+      fused linear + CE that computes each row's gradient while its logits are at hand, so the
+      backward pass needs neither the logits nor a second projection, and the head's weight
+      gradient is formed only for the trainable rows;
+    - any other head (fully trained, or a wrapper we do not know) runs each chunk under
+      activation checkpointing: the graph keeps [rows, H] and recomputes the logits in backward.
+    Both give the dense path's values and gradients (tests/test_layout.py).
     """
-    n = hidden.shape[0]
     rows = chunk_rows or max(16, CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    frozen = _frozen_head(head)
+    if frozen is not None:
+        weight, trainable_rows, bias = frozen
+        need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+        return _LinearCrossEntropy.apply(hidden, weight, bias, trainable_rows, gold, rows, need_grad)
     grad = torch.is_grad_enabled() and hidden.requires_grad
     ces, hits = [], []
-    for lo in range(0, n, rows):
+    for lo in range(0, hidden.shape[0], rows):
         h, g = hidden[lo:lo + rows], gold[lo:lo + rows]
         if grad:
             from torch.utils.checkpoint import checkpoint
@@ -172,3 +181,85 @@ def _head_ce(head, h: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torc
     with torch.no_grad():
         hit = logits.argmax(-1) == g
     return F.cross_entropy(logits, g, reduction="none"), hit
+
+
+def _frozen_head(head):
+    """(weight [V, H], trainable row ids [k], bias) of a head whose weight is frozen except for
+    peft trainable-token rows; None for any other head."""
+    if isinstance(head, torch.nn.Linear):
+        if head.weight.requires_grad or (head.bias is not None and head.bias.requires_grad):
+            return None
+        return head.weight, None, head.bias
+    adapter = getattr(head, "token_adapter", None)  # peft TrainableTokensWrapper around a tied LM head
+    base = getattr(adapter, "base_layer", None)
+    if (not isinstance(base, torch.nn.Linear) or base.weight.requires_grad or adapter.merged
+            or adapter.disable_adapters or not hasattr(adapter, "get_merged_weights")):
+        return None
+    active = adapter.active_adapters
+    if not active:
+        return base.weight, None, None
+    # peft's forward is F.linear(x, merged weight) with no bias; the merged weight carries the deltas
+    ids = torch.cat([adapter.token_indices[a] if torch.is_tensor(adapter.token_indices[a])
+                     else torch.tensor(adapter.token_indices[a]) for a in active]).to(base.weight.device)
+    return adapter.get_merged_weights(active), ids, None
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    kind = t.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else t.dtype
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """CE of (hidden @ weight.T + bias) per row, chunked, with the row gradients formed in forward.
+
+    ce_i depends on hidden_i alone, so d ce_i / d hidden_i = (softmax_i - onehot_i) @ weight can be
+    computed while chunk i's logits exist and scaled by the incoming gradient later. Likewise for
+    the few trainable rows of weight (peft trainable tokens): d ce_i / d weight_r = (p_ir - [r is
+    gold]) * hidden_i, kept as the [N, k] probabilities of those rows. Matmuls run in the autocast
+    dtype when autocast is on (as the dense path's would), softmax and CE in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, rows, gold, chunk, need_grad):
+        n = hidden.shape[0]
+        dtype = _compute_dtype(hidden)
+        w = weight.detach().to(dtype)  # [V, H]; one cast per call, not per chunk
+        b = bias.detach().to(dtype) if bias is not None else None
+        ce = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        hit = torch.empty(n, dtype=torch.bool, device=hidden.device)
+        grad_rows = weight.requires_grad and rows is not None and need_grad
+        d_hidden = torch.empty_like(hidden) if need_grad else None  # [N, H]
+        d_rows = hidden.new_empty((n, rows.numel()), dtype=torch.float32) if grad_rows else None  # [N, k]
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk)
+            g = gold[lo:hi]
+            logits = hidden[lo:hi].detach().to(dtype) @ w.T  # [c, V]
+            if b is not None:
+                logits = logits + b
+            logits = logits.float()
+            lse = torch.logsumexp(logits, dim=-1)  # [c]
+            ce[lo:hi] = lse - logits.gather(1, g[:, None]).squeeze(1)
+            hit[lo:hi] = logits.argmax(-1) == g
+            if need_grad:
+                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                p[torch.arange(hi - lo, device=p.device), g] -= 1.0
+                d_hidden[lo:hi] = (p.to(dtype) @ w).to(hidden.dtype)
+                if grad_rows:
+                    d_rows[lo:hi] = p[:, rows]
+        ctx.mark_non_differentiable(hit)
+        ctx.grad_rows = grad_rows
+        ctx.weight_meta = (weight.shape, weight.dtype)
+        ctx.save_for_backward(d_hidden, d_rows, hidden if grad_rows else None, rows if grad_rows else None)
+        return ce, hit
+
+    @staticmethod
+    def backward(ctx, grad_ce, _grad_hit):
+        d_hidden, d_rows, hidden, rows = ctx.saved_tensors
+        g = grad_ce.float()[:, None]  # [N, 1]
+        grad_hidden = (d_hidden.float() * g).to(d_hidden.dtype) if d_hidden is not None else None
+        grad_weight = None
+        if ctx.grad_rows:
+            shape, dtype = ctx.weight_meta
+            grad_weight = torch.zeros(shape, dtype=dtype, device=d_rows.device)
+            grad_weight[rows] = ((d_rows * g).T @ hidden.float()).to(dtype)  # [k, H]
+        return grad_hidden, grad_weight, None, None, None, None, None

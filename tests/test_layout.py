@@ -154,7 +154,7 @@ def test_chunked_cross_entropy_never_builds_full_logits():
     head.register_forward_hook(lambda m, i, o: seen.append(o.shape[0]))
     h = torch.randn(23, 8, requires_grad=True)
     gold = torch.randint(0, 50, (23,))
-    ce, hit = chunked_cross_entropy(head, h, gold, 50, chunk_rows=6)
+    ce, hit = chunked_cross_entropy(head, h, gold, 50, chunk_rows=6)  # a trained head: checkpointed chunks
     ce.sum().backward()
     assert max(seen) == 6 and sum(seen) == 2 * 23  # forward + recompute
     ref = torch.nn.functional.cross_entropy(head(h.detach()), gold, reduction="none")
@@ -184,3 +184,40 @@ def test_evaluation_reads_the_same_losses_as_full_logits():
             else:
                 ar, n_ar = ar_loss(c_logits, x0, ar_targets(trainable, pos, 1, "causal"))
                 assert res["ar"] == pytest.approx(float(ar), rel=1e-5) and res["ar_tokens"] == n_ar
+
+
+def test_fused_head_ce_matches_dense_and_trains_only_token_rows():
+    """A frozen head with trainable rows (peft trainable tokens on a tied head): values, hidden and
+    row gradients equal F.cross_entropy on full logits; fp32, and bf16 autocast to bf16 tolerance."""
+    from nbdiff.losses import _frozen_head, chunked_cross_entropy
+
+    model = _lora(tiny_model("qwen2"))  # tied embeddings: the head carries the mask-token row
+    head = model.get_output_embeddings()
+    weight, rows, _ = _frozen_head(head)
+    assert rows.tolist() == [MASK_ID] and weight.requires_grad
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(29, 64, generator=g)
+    gold = torch.randint(0, 384, (29,), generator=g)
+    gold[3] = MASK_ID  # a target on the trainable row
+    w = torch.rand(29, generator=g)
+    for autocast, tol in ((False, dict(rtol=1e-5, atol=1e-6)), (True, dict(rtol=2e-2, atol=2e-2))):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            results = []
+            for fused in (True, False):
+                model.zero_grad(set_to_none=True)
+                x = h.clone().requires_grad_()
+                if fused:
+                    ce, hit = chunked_cross_entropy(head, x, gold, 384, chunk_rows=8)
+                else:
+                    logits = head(x).float()
+                    ce, hit = torch.nn.functional.cross_entropy(logits, gold, reduction="none"), logits.argmax(-1) == gold
+                (ce * w).sum().backward()
+                delta = [p for n, p in model.named_parameters() if "trainable_tokens_delta" in n][0]
+                results.append((ce.detach(), hit, x.grad, delta.grad.clone()))
+        (ce_f, hit_f, gh_f, gd_f), (ce_d, hit_d, gh_d, gd_d) = results
+        torch.testing.assert_close(ce_f, ce_d, **tol)
+        torch.testing.assert_close(gh_f, gh_d, **tol)
+        torch.testing.assert_close(gd_f, gd_d, **tol)
+        assert gd_f.abs().sum() > 0
+        if not autocast:
+            assert torch.equal(hit_f, hit_d)
