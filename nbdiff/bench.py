@@ -316,9 +316,12 @@ def _local_folder(text: str | None, base: Path) -> Path | None:
 
 def source_folder(model_path: str | Path) -> Path | None:
     """The AR folder an adapted folder came from (adapt `from`, then settings `source`), if it is here."""
+    from .adapters import is_adapter_folder, read_adapter_folder
     from .settings import read_settings
 
     folder = Path(model_path).expanduser().resolve()
+    if is_adapter_folder(folder):  # an adapter's source is the base it was trained on
+        return read_adapter_folder(folder)[1].resolve()
     settings = read_settings(folder)
     if settings is None:
         return None
