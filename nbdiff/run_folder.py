@@ -66,7 +66,8 @@ class RunLock:
 
     def __init__(self, out: Path):
         self.out = Path(out)
-        self.path = self.out.parent / f".{self.out.name}.nbdiff-lock"
+        real = self.out.resolve()  # `--out .` has no name of its own
+        self.path = real.parent / f".{real.name}.nbdiff-lock"
         self._fd: int | None = None
 
     def acquire(self) -> None:
@@ -180,8 +181,8 @@ class RunFolder:
             if self.is_main:
                 from .fsutil import clean_stale_temps, temp_sibling
 
-                clean_stale_temps(self.out)  # staging folders of killed runs
-                staging = temp_sibling(self.out)
+                clean_stale_temps(self.out.resolve())  # staging folders of killed runs
+                staging = temp_sibling(self.out.resolve())
                 staging.mkdir()
         self.staging = broadcast(staging)
         if self.is_main:
@@ -194,12 +195,13 @@ class RunFolder:
         if self.is_main:
             from .fsutil import temp_sibling
 
-            old = temp_sibling(self.out, "old")
-            os.rename(self.out, old)
+            real = self.out.resolve()
+            old = temp_sibling(real, "old")
+            os.rename(real, old)
             try:
-                os.rename(self.staging, self.out)
+                os.rename(self.staging, real)
             except BaseException:
-                os.rename(old, self.out)
+                os.rename(old, real)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         self.staging = None

@@ -308,3 +308,11 @@ def _app():
     from nbdiff_cli.app import app
 
     return app
+
+
+def test_out_can_be_the_current_folder(model_dir, data_file, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert adapt(cfg(model_dir, data_file, ".", steps=1)).status == "completed"  # the lock is not put inside it
+    assert (here / "model.safetensors").is_file() and not any(p.name.startswith(".") for p in here.iterdir())
