@@ -116,9 +116,11 @@ class AdaptConfig:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda' (under accelerate/torchrun the launcher decides)."""
     dtype: str = "auto"
-    """Weight dtype: auto = fp32 master weights (bf16 autocast on GPU); bf16 for LoRA on GPU."""
+    """auto = fp32 master weights with bf16 autocast on GPUs and on CPUs with native bf16 (LoRA: base in bf16); fp32 = no autocast."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    """Recompute activations in backward to save memory (off: turned on only when a step would not fit)."""
+    max_memory: str | None = None
+    """Refuse a step whose estimated peak exceeds this (4G, 512M); default: the free memory."""
     attn_implementation: str = "sdpa"
     """'sdpa' or 'eager' (the 2L mask needs one of these)."""
     lora_rank: int = 0

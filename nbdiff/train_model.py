@@ -112,10 +112,32 @@ def make_accelerator(config: AdaptConfig):
     cpu = config.device == "cpu" or not cuda
     kwargs: dict[str, Any] = {"cpu": cpu}
     if "ACCELERATE_MIXED_PRECISION" not in os.environ:
-        kwargs["mixed_precision"] = "no" if cpu or config.dtype == "fp32" else "bf16"
+        # CPU bf16 autocast is ours (autocast_context): accelerate's state is per process and would
+        # refuse a second run in the same process with another precision
+        kwargs["mixed_precision"] = "bf16" if not cpu and training_autocast(config, "cuda") else "no"
     if launched and cpu:
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     return Accelerator(**kwargs)
+
+
+def training_autocast(config: AdaptConfig, device: str) -> bool:
+    """bf16 autocast over fp32 master weights: on a GPU unless --dtype fp32; on a CPU with native
+    bf16 (nbdiff.hardware) for --dtype auto. --dtype fp32 opts out everywhere."""
+    from .hardware import cpu_bf16
+
+    if config.dtype == "fp32":
+        return False
+    if device == "cuda":
+        return True
+    return config.dtype == "auto" and cpu_bf16().native
+
+
+def autocast_context(config: AdaptConfig, acc):
+    """The context manager factory a training step runs under: accelerate's (GPU mixed precision,
+    or none), or bf16 autocast on a CPU where training_autocast says so."""
+    if acc.device.type == "cpu" and training_autocast(config, "cpu"):
+        return lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    return acc.autocast
 
 
 def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
@@ -125,10 +147,10 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
     from .compat import probe_mask_support
 
     gpu = device.type == "cuda"
-    if config.dtype == "bf16" or (config.dtype == "auto" and gpu and config.lora_rank > 0):
-        dtype = torch.bfloat16
+    if config.dtype == "bf16" or (config.lora_rank > 0 and training_autocast(config, device.type)):
+        dtype = torch.bfloat16  # LoRA under autocast: the frozen base in bf16, adapters in fp32 (peft)
     else:
-        dtype = torch.float32  # fp32 master weights (bf16 autocast on GPU)
+        dtype = torch.float32  # fp32 master weights (bf16 autocast where training_autocast says)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.attn_implementation}
     if config.quantize == "nf4":
         from .quantize import bnb_config
@@ -146,11 +168,46 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
         raise NBDiffError(f"mask token id {folder.settings.mask_token_id} is outside the embedding table ({vocab} rows)",
                           "re-run `nbdiff convert` on the source model")
     model.config.use_cache = False
-    if config.gradient_checkpointing:
+    plan = memory_plan(config, model, device)
+    if plan.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank > 0:
         model = wrap_lora(model, config, folder.settings)
+    from .attention import choose_training_attention
+
+    _, attention = choose_training_attention(model, device, "auto" if config.attn_implementation == "sdpa"
+                                             else config.attn_implementation)
+    model.nbdiff_notes = [_dtype_note(config, device, dtype), plan.note, attention]  # one line each, for the start record
     return model
+
+
+def _dtype_note(config: AdaptConfig, device: torch.device, weights: torch.dtype) -> str:
+    from .hardware import cpu_bf16
+
+    name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(weights, str(weights))
+    if training_autocast(config, device.type):
+        why = "GPU" if device.type == "cuda" else cpu_bf16().evidence
+        return f"dtype: bf16 autocast, {name} weights, fp32 trainable weights ({why}; --dtype fp32 to opt out)"
+    if config.dtype == "auto" and device.type == "cpu":
+        return f"dtype: {name}, no autocast ({cpu_bf16().evidence})"
+    return f"dtype: {name} weights, no autocast (--dtype {config.dtype})"
+
+
+def memory_plan(config: AdaptConfig, model, device: torch.device):
+    """Gradient checkpointing (on when asked, else only when the step would not fit) and the
+    --max-memory guard, from nbdiff.memory's estimate of one micro-batch step."""
+    from .memory import parse_memory, plan_memory
+
+    n_params = sum(p.numel() for p in model.parameters())
+    if config.lora_rank > 0:  # adapters: 2 * rank * (in + out) per wrapped linear, about
+        n_trainable = 2 * config.lora_rank * model.config.num_hidden_layers * 7 * model.config.hidden_size * 2
+    else:
+        n_trainable = n_params
+    rows = config.batch_size * (2 if config.complementary_masks else 1)
+    compute = torch.bfloat16 if training_autocast(config, device.type) else torch.float32
+    return plan_memory(model.config, n_params, n_trainable, rows, config.seq_len, device, compute,
+                       checkpointing=True if config.gradient_checkpointing else None,
+                       max_memory=parse_memory(config.max_memory))
 
 
 def wrap_lora(model, config: AdaptConfig, settings: BlockDiffusionSettings):

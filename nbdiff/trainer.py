@@ -50,12 +50,12 @@ from .checkpoint import (Checkpoint, finish_checkpoint, folder_bytes, latest_che
 from .data import Dataset, PackedRows, build_dataset, row_index
 from .errors import NBDiffError
 from .evaluation import eval_block_sizes, evaluate
-from .layout import parallel_forward
+from .layout import parallel_forward, parallel_losses
 from .losses import LossParts, ar_loss, ar_targets, certainty_loss, combine, mdm_loss
 from .noising import NoisedBatch, block_starts, complementary, noise_blocks
 from .recipe import AdaptConfig, differences
 from .run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
-from .train_model import (ModelFolder, adapted_settings, load_model, load_trained_weights, make_accelerator,
+from .train_model import (ModelFolder, adapted_settings, autocast_context, load_model, load_trained_weights, make_accelerator,
                           read_model_folder, trainable_names, write_final_model)
 
 Callback = Callable[[dict], None]
@@ -187,10 +187,17 @@ def compute_loss(model, batch: MicroBatch, config: AdaptConfig, block_size: int)
     record then shows it under that name. The loop, checkpoints and logging stay as they are.
     Called inside the step's autocast context.
     """
-    noised, clean = parallel_forward(model, batch.x_t, batch.x_0, batch.position_ids, batch.doc_ids, block_size,
-                                     config.context_mask)
-    mdm, n_masked, correct = mdm_loss(noised, batch.x_0, batch.masked, batch.t, config.loss_weighting, batch.eligible)
-    ar, n_ar = ar_loss(clean, batch.x_0, batch.ar_target)
+    if config.certainty_weight > 0:  # certainty forcing reads full noised logits
+        noised, clean = parallel_forward(model, batch.x_t, batch.x_0, batch.position_ids, batch.doc_ids, block_size,
+                                         config.context_mask)
+        mdm, n_masked, correct = mdm_loss(noised, batch.x_0, batch.masked, batch.t, config.loss_weighting,
+                                          batch.eligible)
+        ar, n_ar = ar_loss(clean, batch.x_0, batch.ar_target)
+    else:  # hidden states, and the LM head only at the rows the two losses read (no [B, 2L, V] logits)
+        parts = parallel_losses(model, batch.x_t, batch.x_0, batch.position_ids, batch.doc_ids, batch.masked,
+                                batch.t, batch.ar_target, block_size, config.context_mask, config.loss_weighting,
+                                batch.eligible)
+        mdm, n_masked, correct, ar, n_ar = parts.mdm, parts.mdm_tokens, parts.mdm_correct, parts.ar, parts.ar_tokens
     mdm, ar = mdm * batch.shares.get("mdm", 1.0), ar * batch.shares.get("ar", 1.0)
     total, extra = combine(mdm, ar, config.ar_weight_at(block_size)), {}
     if config.certainty_weight > 0:  # per masked token, like L_MDM, so it shares L_MDM's token share
@@ -249,6 +256,7 @@ class AdaptRun:
         cfg = self.config
         self.model_folder: ModelFolder = read_model_folder(cfg.model, cfg.seq_len, cfg.block_size)
         self.acc = make_accelerator(cfg)
+        self.autocast = autocast_context(cfg, self.acc)
         self.world, self.rank = self.acc.num_processes, self.acc.process_index
         self.folder = RunFolder(Path(cfg.out), self.acc.is_main_process)
         self.folder.open(cfg.resume, cfg.force, Path(cfg.model), [Path(d) for d in cfg.data], self._broadcast)
@@ -316,6 +324,7 @@ class AdaptRun:
         cfg, acc = self.config, self.acc
         torch.manual_seed(cfg.seed)  # LoRA initialisation
         model = load_model(cfg, self.model_folder, acc.device)
+        self.notes: list[str] = list(getattr(model, "nbdiff_notes", []))  # dtype, memory, attention
         self.names = trainable_names(model)
         if not self.names:
             raise NBDiffError("the model has no trainable parameters")
@@ -350,7 +359,8 @@ class AdaptRun:
                    "seq_len": self.config.seq_len, "world_size": self.world, "rows_per_step": self.rows_per_step,
                    "parameters": sum(p.numel() for p in self.model.parameters()),
                    "trainable_parameters": sum(p.numel() for p in self.params), "device": str(self.acc.device),
-                   "data": dict(data.stats.__dict__), "out": str(self.folder.out), "warnings": list(self.warnings)})
+                   "data": dict(data.stats.__dict__), "out": str(self.folder.out), "warnings": list(self.warnings),
+                   "notes": list(self.notes)})
 
     # --- one optimizer step
     def train_step(self) -> None:
@@ -369,7 +379,7 @@ class AdaptRun:
         masked = torch.zeros(2, dtype=torch.float64)  # masked tokens, masked correct
         for m, mb in enumerate(micro):
             sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
-            with sync, acc.autocast():
+            with sync, self.autocast():
                 parts = compute_loss(self.model, mb.to(acc.device), cfg, block)
                 # DDP/FSDP average gradients over processes; * world turns that into the global sum
                 loss = parts.total * self.world
@@ -438,7 +448,7 @@ class AdaptRun:
             return None
         res = evaluate(self.model, self.data.eval, eval_block_sizes(self.config.block_size),
                        self.model_folder.settings.mask_token_id, self.config.context_mask,
-                       batch_size=self.config.batch_size, autocast=self.acc.autocast)
+                       batch_size=self.config.batch_size, autocast=self.autocast)
         rec = {"event": "eval", "step": self.step, "block_size": self.curriculum.block_size_at(max(self.step - 1, 0)),
                "ar": res["ar"], "mdm": {str(k): v for k, v in res["mdm"].items()},
                "acc": {str(k): v for k, v in res["acc"].items()},

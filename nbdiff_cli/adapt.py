@@ -261,6 +261,8 @@ class _Panel:
                      f"{rec['eval_rows']} held-out rows" + (f", {skipped} skipped" if skipped else ""))
         for warning in rec.get("warnings", []):
             err_console.print(f"warning: {warning}", style="yellow", soft_wrap=True)
+        for note in rec.get("notes", []):  # dtype, memory plan, attention kernel
+            err_console.print(note, style="dim", soft_wrap=True, markup=False)
         if not self._tty:
             console.print(f"adapt {self.cfg.model} -> {rec['out']} on {rec['device']} x{rec['world_size']}: {self.note}")
 

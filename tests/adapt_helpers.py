@@ -34,7 +34,7 @@ def jsonl_file(path: Path, records: list[dict]) -> Path:
 def tiny_config(model_dir, data_file, out, **kw) -> AdaptConfig:
     """A recipe small enough for a test: 6 steps of 2 rows x 32 tokens, block size 4, no held-out rows."""
     base = dict(model=str(model_dir), data=[str(data_file)], out=str(out), steps=6, seq_len=32, block_size=4,
-                batch_size=2, lr=3e-3, eval_fraction=0)
+                batch_size=2, lr=3e-3, eval_fraction=0, dtype="fp32")  # exactness tests compare fp32 runs
     base.update(kw)
     return AdaptConfig(**base)
 

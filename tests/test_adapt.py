@@ -171,17 +171,17 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(model_dir, data_
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch):
     import nbdiff.trainer as trainer
 
-    real = trainer.parallel_forward
+    real = trainer.parallel_losses
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        noised, clean = real(*args, **kwargs)
+        parts = real(*args, **kwargs)
         calls["n"] += 1
-        if calls["n"] > 3:  # steps 1-3 are fine, step 4 produces NaN logits
-            noised = noised * float("nan")
-        return noised, clean
+        if calls["n"] > 3:  # steps 1-3 are fine, step 4 produces a NaN loss
+            parts.mdm, parts.total = parts.mdm * float("nan"), parts.total * float("nan")
+        return parts
 
-    monkeypatch.setattr(trainer, "parallel_forward", poisoned)
+    monkeypatch.setattr(trainer, "parallel_losses", poisoned)
     with pytest.raises(NBDiffError, match=r"loss became nan at step 4.*step-00000002"):
         adapt(cfg(model_dir, data_file, tmp_path / "n", save_every=2, block_size=2, curriculum="none"))
     ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())

@@ -3,6 +3,9 @@
 import pytest
 import torch
 
+from adapt_helpers import data_file, model_dir  # noqa: F401 (fixtures)
+from adapt_helpers import tiny_config as recipe
+from nbdiff import hardware
 from nbdiff.errors import NBDiffError
 from nbdiff.masks import packed_training_mask, training_mask_mod
 from nbdiff.testing import tiny_config, tiny_model
@@ -85,3 +88,27 @@ def test_memory_plan_chooses_checkpointing_and_refuses_what_cannot_fit():
     assert parse_memory("4G") == 4 * GiB and parse_memory("512MiB") == 512 * 2**20 and parse_memory("auto") is None
     with pytest.raises(NBDiffError, match="--max-memory"):
         parse_memory("lots")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_adapt_autocasts_on_cpus_with_native_bf16_only(native, model_dir, data_file, tmp_path, monkeypatch):
+    """--dtype auto: bf16 autocast where the CPU has bf16 (detection mocked), plain fp32 elsewhere;
+    the start record says which and why, and how memory and attention were chosen."""
+    from nbdiff.trainer import adapt
+
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.CpuBf16(native, "mocked CPU"))
+    seen = []
+    res = adapt(recipe(model_dir, data_file, tmp_path / "o", steps=1, dtype="auto", lora_rank=4),
+                callback=seen.append)
+    notes = next(r for r in seen if r["event"] == "start")["notes"]
+    assert any(("bf16 autocast" in n) == native and "mocked CPU" in n for n in notes if n.startswith("dtype"))
+    assert any(n.startswith("memory: about") and "checkpointing off" in n for n in notes)
+    assert any(n.startswith("attention: sdpa") for n in notes)
+    assert res.status == "completed" and res.last["loss"] == res.last["loss"]  # finite, not NaN
+
+
+def test_adapt_refuses_a_step_over_max_memory(model_dir, data_file, tmp_path):
+    from nbdiff.trainer import adapt
+
+    with pytest.raises(NBDiffError, match="needs about .* more than --max-memory"):
+        adapt(recipe(model_dir, data_file, tmp_path / "o", steps=1, max_memory="100M"))
