@@ -121,6 +121,18 @@ def test_stop_strings_in_a_batch_and_through_lm_eval_arguments(loaded):
     assert lm.speed()["ignored_generation_arguments"] == ["foo"]
 
 
+def test_exact_mode_generation_equals_block_size_1(loaded):
+    from nbdiff.harness import NBDiffLM
+
+    model, tok = loaded
+    kwargs = {"max_gen_toks": 12, "until": []}
+    prompts = ["The quick brown fox", "Hello, how are"]
+    ar = NBDiffLM(model=model, tokenizer=tok, block_size=1, batch_size=2).generate_batch(prompts, kwargs)
+    exact = NBDiffLM(model=model, tokenizer=tok, block_size=4, exact=True, batch_size=2)
+    assert exact.generate_batch(prompts, kwargs) == ar
+    assert exact.get_model_info()["nbdiff_decoding"]["exact"] is True
+
+
 def test_chat_template_and_model_arguments(loaded):
     from nbdiff.errors import NBDiffError
     from nbdiff.harness import NBDiffLM
