@@ -15,7 +15,7 @@ from nbdiff.recipe import AdaptConfig
 from nbdiff.trainer import adapt
 
 ARGS = ["--steps", "3", "--seq-len", "32", "--block-size", "4", "--curriculum", "1,2,4", "--growth-steps", "2",
-        "--lr", "3e-3", "--eval-fraction", "0", "--device", "cpu"]
+        "--lr", "3e-3", "--eval-fraction", "0", "--device", "cpu", "--dtype", "fp32"]  # exact comparisons: no autocast
 
 
 def _free_port() -> int:
@@ -35,7 +35,7 @@ def _single(model, data, out, **kw):
 
     hf_logging.disable_progress_bar()
     base = dict(model=str(model), data=[str(data)], out=str(out), steps=3, seq_len=32, block_size=4,
-                curriculum="1,2,4", growth_steps=2, lr=3e-3, eval_fraction=0, device="cpu")
+                curriculum="1,2,4", growth_steps=2, lr=3e-3, eval_fraction=0, device="cpu", dtype="fp32")
     base.update(kw)
     return adapt(AdaptConfig(**base))
 
