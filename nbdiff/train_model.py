@@ -101,6 +101,17 @@ def _check_weight_files(path: Path) -> None:
             raise NBDiffError(f"{f} is truncated or corrupt ({cause})", "convert the model again") from None
 
 
+def load_tokenizer(folder: ModelFolder):
+    """The folder's tokenizer; a damaged tokenizer file is one NBDiffError."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder.path))
+    except Exception as exc:  # tokenizers reports a damaged file with a bare Exception
+        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise NBDiffError(f"cannot load the tokenizer in {folder.path}: {cause}", "convert the model again") from None
+
+
 def make_accelerator(config: AdaptConfig):
     """accelerate's Accelerator for --device/--dtype (a launcher's mixed-precision setting wins)."""
     from accelerate import Accelerator

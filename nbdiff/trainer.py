@@ -55,8 +55,8 @@ from .losses import LossParts, ar_loss, ar_targets, certainty_loss, combine, mdm
 from .noising import NoisedBatch, block_starts, complementary, noise_blocks
 from .recipe import AdaptConfig, differences
 from .run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
-from .train_model import (ModelFolder, adapted_settings, autocast_context, load_model, load_trained_weights, make_accelerator,
-                          read_model_folder, trainable_names, write_final_model)
+from .train_model import (ModelFolder, adapted_settings, autocast_context, load_model, load_tokenizer,
+                          load_trained_weights, make_accelerator, read_model_folder, trainable_names, write_final_model)
 
 Callback = Callable[[dict], None]
 __all__ = ["AdaptConfig", "AdaptResult", "AdaptRun", "CHECKPOINTS", "LossParts", "MicroBatch", "adapt",
@@ -303,10 +303,8 @@ class AdaptRun:
         return ckpt
 
     def _read_data(self, ckpt: Checkpoint | None) -> None:
-        from transformers import AutoTokenizer
-
         cfg = self.config
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+        self.tokenizer = load_tokenizer(self.model_folder)
         cache_dir = cfg.cache_dir or str(self.folder.dir / DATA_CACHE)
         with self.acc.main_process_first():  # rank 0 tokenises and fills the cache, the others read it
             self.data: Dataset = build_dataset(cfg.data, self.tokenizer, cfg.seq_len, cfg.seed, cfg.eval_fraction,

@@ -152,6 +152,12 @@ def test_truncated_model_weights_are_one_error_and_leave_nothing_behind(model_di
                                          "--seq-len", "32", "--block-size", "4"])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert "truncated or corrupt" in result.output
+    shutil.copy(model_dir / "model.safetensors", weights)
+    tokenizer = broken / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes()[:100])
+    with pytest.raises(NBDiffError, match="cannot load the tokenizer"):
+        adapt(cfg(broken, data_file, out))
+    assert list(out.iterdir()) == []
 
 
 def test_failed_setup_removes_what_it_created(model_dir, tmp_path):
