@@ -208,3 +208,19 @@ def test_smollm2_exact_equals_generate(tmp_path):
                                    drafter=drafter, max_new_tokens=40)
         # EOS may end the reply early: the exact reply is a prefix of generate()'s, ending at an EOS or at 40
         assert final.tokens[0] == ref[: len(final.tokens[0])] and (final.new_tokens == 40 or final.finish_reason == "eos")
+
+
+def test_sub_blocks_and_4bit_weights(tmp_path):
+    model = tiny_model("qwen3")
+    ref = reference(model, PROMPTS[0], 12)
+    assert run(model, [PROMPTS[0]], block_size=8, sub_blocks=4, max_new_tokens=12)[-1].tokens[0] == ref
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes is not installed")
+    import nbdiff
+    from decode_helpers import converted_folder
+
+    nf4, _ = nbdiff.load(converted_folder(tmp_path / "tiny", "llama", block_size=4), device="cpu", quantize="nf4")
+    prompt = [5, 17, 33, 80]
+    final = list(decode(nf4, [prompt], DecodeOptions(exact=True, block_size=4, max_new_tokens=10),
+                        mask_token_id=nf4.config.vocab_size - 1))[-1]
+    assert final.tokens[0] == reference(nf4, prompt, 10)  # exact against the same 4-bit weights
