@@ -88,7 +88,8 @@ class AdaptConfig:
     steps: int = 100
     """Optimizer steps (with --resume: a larger value extends the run)."""
     schedule_steps: int | None = None
-    """Length of the warmup, cosine and curriculum schedules (default: --steps; --resume keeps the first run's, so added steps train at the final block size and learning rate)."""
+    """Length of the warmup, cosine and curriculum schedules (default: --steps; --resume keeps the first
+    run's, so added steps train at the final block size and learning rate)."""
     seq_len: int = 512
     """Tokens per packed row (a multiple of the final block size)."""
     batch_size: int = 1
@@ -116,7 +117,8 @@ class AdaptConfig:
     device: str = "auto"
     """'auto', 'cpu' or 'cuda' (under accelerate/torchrun the launcher decides)."""
     dtype: str = "auto"
-    """auto = fp32 master weights with bf16 autocast on GPUs and on CPUs with native bf16 (LoRA: base in bf16); fp32 = no autocast."""
+    """auto = fp32 master weights with bf16 autocast on GPUs and on CPUs with native bf16 (LoRA: base in
+    bf16); fp32 = no autocast."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (off: turned on only when a step would not fit)."""
     max_memory: str | None = None
@@ -155,9 +157,11 @@ class AdaptConfig:
     resume: bool = False
     """Continue from the last checkpoint in --out (settings must match)."""
     force: bool = False
-    """Replace the run in --out (only a folder an adapt run wrote; the old run goes once the new one has a checkpoint)."""
+    """Replace the run in --out (only a folder an adapt run wrote; the old run goes once the new one has
+    a checkpoint)."""
     prune_checkpoints: bool = False
-    """Delete the checkpoints once the final model is written (kept by default: `--resume --steps N` extends the run)."""
+    """Delete the checkpoints once the final model is written (kept by default: `--resume --steps N`
+    extends the run)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.data, (str, Path)):
