@@ -65,6 +65,8 @@ def bench(
     max_new_tokens: MaxNewTokens = 64,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed decodes per prompt and row; the median counts.", rich_help_panel=BENCH)] = 1,
     sub_blocks: SubBlocks = 1,
+    warmup: Annotated[bool, typer.Option("--warmup/--no-warmup", help="One untimed decode per row shape first (start-up costs stay out of the timings).",
+                                         rich_help_panel=BENCH)] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON lines: one machine object, then one object per row.", rich_help_panel=BENCH)] = False,
     markdown: Annotated[Optional[Path], typer.Option("--markdown", help="Also write the table as Markdown to this file.", rich_help_panel=BENCH)] = None,
     plot: Annotated[Optional[Path], typer.Option("--plot", help="Write a PNG: speedup against generative perplexity, one panel per suite.",
@@ -106,6 +108,7 @@ def bench(
         quantize=None if quantize.value == "none" else quantize.value,
         sub_blocks=sub_blocks,
         draft_steps=draft_steps,
+        warmup=warmup,
     )
     if prompts is not None and suite:
         raise NBDiffError("--suite and --prompts do not mix", "pick shipped suites with --suite, or your own with --prompts")

@@ -57,7 +57,7 @@ def run(tmp_path_factory):
     plot, table = root / "bench.png", root / "bench.md"
     result = runner.invoke(app, [
         "bench", str(model), "--prompts", str(prompts), "--block-sizes", "1,4", "--thresholds", "0.9,0.3",
-        "-n", "6", "--modes", "nbdiff", "--json", "--plot", str(plot), "--markdown", str(table), "--dtype", "fp32", "--device", "cpu",
+        "-n", "6", "--modes", "nbdiff", "--no-warmup", "--json", "--plot", str(plot), "--markdown", str(table), "--dtype", "fp32", "--device", "cpu",
     ])
     assert result.exit_code == 0, result.output
     objects = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
@@ -129,7 +129,7 @@ def test_rich_table_is_printed_without_json(tmp_path):
     model = converted_folder(tmp_path / "m", block_size=4)
     prompts = tmp_path / "p.txt"
     prompts.write_text("Hello there\n\nThe quick brown fox\n")
-    result = runner.invoke(app, ["bench", str(model), "--prompts", str(prompts), "--block-sizes", "1", "-n", "3",
+    result = runner.invoke(app, ["bench", str(model), "--prompts", str(prompts), "--block-sizes", "1", "-n", "3", "--no-warmup",
                                  "--dtype", "fp32", "--device", "cpu"], env={"COLUMNS": "160"})
     assert result.exit_code == 0, result.output
     assert "generate()" in result.stdout and "nbdiff" in result.stdout and "│ p " in result.stdout
