@@ -172,6 +172,8 @@ class BenchConfig:
     sub_blocks: int = 1
     draft_steps: int | None = None
     """Cap on the denoising steps of an exact-mode draft (when the decoder has `draft_steps`)."""
+    exact_thresholds: tuple[float, ...] | None = None
+    """Draft thresholds of the exact rows (None = `thresholds`); exact output does not depend on them."""
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -183,7 +185,7 @@ class BenchConfig:
             check_block_size(b, "--block-sizes")
         if not self.thresholds:
             raise NBDiffError("--thresholds is empty", "e.g. --thresholds 0.9,0.7")
-        for t in self.thresholds:
+        for t in self.thresholds + (self.exact_thresholds or ()):
             if not 0.0 < t <= 1.0:
                 raise NBDiffError(f"--thresholds values must be in (0, 1], got {t}")
         bad = [m for m in self.modes if m not in DECODER_MODES]
@@ -226,7 +228,7 @@ def plan_rows(config: BenchConfig, dtypes: Sequence[str], has_source: bool, mode
                 if mode == "nbdiff" and b == 1:
                     specs.append(RowSpec(mode, dtype, 1))  # nothing to denoise: the threshold plays no part
                 elif mode == "exact" and b > 1:
-                    specs += [RowSpec(mode, dtype, b, t) for t in config.thresholds]
+                    specs += [RowSpec(mode, dtype, b, t) for t in config.exact_thresholds or config.thresholds]
                 elif mode == "exact-ngram" and b > 1:
                     specs.append(RowSpec(mode, dtype, b))  # n-gram drafts have no confidence threshold
                 elif mode == "nbdiff":

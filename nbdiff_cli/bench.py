@@ -57,6 +57,8 @@ def bench(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first N prompts of each suite.", rich_help_panel=BENCH)] = None,
     block_sizes: Annotated[str, typer.Option("--block-sizes", help="Block sizes of the nbdiff rows.", rich_help_panel=BENCH)] = "1,4,8",
     thresholds: Annotated[str, typer.Option("--thresholds", help="Confidence thresholds of the nbdiff rows.", rich_help_panel=BENCH)] = "0.9,0.7,0.5",
+    exact_thresholds: Annotated[Optional[str], typer.Option("--exact-thresholds", help="Draft thresholds of the exact rows. [default: --thresholds]",
+                                                            show_default=False, rich_help_panel=BENCH)] = None,
     modes: Annotated[str, typer.Option("--modes", help="Decoder modes: nbdiff, exact (diffusion drafts verified by AR), exact-ngram (n-gram drafts).",
                                        rich_help_panel=BENCH)] = "nbdiff,exact",
     exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Add / drop the exact-mode rows (shorthand for --modes).",
@@ -100,6 +102,7 @@ def bench(
     config = BenchConfig(
         block_sizes=_split(block_sizes, int, "--block-sizes"),
         thresholds=_split(thresholds, float, "--thresholds"),
+        exact_thresholds=_split(exact_thresholds, float, "--exact-thresholds") if exact_thresholds else None,
         modes=tuple(mode_list),
         max_new_tokens=max_new_tokens,
         repeats=repeats,

@@ -20,6 +20,7 @@ from nbdiff.bench import (
     available_modes,
     limit_per_suite,
     load_suites,
+    plan_rows,
     read_prompts,
     run_bench,
     source_folder,
@@ -199,6 +200,16 @@ def test_shipped_suites_have_10_to_30_prompts_each_and_differ_from_training_prom
     assert [p.suite for p in limit_per_suite(load_suites(["lists", "code"]), 2)] == ["lists", "lists", "code", "code"]
     with pytest.raises(NBDiffError, match="unknown suite"):
         load_suites(["poetry"])
+
+
+def test_rows_planned_per_mode():
+    config = BenchConfig(block_sizes=(1, 4), thresholds=(0.9, 0.5), exact_thresholds=(0.9,),
+                         modes=("nbdiff", "exact", "exact-ngram"))
+    specs = plan_rows(config, ["fp32", "bf16"], has_source=True, modes=config.modes)
+    one = [("ar", 1, None), ("source", 1, None), ("nbdiff", 1, None), ("nbdiff", 4, 0.9), ("nbdiff", 4, 0.5),
+           ("exact", 4, 0.9), ("exact-ngram", 4, None)]
+    assert [(s.mode, s.block_size, s.threshold) for s in specs] == one + one
+    assert [s.dtype for s in specs] == ["fp32"] * 7 + ["bf16"] * 7
 
 
 def test_bad_lists_and_settings_are_clear_errors():
