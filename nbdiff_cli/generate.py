@@ -55,6 +55,11 @@ def generate(
             "block_size": final.block_size,
             "notes": final.notes,
         }
+        from nbdiff.loading import loaded_dtype
+
+        choice = loaded_dtype(mdl)  # which dtype ran, and why (--dtype auto reads the CPU's bf16 support)
+        payload.update(dtype=choice.name if choice else str(mdl.dtype).removeprefix("torch."),
+                       dtype_reason=choice.reason if choice else None)
         if options.exact:  # what the verification kept: tokens per block and the accepted length per offset
             payload.update(accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
                            accepted=final.accepted, accepted_at=final.accepted_at)

@@ -21,6 +21,7 @@ def info(
     from rich.text import Text
 
     from nbdiff.errors import NBDiffError
+    from nbdiff.loading import choose_dtype, resolve_device
     from nbdiff.settings import read_settings
 
     if not model_dir.is_dir():
@@ -29,6 +30,8 @@ def info(
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     weights = sorted(model_dir.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in weights)
+    device = resolve_device("auto")
+    auto = choose_dtype("auto", device)  # what decoding commands run in with the default --dtype auto
     if json_out:
         payload = {
             "architecture": (config.get("architectures") or ["?"])[0],
@@ -36,6 +39,7 @@ def info(
             "weight_files": len(weights),
             "weight_bytes": size,
             "nbdiff": settings.to_dict() if settings else None,
+            "auto_dtype": {"device": device, "dtype": auto.name, "reason": auto.reason},
         }
         console.print_json(json.dumps(payload))
         return
@@ -47,6 +51,7 @@ def info(
     table.add_row("vocabulary", str(config.get("vocab_size")))
     table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
     table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
+    table.add_row("--dtype auto here", Text(f"{auto.name} on {device} ({auto.reason})"))
     if settings is None:
         table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:

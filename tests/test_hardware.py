@@ -71,3 +71,27 @@ def test_load_model_records_the_choice(cpu, tmp_path):
     cpu("avx2")
     model, _ = load_model(folder, device="cpu")
     assert model.dtype == torch.float32 and "no native bf16" in loaded_dtype(model).reason
+
+
+def test_info_and_generate_json_say_which_dtype_and_why(cpu, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nbdiff.testing import save_tiny_converted
+    from nbdiff_cli.app import app
+
+    folder = save_tiny_converted(tmp_path / "m", "llama", block_size=4, mask="added")
+    runner = CliRunner()
+    cpu("avx2")
+    out = runner.invoke(app, ["info", str(folder), "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["auto_dtype"]["dtype"] == "fp32"
+    out = runner.invoke(app, ["generate", str(folder), "-p", "Hello", "-n", "4", "--json", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    payload = json.loads(out.stdout.strip().splitlines()[-1])
+    assert payload["dtype"] == "fp32" and "no native bf16" in payload["dtype_reason"]
+    cpu("avx512_bf16")
+    out = runner.invoke(app, ["generate", str(folder), "-p", "Hello", "-n", "4", "--json", "--device", "cpu"])
+    payload = json.loads(out.stdout.strip().splitlines()[-1])
+    assert payload["dtype"] == "bf16" and "AVX512-BF16" in payload["dtype_reason"]
