@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import NBDiffError
-
-WEIGHTINGS = ("none", "inverse-t")
+from .recipe import WEIGHTINGS  # the allowed values live with the recipe (importable without torch)
 
 
 @dataclass

@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import NBDiffError
-from .losses import WEIGHTINGS
 from .settings import CONTEXT_MASKS, check_block_size
 
+WEIGHTINGS = ("none", "inverse-t")  # of L_MDM (nbdiff.losses): mean over masked tokens, or ELBO 1/t
 QUANTIZE = ("none", "nf4")
 EXPORTS = ("merged", "adapter")
 DTYPES = ("auto", "fp32", "bf16")
