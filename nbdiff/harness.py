@@ -47,7 +47,7 @@ class NBDiffLM(TemplateLM):
     """lm-eval model: exact log-likelihoods from one causal pass, generation through the nbdiff decoder.
 
     pretrained: a model folder (converted, adapted, plain or an exported adapter; whatever
-    `nbdiff.load` accepts). Or pass an already loaded `model` and `tokenizer`.
+    `nbdiff.load` accepts); omitted, the default model. Or pass a loaded `model` and `tokenizer`.
     Decoding options (block_size, threshold, ...) are keyword arguments named as `DecodeOptions`.
     """
 
@@ -77,6 +77,10 @@ class NBDiffLM(TemplateLM):
                 f"decoding options are: {', '.join(DecodeOptions.field_names())}",
             )
         if model is None:
+            if not pretrained:  # the default model, built on first use
+                from .default_model import ensure_default_model
+
+                pretrained = str(ensure_default_model())
             device = "auto" if device in (None, "") else str(device).split(":")[0]  # lm-eval says cuda:0
             quantize = None if quantize in (None, "", "none") else quantize
             model, tokenizer = load(pretrained, quantize=quantize, device=device, dtype=dtype)
