@@ -72,7 +72,8 @@ def load_adapter_folder(path: str | Path, quantize: str | None = None, device: s
     model, tokenizer = load_model(base, quantize=quantize, device=device, dtype=dtype)
     choice = getattr(model, "_nbdiff_dtype", None)
     try:
-        with quiet_transformers():
+        with quiet_transformers(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # peft calls deprecated transformers helpers
             peft_model = PeftModel.from_pretrained(model, folder, is_trainable=False)
             if (folder / "tokenizer_config.json").is_file():
                 tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)

@@ -186,8 +186,12 @@ def read_asset(asset: str | Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
 
 
 def write_asset(adapter_folder: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat16,
-                extra: dict | None = None) -> Path:
-    """Pack an exported adapter folder (adapter_config.json, adapter_model.safetensors, nbdiff.json) into one file."""
+                extra: dict | None = None, block_size: int | None = None) -> Path:
+    """Pack an exported adapter folder (adapter_config.json, adapter_model.safetensors, nbdiff.json) into one file.
+
+    `block_size` sets the block size decoding uses by default (e.g. the largest one whose text
+    stays coherent, when that is below the size the adapter was trained for).
+    """
     from safetensors.torch import load_file, save_file
 
     from .fsutil import atomic_file
@@ -199,6 +203,10 @@ def write_asset(adapter_folder: str | Path, out: str | Path, dtype: torch.dtype 
     tensors = {k: v.to(dtype).contiguous() for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
     settings = json.loads((folder / "nbdiff.json").read_text(encoding="utf-8"))
     settings.pop("base_model", None)
+    if block_size is not None:
+        from .settings import check_block_size
+
+        settings["block_size"] = check_block_size(block_size, "block_size")
     if extra:
         settings.setdefault("extra", {}).update(extra)
     adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
