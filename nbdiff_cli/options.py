@@ -91,7 +91,7 @@ DrafterOpt = Annotated[DrafterChoice, typer.Option("--drafter", help="Exact mode
                                                    rich_help_panel=DECODING)]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt (chat template).", rich_help_panel=DECODING)]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.", rich_help_panel=HARDWARE)]
-Dtype = Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype (auto: bf16 on GPU, fp32 on CPU).", rich_help_panel=HARDWARE)]
+Dtype = Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype (auto: bf16 on GPU and on CPUs with native bf16, else fp32; `nbdiff info` shows the choice).", rich_help_panel=HARDWARE)]
 Quantize = Annotated[QuantizeChoice, typer.Option("--quantize", "-q", help="Load weights quantized with bitsandbytes.",
                                                   rich_help_panel=HARDWARE)]
 OutDir = Annotated[Optional[Path], typer.Option("--out", "-o", help="Output folder.")]
