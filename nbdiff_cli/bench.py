@@ -301,10 +301,11 @@ def plot_result(result: "BenchResult", output: Path) -> None:
             ax.axhline(1.0, color="grey", linewidth=0.6, linestyle=":")
             ppl = [r.gen_ppl for r in rows if not math.isnan(r.gen_ppl)]
             if ppl and max(ppl) / min(ppl) > 4:  # a wide range reads better on a log axis
-                from matplotlib.ticker import ScalarFormatter
+                from matplotlib.ticker import NullFormatter, ScalarFormatter
 
                 ax.set_xscale("log")
                 ax.xaxis.set_major_formatter(ScalarFormatter())
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_title(suite)
             ax.set_xlabel("generative perplexity (lower is better)")
             ax.set_ylabel("speedup over generate()")
