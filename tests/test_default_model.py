@@ -174,3 +174,19 @@ def test_real_default_model_builds_and_answers(tmp_path):
     text, final = nbdiff.generate(model, tok, "What is the capital of France?", block_size=1, max_new_tokens=16)
     assert "Paris" in text
     assert nbdiff.loading.model_settings(model).adapted_block_size == 8
+
+
+def test_visualize_without_model_builds_the_default_model_first(tmp_path, monkeypatch):
+    """No MODEL means the default model; a missing asset is a one-line error before the screen opens."""
+    import typer
+
+    from nbdiff import default_model as dm
+    from nbdiff_cli.console import handle_errors
+    from nbdiff_cli.visualize import visualize
+
+    monkeypatch.setenv("NBDIFF_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(dm, "default_asset", lambda: tmp_path / "gone.safetensors")
+    cli = typer.Typer()
+    cli.command()(handle_errors(visualize))
+    result = CliRunner().invoke(cli, [])
+    assert result.exit_code == 1 and "default model's adapter" in result.output

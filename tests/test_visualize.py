@@ -141,7 +141,6 @@ def test_tiles_mark_masks_and_current_sub_block():
         (["--demo", "--threshold", "0"], "--threshold"),
         (["--demo", "-b", "8", "--sub-blocks", "3"], "does not divide"),
         (["missing-folder"], "does not exist"),
-        ([], "no model given"),
         (["--demo", "--record", "no/such/dir/t.jsonl"], "does not exist"),
         (["--replay", "a.jsonl", "--record", "b.jsonl"], "exclude each other"),
     ],
