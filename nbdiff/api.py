@@ -200,6 +200,10 @@ def stream(
         if longest + opts.max_new_tokens > limit:
             opts = opts.with_(max_new_tokens=limit - longest)
             notes.append(f"max_new_tokens shortened to {opts.max_new_tokens} to fit the context of {limit}")
+    if opts.exact and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+        notes.append("exact mode in 16-bit weights: drafts are verified by the model's own causal pass, but a "
+                     "many-token pass rounds differently from one-token steps, so near-ties can differ from plain AR; "
+                     "load with dtype='fp32' for token-identical output")
     settings = model_settings(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = eos_ids(model, tokenizer)

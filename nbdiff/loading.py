@@ -57,6 +57,10 @@ def choose_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> Dtyp
     return DtypeChoice(DTYPES[name], f"--dtype {name}")
 
 
+EXACT_DTYPE_REASON = ("exact mode: fp32, so the output is AR's token for token "
+                      "(bf16 rounds a block's verification pass and one-token steps differently)")
+
+
 def loaded_dtype(model) -> DtypeChoice | None:
     """The dtype choice `load_model` made for this model (None for models it did not load)."""
     return getattr(model, "_nbdiff_dtype", None)

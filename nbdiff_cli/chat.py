@@ -21,7 +21,7 @@ import typer
 from rich.text import Text
 
 from .console import console, printable, user_text
-from .generate import load_for_decoding
+from .models import load_for_decoding
 from .options import Hardware, ModelArg, decoding_options
 
 HELP = """commands:
@@ -169,7 +169,7 @@ def chat(
     from nbdiff.api import Session, resolve_options
     from nbdiff.errors import NBDiffError
 
-    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
     session = Session()  # the KV cache of the conversation, kept across turns
     templated = bool(getattr(tok, "chat_template", None))
     console.print(Text.assemble(

@@ -13,7 +13,7 @@ import typer
 from rich.text import Text
 
 from .console import console, err_console
-from .generate import load_for_decoding
+from .models import load_for_decoding
 from .options import (
     DECODING,
     BlockSize,
@@ -88,7 +88,7 @@ def eval_(
     )
     extra = {k: v for k, v in (("draft_steps", draft_steps), ("drafter", drafter)) if v is not None}
     settings = decoding_settings(base, block_sizes, exact, extra)
-    mdl, tok = load_for_decoding(model, device, dtype, quantize)
+    mdl, tok = load_for_decoding(model, device, dtype, quantize, exact=bool(exact))
     if humaneval:
         _humaneval(mdl, tok, settings, limit, batch_size, apply_chat_template, output_path)
     else:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from .console import console, err_console, printable, user_text
-from .models import load_for_decoding  # noqa: F401 - the shared loader (chat and eval import it from here)
+from .models import load_for_decoding
 from .options import Hardware, ModelArg, decoding_options
 
 
@@ -33,7 +33,7 @@ def generate(
     system = user_text(system) if system is not None else None
     if not prompt.strip():
         raise NBDiffError("the prompt is empty", "pass some text with --prompt")
-    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
     final = None
     for event in stream(mdl, tok, prompt, options, system=system, raw=raw):
         if isinstance(event, BlockEvent) and not json_out:

@@ -39,9 +39,22 @@ def resolve_model(model: Optional[str]) -> str:
     return str(path)
 
 
-def load_for_decoding(model: Optional[str], device, dtype, quantize):
-    """Load MODEL (default model when omitted) for a decoding command; errors are one line."""
+def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False):
+    """Load MODEL (default model when omitted) for a decoding command; errors are one line.
+
+    With `exact`, `--dtype auto` loads fp32: exact mode promises AR's tokens, and in bf16 a
+    verification pass over a block rounds differently from one-token steps, so near-ties flip
+    (measured on SmolLM2: 2 of 6 replies identical in bf16, 6 of 6 in fp32; docs/BENCHMARKS.md).
+    """
     from nbdiff.api import load
+    from nbdiff.loading import EXACT_DTYPE_REASON, DtypeChoice
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
-    return load(resolve_model(model), quantize=value(quantize), device=value(device), dtype=value(dtype))
+    pick = str(value(dtype)).lower()
+    if exact and pick == "auto" and str(value(quantize)).lower() in ("none", "", "false"):
+        mdl, tok = load(resolve_model(model), quantize=value(quantize), device=value(device), dtype="fp32")
+        import torch
+
+        mdl._nbdiff_dtype = DtypeChoice(torch.float32, EXACT_DTYPE_REASON)
+        return mdl, tok
+    return load(resolve_model(model), quantize=value(quantize), device=value(device), dtype=pick)
