@@ -60,10 +60,12 @@ def read_adapter_folder(path: str | Path) -> tuple[BlockDiffusionSettings, Path]
 
 def load_adapter_folder(path: str | Path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Load (model, tokenizer) of an adapter folder: base + adapter (merged unless quantized) + settings."""
+    from .fsutil import quiet_bitsandbytes, quiet_transformers
+
+    quiet_bitsandbytes()  # peft imports bitsandbytes when installed, and that import warns on CPU
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .fsutil import quiet_transformers
     from .loading import load_model
     from .quantize import normalize
 

@@ -228,6 +228,9 @@ def wrap_lora(model, config: AdaptConfig, settings: BlockDiffusionSettings):
     `trainable_token_indices` trains just that row (a [1, hidden] delta) instead of the whole table
     (`modules_to_save` would copy and train all of embed_tokens).
     """
+    from .fsutil import quiet_bitsandbytes
+
+    quiet_bitsandbytes()  # peft imports bitsandbytes when installed, and that import warns on CPU
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if config.quantize != "none":
