@@ -167,6 +167,23 @@ def with_text(events: Iterator[Event], tokenizer, eos: Sequence[int]) -> Iterato
         yield event
 
 
+def _fit_context(model, prompts: list[list[int]], opts: DecodeOptions, notes: list[str]) -> DecodeOptions:
+    """Refuse a prompt that fills the model's context; shorten max_new_tokens to what fits (with a note)."""
+    limit = context_length(model)
+    longest = max(len(p) for p in prompts)
+    if limit is None:
+        return opts
+    if longest >= limit:
+        raise NBDiffError(
+            f"the prompt has {longest} tokens but the model's context is {limit}",
+            "shorten the prompt (in chat: /clear)",
+        )
+    if longest + opts.max_new_tokens > limit:
+        opts = opts.with_(max_new_tokens=limit - longest)
+        notes.append(f"max_new_tokens shortened to {opts.max_new_tokens} to fit the context of {limit}")
+    return opts
+
+
 def stream(
     model,
     tokenizer,
@@ -189,17 +206,7 @@ def stream(
 
     opts, notes = resolve_options(model, options, **overrides)
     prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
-    limit = context_length(model)
-    longest = max(len(p) for p in prompts)
-    if limit is not None:
-        if longest >= limit:
-            raise NBDiffError(
-                f"the prompt has {longest} tokens but the model's context is {limit}",
-                "shorten the prompt (in chat: /clear)",
-            )
-        if longest + opts.max_new_tokens > limit:
-            opts = opts.with_(max_new_tokens=limit - longest)
-            notes.append(f"max_new_tokens shortened to {opts.max_new_tokens} to fit the context of {limit}")
+    opts = _fit_context(model, prompts, opts, notes)
     if opts.exact and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
         notes.append("exact mode in 16-bit weights: drafts are verified by the model's own causal pass, but a "
                      "many-token pass rounds differently from one-token steps, so near-ties can differ from plain AR; "
