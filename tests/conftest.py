@@ -8,6 +8,15 @@ from nbdiff.testing import save_tiny_converted
 
 
 @pytest.fixture
+def quiet_hf():
+    """transformers' warnings and progress bars off for one test (nbdiff.fsutil's one way to quiet it)."""
+    from nbdiff.fsutil import quiet_transformers
+
+    with quiet_transformers():
+        yield
+
+
+@pytest.fixture
 def anyio_backend():
     return "asyncio"
 

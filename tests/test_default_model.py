@@ -12,12 +12,7 @@ from adapt_helpers import text_file
 from nbdiff.errors import NBDiffError
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,7 @@ from nbdiff.errors import NBDiffError
 PROMPTS = ["Name a fruit.", "Count to three.", "Say hello.", "What is two plus two?", "Write one word."]
 
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+pytestmark = pytest.mark.usefixtures("quiet_hf")
 
 
 @pytest.fixture(scope="module")
