@@ -46,15 +46,17 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     verification pass over a block rounds differently from one-token steps, so near-ties flip
     (measured on SmolLM2: 2 of 6 replies identical in bf16, 6 of 6 in fp32; docs/BENCHMARKS.md).
     """
+    from dataclasses import replace
+
     from nbdiff.api import load
-    from nbdiff.loading import EXACT_DTYPE_REASON, DtypeChoice
+    from nbdiff.loading import EXACT_DTYPE_REASON, choose_dtype
+    from nbdiff.quantize import normalize
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
     pick = str(value(dtype)).lower()
-    if exact and pick == "auto" and str(value(quantize)).lower() in ("none", "", "false"):
-        mdl, tok = load(resolve_model(model), quantize=value(quantize), device=value(device), dtype="fp32")
-        import torch
-
-        mdl._nbdiff_dtype = DtypeChoice(torch.float32, EXACT_DTYPE_REASON)
-        return mdl, tok
-    return load(resolve_model(model), quantize=value(quantize), device=value(device), dtype=pick)
+    for_exact = exact and pick == "auto" and normalize(quantize) is None
+    mdl, tok = load(resolve_model(model), quantize=value(quantize), device=value(device),
+                    dtype="fp32" if for_exact else pick)
+    if for_exact:  # say why fp32 ran (info and --json read it back)
+        mdl._nbdiff_dtype = replace(choose_dtype("fp32"), reason=EXACT_DTYPE_REASON)
+    return mdl, tok
