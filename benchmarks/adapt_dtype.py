@@ -3,8 +3,8 @@
     python benchmarks/adapt_dtype.py SEED {auto,fp32}
 """
 import json, os, sys, time, resource
-from nbdiff.recipe import AdaptConfig
-from nbdiff.trainer import adapt
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.adapt.trainer import adapt
 seed, dtype = int(sys.argv[1]), sys.argv[2]
 recs = []
 cfg = AdaptConfig(model="/work/models/smollm2-nbdiff", data=["/work/shared/data/austen.txt"], out=f"/tmp/b2/adapt-{dtype}-{seed}",

@@ -1,12 +1,12 @@
-"""Training step at block size 1: the one-pass shortcut of nbdiff.layout vs the general 2L pass.
+"""Training step at block size 1: the one-pass shortcut of nbdiff.method.layout vs the general 2L pass.
 
 b = 2 with nothing masked runs the general 2L pass on the same tokens (same cost as b = 1 without
 the shortcut). 10M-parameter Llama, seq 512, fp32, CPU. Run: python benchmarks/block1_shortcut.py
 """
 import time, torch
 from nbdiff.testing import tiny_model
-from nbdiff.layout import parallel_forward
-from nbdiff.losses import ar_loss
+from nbdiff.method.layout import parallel_forward
+from nbdiff.method.losses import ar_loss
 torch.manual_seed(0)
 m = tiny_model("llama", hidden_size=256, intermediate_size=1408, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=8, vocab_size=4096).train()
 L=512; x0=torch.randint(0,4096,(1,L)); pos=torch.arange(L)[None]; doc=torch.zeros_like(pos)

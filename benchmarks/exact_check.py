@@ -5,8 +5,8 @@
 import time, torch, json, sys
 torch.set_num_threads(2)
 from nbdiff.api import load, encode
-from nbdiff.decoder import decode
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.decoder import decode
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.loading import model_settings
 model, tok = load("/work/models/smollm2-nbdiff", device="cpu", dtype="fp32")
 mask = model_settings(model).mask_token_id

@@ -47,7 +47,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from nbdiff.api import encode, load
-    from nbdiff.context import CachedContext
+    from nbdiff.decode.context import CachedContext
     from nbdiff.loading import model_settings
 
     torch.set_num_threads(args.threads)

@@ -59,9 +59,9 @@ def time_generate(model, ids: list[int], new: int) -> tuple[float, float]:
 
 def time_nbdiff(model, ids: list[int], new: int, block_size: int, mask_id: int) -> tuple[float, float, object]:
     """(seconds to the first token, seconds to the end, final record)."""
-    from nbdiff.decoder import decode
-    from nbdiff.events import FinalEvent, StepEvent
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.decoder import decode
+    from nbdiff.decode.events import FinalEvent, StepEvent
+    from nbdiff.decode.options import DecodeOptions
 
     opts = DecodeOptions(block_size=block_size, max_new_tokens=new)
     start = time.perf_counter()
@@ -104,9 +104,9 @@ def part_block8(model, tok, mask_id, n, new):
         finally:
             spent["forward"] += time.perf_counter() - start
 
-    from nbdiff.decoder import decode
-    from nbdiff.events import BlockEvent, FinalEvent
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.decoder import decode
+    from nbdiff.decode.events import BlockEvent, FinalEvent
+    from nbdiff.decode.options import DecodeOptions
 
     model.forward = timed
     try:
@@ -140,7 +140,7 @@ def part_block8(model, tok, mask_id, n, new):
 
 def part_chat(model, tok, turns: int, words: int, new: int):
     import nbdiff
-    from nbdiff.events import StepEvent
+    from nbdiff.decode.events import StepEvent
 
     text = AUSTEN.read_text(encoding="utf-8").split()
     results = {}

@@ -10,12 +10,12 @@
 Methods (same model, same batch, same losses, each step = forward + backward + AdamW step); a
 method may carry `@fp32` / `@bf16` (bf16 = autocast over fp32 master weights, as `adapt` does) and
 `+ckpt` (gradient checkpointing):
-- `2L-dense`: `nbdiff.layout.parallel_forward` over `[x_t ; x_0]` (2L tokens, one pass), full
+- `2L-dense`: `nbdiff.method.layout.parallel_forward` over `[x_t ; x_0]` (2L tokens, one pass), full
   logits [B, 2L, V], then L_MDM + 0.5 L_AR (the path before issue 14).
-- `2L`: `nbdiff.layout.parallel_losses`: the same pass returns hidden states; only the rows the
+- `2L`: `nbdiff.method.layout.parallel_losses`: the same pass returns hidden states; only the rows the
   losses read go through the LM head, in chunks (no [B, 2L, V] tensor).
 - `per-block`: the naive loop. For block k: one forward of `[x_0 blocks < k ; x_t block k]` under
-  `nbdiff.masks.decoding_mask` (the context-causal mask the decoder uses), L_MDM on block k,
+  `nbdiff.method.masks.decoding_mask` (the context-causal mask the decoder uses), L_MDM on block k,
   backward at once (so activations of one block at a time are alive); plus one causal AR forward of
   x_0 for L_AR. Blocks without a masked token are skipped (nothing to learn there).
 - `ar`: plain AR fine-tuning (causal forward of x_0, next-token loss on full logits, as the
@@ -62,7 +62,7 @@ def build_real(args):
     """A converted model folder, fp32 master weights, optionally LoRA on every linear layer (+ mask row)."""
     from transformers import AutoModelForCausalLM
 
-    from nbdiff.settings import read_settings
+    from nbdiff.method.settings import read_settings
 
     # as `nbdiff adapt` does: LoRA under bf16 autocast keeps the frozen base in bf16, adapters in fp32
     base = torch.bfloat16 if args.lora_rank and getattr(args, "dtype", "fp32") == "bf16" else torch.float32
@@ -83,7 +83,7 @@ def build_real(args):
 
 def batch(args, step: int):
     """A random batch (token ids are random: throughput does not depend on them) and its noise."""
-    from nbdiff.noising import noise_blocks
+    from nbdiff.method.noising import noise_blocks
 
     g = torch.Generator().manual_seed(1000 + step)
     B, L = args.batch_size, args.seq_len
@@ -102,7 +102,7 @@ def ar_targets(pos: torch.Tensor) -> torch.Tensor:
 
 def step_2l(model, args, x0, pos, doc, noised, backward=True):
     """The hidden-state path (issue 14): no full logits."""
-    from nbdiff.layout import parallel_losses
+    from nbdiff.method.layout import parallel_losses
 
     parts = parallel_losses(model, noised.x_t, x0, pos, doc, noised.masked, noised.t, ar_targets(pos),
                             args.block_size, "causal", ar_weight=AR_WEIGHT)
@@ -112,8 +112,8 @@ def step_2l(model, args, x0, pos, doc, noised, backward=True):
 
 
 def step_2l_dense(model, args, x0, pos, doc, noised, backward=True):
-    from nbdiff.layout import parallel_forward
-    from nbdiff.losses import ar_loss, combine, mdm_loss
+    from nbdiff.method.layout import parallel_forward
+    from nbdiff.method.losses import ar_loss, combine, mdm_loss
 
     noised_logits, clean_logits = parallel_forward(model, noised.x_t, x0, pos, doc, args.block_size, "causal")
     mdm, _, _ = mdm_loss(noised_logits, x0, noised.masked, noised.t)
@@ -129,7 +129,7 @@ def step_per_block(model, args, x0, pos, doc, noised, backward=True):
     the summed loss equals the mean L_MDM of the 2L layout exactly."""
     import torch.nn.functional as F
 
-    from nbdiff.masks import decoding_mask, to_model_mask
+    from nbdiff.method.masks import decoding_mask, to_model_mask
 
     B, L = x0.shape
     b = args.block_size

@@ -14,7 +14,7 @@ import tempfile
 
 
 def tiny_folder(path: str) -> str:
-    from nbdiff.settings import BlockDiffusionSettings, attach_settings
+    from nbdiff.method.settings import BlockDiffusionSettings, attach_settings
     from nbdiff.testing import tiny_model, tiny_tokenizer
 
     tok = tiny_tokenizer(mask_token=True)
@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import nbdiff
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
     from nbdiff_cli.visualize.app import make_app
     from nbdiff_cli.visualize.backends import LiveBackend
 

@@ -17,18 +17,18 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 __version__ = "0.1.0"
 
 # public name -> module that defines it (imported on first use)
 _LAZY = {
-    "training_mask": "nbdiff.masks",
-    "packed_training_mask": "nbdiff.masks",
-    "decoding_mask": "nbdiff.masks",
-    "BlockDiffusionSettings": "nbdiff.settings",
-    "read_settings": "nbdiff.settings",
-    "BlockCurriculum": "nbdiff.curriculum",
+    "training_mask": "nbdiff.method.masks",
+    "packed_training_mask": "nbdiff.method.masks",
+    "decoding_mask": "nbdiff.method.masks",
+    "BlockDiffusionSettings": "nbdiff.method.settings",
+    "read_settings": "nbdiff.method.settings",
+    "BlockCurriculum": "nbdiff.method.curriculum",
     "load": "nbdiff.api",
     "generate": "nbdiff.api",
     "stream": "nbdiff.api",

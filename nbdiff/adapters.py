@@ -6,8 +6,8 @@ the mask token's embedding row rides in it as a trainable-token delta), the toke
 folder it was trained on (`{"path": ..., "source": ...}` or a plain path string; a relative path
 is read from the adapter folder).
 
-`load_adapter_folder` loads the base with `nbdiff.loading.load_model`, applies the adapter and
-merges it into the weights (merged LoRA decodes at the base model's speed); a quantized base keeps
+`apply_adapter_folder` takes the base as `nbdiff.loading.load_model` loaded it (that function reads
+the folder with `read_adapter_folder` first), applies the adapter and merges it into the weights (merged LoRA decodes at the base model's speed); a quantized base keeps
 the LoRA layers unmerged (merging into 4-bit weights would round them). The adapted settings are
 attached to the model's config, so the decoder, chat, visualize and bench see an ordinary
 converted model.
@@ -19,8 +19,8 @@ import json
 import warnings
 from pathlib import Path
 
-from .errors import NBDiffError
-from .settings import BlockDiffusionSettings, attach_settings
+from nbdiff.errors import NBDiffError
+from nbdiff.method.settings import BlockDiffusionSettings, attach_settings
 
 ADAPTER_CONFIG = "adapter_config.json"
 SETTINGS_FILE = "nbdiff.json"
@@ -58,20 +58,18 @@ def read_adapter_folder(path: str | Path) -> tuple[BlockDiffusionSettings, Path]
     return BlockDiffusionSettings.from_dict(record), resolved
 
 
-def load_adapter_folder(path: str | Path, quantize: str | None = None, device: str = "auto", dtype: str = "auto"):
-    """Load (model, tokenizer) of an adapter folder: base + adapter (merged unless quantized) + settings."""
-    from .fsutil import quiet_bitsandbytes, quiet_transformers
+def apply_adapter_folder(path: str | Path, settings: BlockDiffusionSettings, model, tokenizer,
+                         quantize: str | None = None):
+    """(model, tokenizer) of an adapter folder: the loaded base + adapter (merged unless quantized) + settings."""
+    from nbdiff.fsutil import quiet_bitsandbytes, quiet_transformers
 
     quiet_bitsandbytes()  # peft imports bitsandbytes when installed, and that import warns on CPU
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .loading import load_model
-    from .quantize import normalize
+    from nbdiff.quantize import normalize
 
     folder = Path(path).expanduser()
-    settings, base = read_adapter_folder(folder)
-    model, tokenizer = load_model(base, quantize=quantize, device=device, dtype=dtype)
     choice = getattr(model, "_nbdiff_dtype", None)
     try:
         with quiet_transformers(), warnings.catch_warnings():

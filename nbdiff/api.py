@@ -11,7 +11,7 @@ message lists go through the tokenizer's chat template when it has one (`raw=Tru
 continuation). Decoding options come from a `DecodeOptions`, overridden by keyword arguments;
 `block_size=None` means the model folder's block size (1 for a never-converted folder).
 
-Layers (as mlx-lm's generate_step / stream_generate / generate): `nbdiff.decoder.decode` knows the
+Layers (as mlx-lm's generate_step / stream_generate / generate): `nbdiff.decode.decoder.decode` knows the
 model and the cache and yields token records; `stream` adds the text of every record and the
 timing; `generate` collects. A `Session` keeps the KV cache between calls, so a chat's next turn
 computes only the tokens its prompt adds.
@@ -23,10 +23,10 @@ import threading
 import time
 from typing import Any, Callable, Iterator, Sequence, Union
 
-from .errors import NBDiffError
-from .events import BlockEvent, Event, FinalEvent, StepEvent
-from .loading import context_length, load_model, model_settings
-from .options import DecodeOptions
+from nbdiff.errors import NBDiffError
+from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
+from nbdiff.loading import context_length, load_model, model_settings
+from nbdiff.decode.options import DecodeOptions
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -202,7 +202,7 @@ def stream(
     by the first `next()`; set `cancel` to stop before the next forward pass. `session` keeps the
     KV cache for the next call (one prompt at a time).
     """
-    from .decoder import decode
+    from nbdiff.decode.decoder import decode
 
     opts, notes = resolve_options(model, options, **overrides)
     prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
@@ -216,7 +216,7 @@ def stream(
     eos = eos_ids(model, tokenizer)
     context = None
     if session is not None and len(prompts) == 1:
-        from .context import CachedContext
+        from nbdiff.decode.context import CachedContext
 
         if session.context is None or session.context.model is not model:
             session.context = CachedContext(model, prompts, pad)

@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
+from nbdiff.resources import asset_path
 
 BASE_SOURCE = "smollm2-135m"
 ASSET_NAME = "adapter.safetensors"
@@ -47,14 +48,8 @@ class DefaultModelProgress:
 ProgressFn = Callable[[DefaultModelProgress], None]
 
 
-def assets_dir() -> Path:
-    """The shipped assets: `nbdiff/assets` in an installed package (a link to the repository's `assets/`)."""
-    inside = Path(__file__).resolve().parent / "assets"
-    return inside if inside.is_dir() else Path(__file__).resolve().parent.parent / "assets"
-
-
 def default_asset() -> Path:
-    return assets_dir() / "default-model" / ASSET_NAME
+    return asset_path("default-model", ASSET_NAME, must_exist=False)
 
 
 def cache_root() -> Path:
@@ -85,7 +80,7 @@ def default_model_dir(asset: str | Path | None = None, cache: str | Path | None 
 
 def is_built(folder: Path) -> bool:
     """A finished default-model folder whose base is still there."""
-    from .adapters import is_adapter_folder, read_adapter_folder
+    from nbdiff.adapters import is_adapter_folder, read_adapter_folder
 
     if not is_adapter_folder(folder):
         return False
@@ -115,7 +110,7 @@ def ensure_default_model(on_progress: ProgressFn | None = None, *, asset: str | 
     `smollm2-135m`) is what `nbdiff convert` reads; the adapter must have been trained on that
     source's conversion.
     """
-    from .fsutil import atomic_dir
+    from nbdiff.fsutil import atomic_dir
 
     base_source = base_source or BASE_SOURCE
     report = on_progress or (lambda _p: None)
@@ -127,7 +122,7 @@ def ensure_default_model(on_progress: ProgressFn | None = None, *, asset: str | 
     tensors, adapter_config, settings = read_asset(asset)  # a bad asset fails before any work
     base = base_dir(base_source, cache)
     if not (base / "config.json").is_file():
-        from .convert import convert
+        from nbdiff.convert import convert
 
         convert(base_source, base, block_size=settings.get("block_size", 32), force=base.exists(),
                 on_progress=lambda p: report(DefaultModelProgress("convert", p.done, p.total)))
@@ -150,7 +145,7 @@ def _write_adapter_folder(tmp: Path, tensors, adapter_config: dict, settings: di
                           asset: Path) -> None:
     from transformers import AutoTokenizer
 
-    from .fsutil import quiet_transformers
+    from nbdiff.fsutil import quiet_transformers
 
     _write_peft_folder(tmp, tensors, adapter_config)
     with quiet_transformers():
@@ -194,7 +189,7 @@ def write_asset(adapter_folder: str | Path, out: str | Path, dtype: torch.dtype 
     """
     from safetensors.torch import load_file, save_file
 
-    from .fsutil import atomic_file
+    from nbdiff.fsutil import atomic_file
 
     folder = Path(adapter_folder)
     for name in ("adapter_config.json", "adapter_model.safetensors", "nbdiff.json"):
@@ -204,7 +199,7 @@ def write_asset(adapter_folder: str | Path, out: str | Path, dtype: torch.dtype 
     settings = json.loads((folder / "nbdiff.json").read_text(encoding="utf-8"))
     settings.pop("base_model", None)
     if block_size is not None:
-        from .settings import check_block_size
+        from nbdiff.method.settings import check_block_size
 
         settings["block_size"] = check_block_size(block_size, "block_size")
     if extra:

@@ -1,7 +1,7 @@
 """Load a model folder for decoding: device, dtype, sdpa attention, safetensors only, no remote code.
 
 A folder converted by `nbdiff convert` carries its block-diffusion settings in config.json
-(`nbdiff.settings`). A plain, never-converted Hugging Face folder also loads: it has no mask
+(`nbdiff.method.settings`). A plain, never-converted Hugging Face folder also loads: it has no mask
 token, so it decodes only at block size 1 (plain AR; `model_settings` returns None and the CLI says
 how to convert); asking it for a larger block size is an NBDiffError that names `nbdiff convert`.
 """
@@ -12,11 +12,12 @@ from pathlib import Path
 
 import torch
 
-from .errors import NBDiffError
-from .fsutil import quiet_transformers
-from .hardware import DtypeChoice, auto_dtype
-from .quantize import bnb_config, normalize
-from .settings import BlockDiffusionSettings, read_settings, settings_from_config
+from nbdiff.adapters import apply_adapter_folder, is_adapter_folder, read_adapter_folder
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import quiet_transformers
+from nbdiff.hardware import DtypeChoice, auto_dtype
+from nbdiff.quantize import bnb_config, normalize
+from nbdiff.method.settings import BlockDiffusionSettings, read_settings, settings_from_config
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -91,10 +92,10 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .adapters import is_adapter_folder, load_adapter_folder
-
     if is_adapter_folder(path):
-        return load_adapter_folder(path, quantize=quantize, device=device, dtype=dtype)
+        settings, base = read_adapter_folder(path)
+        model, tokenizer = load_model(base, quantize=quantize, device=device, dtype=dtype)
+        return apply_adapter_folder(path, settings, model, tokenizer, quantize=quantize)
     folder = check_folder(path)
     read_settings(folder)  # validates the nbdiff section early, with a clear message
     dev = resolve_device(device)

@@ -11,7 +11,7 @@ import importlib.util
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 QUANT_TYPES = ("nf4", "fp4", "int8")
 
@@ -48,7 +48,7 @@ def bnb_config(kind: str, compute_dtype: torch.dtype = torch.float32, double_qua
     require_bitsandbytes(kind)
     from transformers import BitsAndBytesConfig
 
-    from .fsutil import quiet_bitsandbytes
+    from nbdiff.fsutil import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # before bitsandbytes is imported: its import warns too
 

@@ -122,7 +122,7 @@ def save_tiny_converted(path, arch: str = "llama", *, block_size: int = 4, adapt
     """
     from pathlib import Path
 
-    from .settings import BlockDiffusionSettings, attach_settings
+    from nbdiff.method.settings import BlockDiffusionSettings, attach_settings
 
     if mask not in ("added", "last"):
         raise ValueError("mask must be 'added' or 'last'")

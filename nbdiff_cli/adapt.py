@@ -1,6 +1,6 @@
 """`nbdiff adapt`: the NBDiff adaptation recipe, with a Rich live panel.
 
-The flags are made from `nbdiff.recipe.AdaptConfig`: one per field, help from its attribute
+The flags are made from `nbdiff.adapt.recipe.AdaptConfig`: one per field, help from its attribute
 docstring, panel from its `# --- Section` comment, default from the dataclass (shown in --help).
 Every flag defaults to None here, so `AdaptConfig.build` can tell "not given" from "given" and the
 precedence stays command line > --config file > default. A bool field is a switch (`--resume`);
@@ -19,7 +19,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.text import Text
 
-from .console import console, err_console, stdout_is_tty
+from nbdiff_cli.console import console, err_console, stdout_is_tty
 
 SHORT = {"data": "-d", "out": "-o", "block_size": "-b", "quantize": "-q"}
 PATHS = {"data", "out", "cache_dir"}
@@ -37,8 +37,8 @@ def _run(model: Path, config: Optional[Path] = None, **values: Any) -> None:
     `--resume --steps N` extends a finished run.
     """
     from nbdiff.errors import NBDiffError
-    from nbdiff.recipe import AdaptConfig
-    from nbdiff.trainer import adapt as run_adapt
+    from nbdiff.adapt.recipe import AdaptConfig
+    from nbdiff.adapt.trainer import adapt as run_adapt
 
     for name in [k for k in values if k.startswith("no_")]:
         if values.pop(name):
@@ -85,7 +85,7 @@ def _parameters() -> list[inspect.Parameter]:
     """The command's parameters: MODEL, --config, then one option per AdaptConfig field (and --no-X twins)."""
     from dataclasses import MISSING, fields
 
-    from nbdiff.recipe import CHOICES, AdaptConfig, field_docs
+    from nbdiff.adapt.recipe import CHOICES, AdaptConfig, field_docs
 
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [

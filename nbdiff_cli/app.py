@@ -10,7 +10,7 @@ import importlib
 
 import typer
 
-from .console import handle_errors
+from nbdiff_cli.console import handle_errors
 
 # name -> "module:function" (order = order in --help)
 COMMANDS: dict[str, str] = {

@@ -1,6 +1,6 @@
 """`nbdiff bench [MODEL]`: transformers generate() and nbdiff side by side, per suite, speed and quality.
 
-The measuring lives in `nbdiff.bench` (no printing there); this module parses the flags, shows a
+The measuring lives in `nbdiff.eval.bench` (no printing there); this module parses the flags, shows a
 progress bar, and renders the rows as a Rich table, JSON lines, a Markdown table or a plot.
 """
 
@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from .console import console, err_console
-from .options import (
+from nbdiff_cli.console import console, err_console
+from nbdiff_cli.options import (
     Device,
     DraftSteps,
     DeviceChoice,
@@ -27,7 +27,7 @@ from .options import (
 )
 
 if TYPE_CHECKING:
-    from nbdiff.bench import BenchResult, BenchRow
+    from nbdiff.eval.bench import BenchResult, BenchRow
 
 BENCH = "Bench"
 
@@ -43,7 +43,7 @@ def _split(text: str, kind, flag: str) -> tuple:
 
 def _model_path(model: Optional[str]) -> str:
     """MODEL, or the default model's folder when it is omitted (built on first use)."""
-    from .models import resolve_model
+    from nbdiff_cli.models import resolve_model
 
     return resolve_model(model)
 
@@ -89,7 +89,7 @@ def bench(
     """
     import json
 
-    from nbdiff.bench import BELOW_AR_RULE, BenchConfig, limit_per_suite, load_suites, read_prompts, run_bench
+    from nbdiff.eval.bench import BELOW_AR_RULE, BenchConfig, limit_per_suite, load_suites, read_prompts, run_bench
     from nbdiff.errors import NBDiffError
 
     mode_list = list(_split(modes, str, "--modes"))

@@ -20,9 +20,9 @@ import typer
 
 from rich.text import Text
 
-from .console import console, printable, user_text
-from .models import load_for_decoding
-from .options import Hardware, ModelArg, decoding_options
+from nbdiff_cli.console import console, printable, user_text
+from nbdiff_cli.models import load_for_decoding
+from nbdiff_cli.options import Hardware, ModelArg, decoding_options
 
 HELP = """commands:
   /help              this help
@@ -114,7 +114,7 @@ def _reply(model, tokenizer, messages, options, system, session=None):
 
     `session` (nbdiff.api.Session) keeps the KV cache: the next turn computes only its new tokens."""
     from nbdiff.api import stream
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
 
     events: queue.Queue = queue.Queue()
     cancel = threading.Event()

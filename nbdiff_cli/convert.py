@@ -6,8 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from .console import console, err_console
-from .options import DtypeChoice, Force, OutDir
+from nbdiff_cli.console import console, err_console
+from nbdiff_cli.options import DtypeChoice, Force, OutDir
 
 ConvertBlockSize = Annotated[
     int, typer.Option("--block-size", "-b", help="Target block size recorded in the folder (power of two; 1 = plain AR).")
@@ -39,8 +39,8 @@ def convert(
     from rich.table import Table
     from rich.text import Text
 
-    from nbdiff.settings import check_block_size
-    from nbdiff.sources import resolve_source
+    from nbdiff.method.settings import check_block_size
+    from nbdiff.convert.sources import resolve_source
 
     # Fail fast (bad block size, unknown alias, offline hub) before torch is even imported.
     check_block_size(block_size)

@@ -7,13 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from .console import console, err_console
-from .options import DeviceChoice, DtypeChoice
+from nbdiff_cli.console import console, err_console
+from nbdiff_cli.options import DeviceChoice, DtypeChoice
 
 
 def distill(
     model: Annotated[Optional[str], typer.Argument(help="Model folder that answers (omitted: the default model).")] = None,
-    prompts: Annotated[Path, typer.Option("--prompts", help="Prompts: .jsonl ({\"prompt\": ...} or {\"messages\": [...]}) or .txt (one per line). E.g. assets/prompts/distill.jsonl.")] = Path("assets/prompts/distill.jsonl"),
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompts: .jsonl ({\"prompt\": ...} or {\"messages\": [...]}) or .txt (one per line). Omitted: the 4,000 prompts shipped with nbdiff.")] = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl of chat records; prompts already in it are skipped (resume).")] = Path("distill.jsonl"),
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; above 0 samples (more varied data).")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
@@ -30,17 +30,19 @@ def distill(
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from nbdiff.distill import distill as run_distill
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.distill import distill as run_distill
+    from nbdiff.adapt.distill import read_prompts
     from nbdiff.errors import NBDiffError
 
-    from .models import load_for_decoding
+    from nbdiff_cli.models import load_for_decoding
 
     if temperature < 0:
         raise NBDiffError(f"--temperature must be >= 0, got {temperature}")
     if limit is not None and limit < 1:
         raise NBDiffError(f"--limit must be >= 1, got {limit}")
-    items = read_prompts(prompts, limit=limit)
+    from nbdiff.resources import distill_prompts
+
+    items = read_prompts(prompts or distill_prompts(), limit=limit)
     mdl, tok = load_for_decoding(model, device, dtype, "none")
     progress = Progress(
         TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),

@@ -12,9 +12,9 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from .console import console, err_console
-from .models import load_for_decoding
-from .options import (
+from nbdiff_cli.console import console, err_console
+from nbdiff_cli.models import load_for_decoding
+from nbdiff_cli.options import (
     DECODING,
     BlockSize,
     Confidence,
@@ -142,7 +142,7 @@ def _lm_eval(mdl, tok, settings, tasks, include_path, limit, num_fewshot, batch_
     import logging
 
     from nbdiff.errors import NBDiffError
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -200,7 +200,7 @@ def _speed_line(speed: dict) -> str:
 def _humaneval(mdl, tok, settings, limit, batch_size, chat, output_path):
     from rich.table import Table
 
-    from nbdiff.humaneval import evaluate
+    from nbdiff.eval.humaneval import evaluate
 
     def progress(label, result):
         mark = "pass" if result.passed else "fail"

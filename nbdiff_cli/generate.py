@@ -6,9 +6,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from .console import console, err_console, printable, user_text
-from .models import load_for_decoding
-from .options import Hardware, ModelArg, decoding_options
+from nbdiff_cli.console import console, err_console, printable, user_text
+from nbdiff_cli.models import load_for_decoding
+from nbdiff_cli.options import Hardware, ModelArg, decoding_options
 
 
 @decoding_options()
@@ -27,7 +27,7 @@ def generate(
 
     from nbdiff.api import stream
     from nbdiff.errors import NBDiffError
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
 
     prompt = user_text(prompt)  # bytes that are not UTF-8 become U+FFFD (tokenizers refuse them raw)
     system = user_text(system) if system is not None else None

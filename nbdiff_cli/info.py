@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .console import console
+from nbdiff_cli.console import console
 
 
 def info(
@@ -22,7 +22,7 @@ def info(
 
     from nbdiff.errors import NBDiffError
     from nbdiff.loading import choose_dtype, resolve_device
-    from nbdiff.settings import read_settings
+    from nbdiff.method.settings import read_settings
 
     if not model_dir.is_dir():
         raise NBDiffError(f"{model_dir} is not a folder", "pass the folder written by `nbdiff convert`")

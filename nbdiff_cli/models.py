@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .console import err_console
+from nbdiff_cli.console import err_console
 
 
 def resolve_model(model: Optional[str]) -> str:

@@ -100,7 +100,7 @@ Force = Annotated[bool, typer.Option("--force", help="Replace an existing, non-e
 
 def make_options(**values):
     """DecodeOptions from the decoding flags of any command (validated there, with the flag names)."""
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
 
     values = {k: getattr(v, "value", v) for k, v in values.items()}  # enum choices -> their strings
     return DecodeOptions(**values)
@@ -132,7 +132,7 @@ def decoding_options(max_new_tokens: int | None = None, hardware: bool = True, s
     `hardware` (a Hardware) and `system` (--system); its own parameters stay as they are.
     `max_new_tokens` overrides that flag's default (visualize shows shorter runs).
     """
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
 
     defaults = DecodeOptions().to_dict()
     if max_new_tokens is not None:

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .console import console
+from nbdiff_cli.console import console
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:

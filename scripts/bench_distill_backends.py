@@ -11,7 +11,7 @@ import sys
 import torch
 
 import nbdiff
-from nbdiff.distill import distill, read_prompts
+from nbdiff.adapt.distill import distill, read_prompts
 
 torch.set_num_threads(2)
 m, t = nbdiff.load("/work/models/smollm2-nbdiff", device="cpu")

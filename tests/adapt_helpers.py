@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from nbdiff.recipe import AdaptConfig
+from nbdiff.adapt.recipe import AdaptConfig
 from nbdiff.testing import save_tiny_converted
 
 TEXT = "The quick brown fox jumps over the lazy dog. Hello, how are you today? I am fine, thank you. "

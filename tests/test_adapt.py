@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from adapt_helpers import TEXT, data_file, model_dir, text_file, tiny_config  # noqa: F401 (fixtures)
 from nbdiff.errors import NBDiffError
-from nbdiff.recipe import AdaptConfig
-from nbdiff.trainer import adapt
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.adapt.trainer import adapt
 
 
 @pytest.fixture(autouse=True)
@@ -36,10 +36,10 @@ def test_block_size_1_is_plain_ar(model_dir, data_file, tmp_path):
     """b = 1: nothing is masked, L_MDM = 0, and the trained loss is lambda x the model's own causal LM loss."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nbdiff.data import build_dataset
-    from nbdiff.layout import parallel_forward
-    from nbdiff.losses import ar_loss, mdm_loss
-    from nbdiff.trainer import make_micro_batch
+    from nbdiff.adapt.data import build_dataset
+    from nbdiff.method.layout import parallel_forward
+    from nbdiff.method.losses import ar_loss, mdm_loss
+    from nbdiff.adapt.trainer import make_micro_batch
 
     c = cfg(model_dir, data_file, tmp_path / "o", block_size=1, curriculum="none")
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -66,7 +66,7 @@ def test_block_size_1_is_plain_ar(model_dir, data_file, tmp_path):
 def test_loss_decreases_and_output_folder_loads(model_dir, data_file, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nbdiff.settings import read_settings
+    from nbdiff.method.settings import read_settings
 
     out = tmp_path / "run"
     records = []
@@ -97,8 +97,8 @@ def test_loss_decreases_and_output_folder_loads(model_dir, data_file, tmp_path):
 def test_complementary_masks_cover_every_eligible_token(model_dir, data_file, tmp_path):
     from transformers import AutoTokenizer
 
-    from nbdiff.data import build_dataset
-    from nbdiff.trainer import make_micro_batch
+    from nbdiff.adapt.data import build_dataset
+    from nbdiff.adapt.trainer import make_micro_batch
 
     c = cfg(model_dir, data_file, tmp_path / "o", complementary_masks=True, block_size=8, seq_len=64)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -169,7 +169,7 @@ def test_resume_refuses_changed_settings_and_missing_checkpoint(model_dir, data_
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch):
-    import nbdiff.trainer as trainer
+    import nbdiff.adapt.trainer as trainer
 
     real = trainer.parallel_losses
     calls = {"n": 0}
@@ -343,7 +343,7 @@ def test_training_modules_import_no_ui_libraries():
     import subprocess
     import sys
 
-    code = ("import sys, nbdiff.trainer, nbdiff.data, nbdiff.evaluation, nbdiff.checkpoint, nbdiff.recipe; "
+    code = ("import sys, nbdiff.adapt.trainer, nbdiff.adapt.data, nbdiff.adapt.evaluation, nbdiff.adapt.checkpoint, nbdiff.adapt.recipe; "
             "print([m for m in ('rich', 'typer', 'textual') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -354,8 +354,8 @@ def test_chat_rows_train_only_assistant_tokens(model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from adapt_helpers import jsonl_file
-    from nbdiff.data import build_dataset, row_index
-    from nbdiff.trainer import make_micro_batch
+    from nbdiff.adapt.data import build_dataset, row_index
+    from nbdiff.adapt.trainer import make_micro_batch
 
     chat = [{"role": "user", "content": "Hello, how are you today?"},
             {"role": "assistant", "content": "I am fine, thank you. The quick brown fox jumps over the lazy dog."}]
@@ -373,8 +373,8 @@ def test_chat_rows_train_only_assistant_tokens(model_dir, tmp_path):
 
 
 def test_cli_reports_an_interrupted_run(model_dir, data_file, tmp_path, monkeypatch):
-    import nbdiff.trainer as trainer
-    from nbdiff.trainer import AdaptResult
+    import nbdiff.adapt.trainer as trainer
+    from nbdiff.adapt.trainer import AdaptResult
     from nbdiff_cli.app import app
 
     def fake(config, callback=None):

@@ -7,7 +7,7 @@ from adapt_helpers import data_file, model_dir  # noqa: F401 (fixtures)
 from adapt_helpers import tiny_config as recipe
 from nbdiff import hardware
 from nbdiff.errors import NBDiffError
-from nbdiff.masks import packed_training_mask, training_mask_mod
+from nbdiff.method.masks import packed_training_mask, training_mask_mod
 from nbdiff.testing import tiny_config, tiny_model
 
 
@@ -34,7 +34,7 @@ def test_block_mask_rule_equals_dense_mask(context, b):
 
 def test_block_mask_skips_forbidden_tiles():
     """With one document of 4 tiles, the noised half never reads later clean tiles: the BlockMask knows."""
-    from nbdiff.masks import training_block_mask
+    from nbdiff.method.masks import training_block_mask
 
     L, tile = 512, 128
     pos = torch.arange(L)[None]
@@ -45,7 +45,7 @@ def test_block_mask_skips_forbidden_tiles():
 
 
 def test_flex_attention_is_chosen_on_cuda_only(monkeypatch):
-    import nbdiff.attention as attention
+    import nbdiff.method.attention as attention
 
     model = tiny_model("llama")
     impl, note = attention.choose_training_attention(model, "cpu")
@@ -58,7 +58,7 @@ def test_flex_attention_is_chosen_on_cuda_only(monkeypatch):
 
 
 def test_training_attention_mask_follows_the_model():
-    from nbdiff.layout import training_attention_mask
+    from nbdiff.method.layout import training_attention_mask
 
     pos, doc = _packed()
     assert training_attention_mask(tiny_model("llama"), pos, doc, 4).shape == (2, 1, 24, 24)
@@ -67,7 +67,7 @@ def test_training_attention_mask_follows_the_model():
 
 
 def test_memory_plan_chooses_checkpointing_and_refuses_what_cannot_fit():
-    from nbdiff.memory import GiB, estimate_step_bytes, parse_memory, plan_memory
+    from nbdiff.adapt.memory import GiB, estimate_step_bytes, parse_memory, plan_memory
 
     cfg = tiny_config("llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152)
     args = (cfg, 135_000_000, 5_000_000, 8, 256)
@@ -94,7 +94,7 @@ def test_memory_plan_chooses_checkpointing_and_refuses_what_cannot_fit():
 def test_adapt_autocasts_on_cpus_with_native_bf16_only(native, model_dir, data_file, tmp_path, monkeypatch):
     """--dtype auto: bf16 autocast where the CPU has bf16 (detection mocked), plain fp32 elsewhere;
     the start record says which and why, and how memory and attention were chosen."""
-    from nbdiff.trainer import adapt
+    from nbdiff.adapt.trainer import adapt
 
     monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.CpuBf16(native, "mocked CPU"))
     seen = []
@@ -108,7 +108,7 @@ def test_adapt_autocasts_on_cpus_with_native_bf16_only(native, model_dir, data_f
 
 
 def test_adapt_refuses_a_step_over_max_memory(model_dir, data_file, tmp_path):
-    from nbdiff.trainer import adapt
+    from nbdiff.adapt.trainer import adapt
 
     with pytest.raises(NBDiffError, match="needs about .* more than --max-memory"):
         adapt(recipe(model_dir, data_file, tmp_path / "o", steps=1, max_memory="100M"))

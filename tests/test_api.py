@@ -7,9 +7,9 @@ import pytest
 from typer.testing import CliRunner
 
 import nbdiff
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
-from nbdiff.events import BlockEvent, FinalEvent, StepEvent, event_from_json, to_json
+from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent, event_from_json, to_json
 from nbdiff_cli.app import app
 
 from decode_helpers import converted_folder, plain_folder

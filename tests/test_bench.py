@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from decode_helpers import converted_folder, plain_folder
-from nbdiff.bench import (
+from nbdiff.eval.bench import (
     SUITES_DIR,
     BenchConfig,
     BenchPrompt,

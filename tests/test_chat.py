@@ -5,7 +5,7 @@ import queue
 import pytest
 from typer.testing import CliRunner
 
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff_cli import chat as chat_mod
 from nbdiff_cli.app import app
@@ -78,7 +78,7 @@ def test_ctrl_c_stops_the_reply_and_keeps_the_session(folder, monkeypatch):
 
 
 def test_no_markup_injection_from_model_text(folder, monkeypatch):
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
 
     def fake_stream(*args, **kwargs):
         yield BlockEvent(seq=0, block=0, tokens=[1], text="[bold red]x[/] [link=file:///]y")

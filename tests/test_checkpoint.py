@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from nbdiff.checkpoint import (finish_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, staging_dir,
+from nbdiff.adapt.checkpoint import (finish_checkpoint, latest_checkpoint, list_checkpoints, load_checkpoint, staging_dir,
                                write_optimizer)
 from nbdiff.errors import NBDiffError
 

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from nbdiff.convert import ConvertProgress, convert
-from nbdiff.settings import read_settings
+from nbdiff.method.settings import read_settings
 from nbdiff.testing import ARCHITECTURES, save_tiny_checkpoint, tiny_model, tiny_tokenizer
 from nbdiff_cli.app import app
 
@@ -450,7 +450,7 @@ def _smollm2_available() -> bool:
 def test_smollm2_gguf_converts_and_matches(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from nbdiff.sources import smollm2_gguf
+    from nbdiff.convert.sources import smollm2_gguf
 
     out = tmp_path / "smollm2"
     result = cli("smollm2-135m", "--out", str(out))

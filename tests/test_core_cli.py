@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from nbdiff.errors import NBDiffError
-from nbdiff.settings import BlockDiffusionSettings, attach_settings, read_settings
+from nbdiff.method.settings import BlockDiffusionSettings, attach_settings, read_settings
 from nbdiff.testing import save_tiny_checkpoint
 from nbdiff_cli.app import COMMANDS, app
 
@@ -126,7 +126,7 @@ def test_non_finite_float_options_are_refused(tmp_path, value):
 
 
 def test_chat_set_refuses_non_finite_and_the_options_keep_it_out():
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
     from nbdiff_cli.chat import parse_set
 
     for text in ("temperature nan", "temperature inf", "threshold nan", "top_p inf"):
@@ -215,7 +215,7 @@ def test_generate_on_truncated_weights_is_one_line(tmp_path):
 
 
 def test_generate_escapes_control_characters_and_decodes_bad_utf8(tmp_path, monkeypatch):
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
     from nbdiff.testing import save_tiny_converted
 
     folder = save_tiny_converted(tmp_path / "m")
@@ -238,7 +238,7 @@ def test_generate_escapes_control_characters_and_decodes_bad_utf8(tmp_path, monk
 
 
 def test_chat_escapes_output_keeps_going_after_bad_utf8_and_echoes_set(tmp_path, monkeypatch):
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
     from nbdiff.testing import save_tiny_converted
 
     folder = save_tiny_converted(tmp_path / "m")
@@ -311,7 +311,7 @@ async def test_tui_screenshot_says_where_it_wrote(tmp_path, monkeypatch):
 def test_chat_ctrl_c_ends_the_line_and_shows_nothing_after_it(tmp_path, monkeypatch):
     import queue
 
-    from nbdiff.events import BlockEvent, FinalEvent
+    from nbdiff.decode.events import BlockEvent, FinalEvent
     from nbdiff.testing import save_tiny_converted
     from nbdiff_cli import chat as chat_mod
 

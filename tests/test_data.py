@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adapt_helpers import TEXT, jsonl_file
-from nbdiff.data import build_dataset, load_corpus, pack, render_chat, row_index
+from nbdiff.adapt.data import build_dataset, load_corpus, pack, render_chat, row_index
 from nbdiff.errors import NBDiffError
-from nbdiff.masks import packed_training_mask
+from nbdiff.method.masks import packed_training_mask
 from nbdiff.testing import tiny_tokenizer
 
 

@@ -5,12 +5,12 @@ import threading
 import pytest
 import torch
 
-from nbdiff.decoder import CachedContext, decode
-from nbdiff.options import DecodeOptions
-from nbdiff.events import BlockEvent, FinalEvent, StepEvent
-from nbdiff.layout import parallel_forward
-from nbdiff.masks import decoding_mask, to_model_mask
-from nbdiff.sampling import choose, confidence, filtered_probs, select_commits
+from nbdiff.decode.decoder import CachedContext, decode
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent
+from nbdiff.method.layout import parallel_forward
+from nbdiff.method.masks import decoding_mask, to_model_mask
+from nbdiff.decode.sampling import choose, confidence, filtered_probs, select_commits
 from nbdiff.testing import ARCHITECTURES, tiny_model
 
 MASK = 383  # any id works as the mask token of a random model

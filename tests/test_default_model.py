@@ -19,9 +19,9 @@ pytestmark = pytest.mark.usefixtures("quiet_hf")
 def made(tmp_path_factory):
     """A plain tiny checkpoint, its conversion, and an adapter and a merged model trained on it identically."""
     from nbdiff.convert import convert
-    from nbdiff.recipe import AdaptConfig
+    from nbdiff.adapt.recipe import AdaptConfig
     from nbdiff.testing import save_tiny_checkpoint
-    from nbdiff.trainer import adapt
+    from nbdiff.adapt.trainer import adapt
 
     root = tmp_path_factory.mktemp("made")
     plain = save_tiny_checkpoint(root / "plain")

@@ -36,7 +36,7 @@ def prompt_file(tmp_path):
 
 
 def run(loaded, prompts, out, **kw):
-    from nbdiff.distill import distill
+    from nbdiff.adapt.distill import distill
 
     model, tok = loaded
     return list(distill(model, tok, prompts, out, **{"max_new_tokens": 6, "batch_size": 2, **kw}))
@@ -47,8 +47,8 @@ def records(path):
 
 
 def test_output_is_chat_data_that_adapt_reads(loaded, prompt_file, tmp_path):
-    from nbdiff.data import load_corpus
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.data import load_corpus
+    from nbdiff.adapt.distill import read_prompts
 
     out = tmp_path / "d.jsonl"
     progress = run(loaded, read_prompts(prompt_file), out)
@@ -63,7 +63,7 @@ def test_output_is_chat_data_that_adapt_reads(loaded, prompt_file, tmp_path):
 
 
 def test_resume_skips_answered_prompts_and_cuts_a_torn_line(loaded, prompt_file, tmp_path):
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.distill import read_prompts
 
     prompts = read_prompts(prompt_file)
     out = tmp_path / "d.jsonl"
@@ -83,7 +83,7 @@ def test_resume_skips_answered_prompts_and_cuts_a_torn_line(loaded, prompt_file,
 @pytest.mark.parametrize("backend", ["nbdiff", "hf"])
 def test_greedy_replies_equal_nbdiff_generate(loaded, prompt_file, tmp_path, backend):
     import nbdiff
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.distill import read_prompts
 
     model, tok = loaded
     out = tmp_path / "d.jsonl"
@@ -96,7 +96,7 @@ def test_greedy_replies_equal_nbdiff_generate(loaded, prompt_file, tmp_path, bac
 
 
 def test_sampling_is_seeded(loaded, prompt_file, tmp_path):
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.distill import read_prompts
 
     prompts = read_prompts(prompt_file)
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
@@ -106,7 +106,7 @@ def test_sampling_is_seeded(loaded, prompt_file, tmp_path):
 
 
 def test_prompt_files(tmp_path):
-    from nbdiff.distill import read_prompts
+    from nbdiff.adapt.distill import read_prompts
 
     txt = tmp_path / "p.txt"
     txt.write_text("one\n\ntwo\none\n", encoding="utf-8")
@@ -124,8 +124,8 @@ def test_prompt_files(tmp_path):
 
 
 def test_shipped_prompts_are_many_and_unique():
-    from nbdiff.default_model import assets_dir
-    from nbdiff.distill import read_prompts
+    from nbdiff.resources import assets_dir
+    from nbdiff.adapt.distill import read_prompts
 
     path = assets_dir() / "prompts" / "distill.jsonl"
     lines = path.read_text(encoding="utf-8").splitlines()
@@ -154,7 +154,7 @@ def test_cli_distill(model_dir, prompt_file, tmp_path):
 def test_certainty_loss_is_the_entropy_of_right_predictions_only():
     import torch
 
-    from nbdiff.losses import certainty_loss
+    from nbdiff.method.losses import certainty_loss
 
     ids = torch.tensor([[0, 1, 2, 3]])
     masked = torch.tensor([[False, True, True, True]])
@@ -172,8 +172,8 @@ def test_certainty_loss_is_the_entropy_of_right_predictions_only():
 
 def test_adapt_logs_the_certainty_term(model_dir, tmp_path):
     from adapt_helpers import text_file
-    from nbdiff.recipe import AdaptConfig
-    from nbdiff.trainer import adapt
+    from nbdiff.adapt.recipe import AdaptConfig
+    from nbdiff.adapt.trainer import adapt
 
     data = text_file(tmp_path / "a.txt", repeats=20)
     base = dict(model=str(model_dir), data=[str(data)], steps=2, seq_len=32, block_size=4, batch_size=2, lr=1e-3,

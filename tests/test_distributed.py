@@ -11,8 +11,8 @@ import pytest
 from safetensors.torch import load_file
 
 from adapt_helpers import converted_tiny, text_file
-from nbdiff.recipe import AdaptConfig
-from nbdiff.trainer import adapt
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.adapt.trainer import adapt
 
 ARGS = ["--steps", "3", "--seq-len", "32", "--block-size", "4", "--curriculum", "1,2,4", "--growth-steps", "2",
         "--lr", "3e-3", "--eval-fraction", "0", "--device", "cpu", "--dtype", "fp32"]  # exact comparisons: no autocast

@@ -53,7 +53,7 @@ def test_loglikelihoods_equal_lm_evals_hf_model(folder, loaded, manager):
     """Multiple choice and rolling log-likelihoods, batched with left padding, equal the `hf` model's."""
     from lm_eval.models.huggingface import HFLM
 
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     model, tok = loaded
     ours = _evaluate(NBDiffLM(model=model, tokenizer=tok, batch_size=3), manager, ["nbdiff_mc", "nbdiff_text"], 8)
@@ -75,7 +75,7 @@ def test_generation_task_at_block_size_1_equals_hf_greedy(folder, loaded, manage
     """The generation task runs end to end through the decoder; block size 1 gives hf's greedy text."""
     from lm_eval.models.huggingface import HFLM
 
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     model, tok = loaded
     lm = NBDiffLM(model=model, tokenizer=tok, batch_size=2, block_size=1)
@@ -91,8 +91,8 @@ def test_generation_task_at_block_size_1_equals_hf_greedy(folder, loaded, manage
 
 
 def test_stop_strings_cut_text_and_stop_decoding(loaded):
-    from nbdiff.completion import complete
-    from nbdiff.options import DecodeOptions
+    from nbdiff.decode.completion import complete
+    from nbdiff.decode.options import DecodeOptions
 
     model, tok = loaded
     opts = DecodeOptions(block_size=1, max_new_tokens=24)
@@ -106,7 +106,7 @@ def test_stop_strings_cut_text_and_stop_decoding(loaded):
 
 
 def test_stop_strings_in_a_batch_and_through_lm_eval_arguments(loaded):
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     model, tok = loaded
     lm = NBDiffLM(model=model, tokenizer=tok, block_size=4, batch_size=2)
@@ -122,7 +122,7 @@ def test_stop_strings_in_a_batch_and_through_lm_eval_arguments(loaded):
 
 
 def test_exact_mode_generation_equals_block_size_1(loaded):
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     model, tok = loaded
     kwargs = {"max_gen_toks": 12, "until": []}
@@ -135,7 +135,7 @@ def test_exact_mode_generation_equals_block_size_1(loaded):
 
 def test_chat_template_and_model_arguments(loaded):
     from nbdiff.errors import NBDiffError
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     model, tok = loaded
     lm = NBDiffLM(model=model, tokenizer=tok, threshold=0.5)
@@ -150,7 +150,7 @@ def test_registered_with_lm_eval_and_loads_a_folder_by_name(folder, manager):
     import lm_eval
     from lm_eval.api.registry import get_model
 
-    from nbdiff.harness import NBDiffLM
+    from nbdiff.eval.harness import NBDiffLM
 
     assert get_model("nbdiff") is NBDiffLM
     results = lm_eval.simple_evaluate(
@@ -161,7 +161,7 @@ def test_registered_with_lm_eval_and_loads_a_folder_by_name(folder, manager):
 
 
 def test_import_nbdiff_does_not_import_lm_eval():
-    code = "import sys, nbdiff, nbdiff.api, nbdiff.humaneval, nbdiff.completion; print('lm_eval' in sys.modules)"
+    code = "import sys, nbdiff, nbdiff.api, nbdiff.eval.humaneval, nbdiff.decode.completion; print('lm_eval' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -170,7 +170,7 @@ def test_import_nbdiff_does_not_import_lm_eval():
 
 
 def test_humaneval_runner_scores_known_completions():
-    from nbdiff import humaneval
+    from nbdiff.eval import humaneval
 
     first = humaneval.problems(limit=2)
     assert [p["task_id"] for p in first] == ["HumanEval/0", "HumanEval/1"]
@@ -183,8 +183,8 @@ def test_humaneval_runner_scores_known_completions():
 
 
 def test_humaneval_evaluate_compares_settings(loaded):
-    from nbdiff import humaneval
-    from nbdiff.options import DecodeOptions
+    from nbdiff.eval import humaneval
+    from nbdiff.decode.options import DecodeOptions
 
     model, tok = loaded
     settings = {"b1": DecodeOptions(block_size=1, max_new_tokens=6), "b4": DecodeOptions(block_size=4, max_new_tokens=6)}
@@ -201,8 +201,8 @@ def test_humaneval_evaluate_compares_settings(loaded):
 
 def test_humaneval_chat_prompts_and_batches(loaded):
     """Chat style asks for the function and scores the reply's first code block; a batch of 2 equals 1 at a time."""
-    from nbdiff import humaneval
-    from nbdiff.options import DecodeOptions
+    from nbdiff.eval import humaneval
+    from nbdiff.decode.options import DecodeOptions
 
     model, tok = loaded
     problem = humaneval.problems(limit=1)[0]

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-import nbdiff.decoder as decoder_mod
-from nbdiff.decoder import decode
-from nbdiff.events import BlockEvent, FinalEvent, StepEvent
-from nbdiff.options import DecodeOptions
-from nbdiff.sampling import filtered_probs
+import nbdiff.decode.decoder as decoder_mod
+from nbdiff.decode.decoder import decode
+from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.sampling import filtered_probs
 from nbdiff.testing import ARCHITECTURES, tiny_model
 
 MASK = 383
@@ -124,7 +124,7 @@ def test_eos_inside_a_draft_ends_the_row(monkeypatch):
 
 
 def test_ngram_drafter_is_exact_and_finds_repeats():
-    from nbdiff.drafters import ngram_draft
+    from nbdiff.decode.drafters import ngram_draft
 
     assert ngram_draft([1, 2, 3, 9, 1, 2], 3) == [3, 9, 1]
     assert ngram_draft([1, 2, 3, 4], 2) == []

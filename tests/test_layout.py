@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nbdiff.layout import parallel_forward
-from nbdiff.masks import decoding_mask, to_model_mask
-from nbdiff.noising import noise_blocks
+from nbdiff.method.layout import parallel_forward
+from nbdiff.method.masks import decoding_mask, to_model_mask
+from nbdiff.method.noising import noise_blocks
 from nbdiff.testing import ARCHITECTURES, tiny_model
 
 MASK_ID = 5
@@ -50,7 +50,7 @@ def test_noised_block_equals_decoding_view(arch):
 
 def test_block_size_one_noised_equals_clean():
     """At b = 1 the full 2L pass gives equal halves, so the one-pass shortcut is exact."""
-    from nbdiff.masks import packed_training_mask
+    from nbdiff.method.masks import packed_training_mask
 
     model = tiny_model("llama")
     x0, pos, doc, noised = _batch(L=9, b=1)
@@ -105,9 +105,9 @@ def _losses_and_grads(model, fn):
 @pytest.mark.parametrize("b,weighting", [(4, "none"), (4, "inverse-t"), (1, "none")])
 def test_hidden_path_equals_dense_losses_and_gradients(arch, lora, b, weighting):
     """parallel_losses (hidden states, chunked head + CE) = mdm_loss/ar_loss on full logits, values and grads."""
-    from nbdiff.layout import _dense_losses, parallel_losses
-    from nbdiff.losses import ar_targets
-    from nbdiff.noising import block_starts
+    from nbdiff.method.layout import _dense_losses, parallel_losses
+    from nbdiff.method.losses import ar_targets
+    from nbdiff.method.noising import block_starts
 
     model = tiny_model(arch).train()
     if lora:
@@ -133,7 +133,7 @@ def test_hidden_path_equals_dense_losses_and_gradients(arch, lora, b, weighting)
 
 def test_hidden_path_skips_ar_rows_and_handles_no_masked_token():
     """ar_target None: no AR rows (loss 0, count 0); no masked token: L_MDM = 0 and still in the graph."""
-    from nbdiff.layout import parallel_losses
+    from nbdiff.method.layout import parallel_losses
 
     model = tiny_model("llama").train()
     x0, pos, doc, trainable, noised = _packed_batch(b=4, seed=2)
@@ -147,7 +147,7 @@ def test_hidden_path_skips_ar_rows_and_handles_no_masked_token():
 
 def test_chunked_cross_entropy_never_builds_full_logits():
     """The head sees at most chunk_rows rows at a time, in forward and in the backward recomputation."""
-    from nbdiff.losses import chunked_cross_entropy
+    from nbdiff.method.losses import chunked_cross_entropy
 
     head = torch.nn.Linear(8, 50, bias=False)
     seen = []
@@ -164,9 +164,9 @@ def test_chunked_cross_entropy_never_builds_full_logits():
 
 def test_evaluation_reads_the_same_losses_as_full_logits():
     """evaluate() (hidden path) = mean MDM / AR CE and masked accuracy computed from full logits."""
-    from nbdiff.data import PackedRows
-    from nbdiff.evaluation import evaluate, noise_row
-    from nbdiff.losses import ar_loss, ar_targets, mdm_loss
+    from nbdiff.adapt.data import PackedRows
+    from nbdiff.adapt.evaluation import evaluate, noise_row
+    from nbdiff.method.losses import ar_loss, ar_targets, mdm_loss
 
     model = tiny_model("qwen2")
     x0, pos, doc, trainable, _ = _packed_batch(L=16, b=4, seed=4)
@@ -189,7 +189,7 @@ def test_evaluation_reads_the_same_losses_as_full_logits():
 def test_fused_head_ce_matches_dense_and_trains_only_token_rows():
     """A frozen head with trainable rows (peft trainable tokens on a tied head): values, hidden and
     row gradients equal F.cross_entropy on full logits; fp32, and bf16 autocast to bf16 tolerance."""
-    from nbdiff.losses import _frozen_head, chunked_cross_entropy
+    from nbdiff.method.losses import _frozen_head, chunked_cross_entropy
 
     model = _lora(tiny_model("qwen2"))  # tied embeddings: the head carries the mask-token row
     head = model.get_output_embeddings()

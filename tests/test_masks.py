@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nbdiff.errors import NBDiffError
-from nbdiff.masks import decoding_mask, packed_training_mask, to_model_mask, training_mask
+from nbdiff.method.masks import decoding_mask, packed_training_mask, to_model_mask, training_mask
 from nbdiff.testing import tiny_model
 
 
@@ -118,7 +118,7 @@ def test_model_mask_is_honoured(impl):
 
 
 def test_left_padded_hides_pad_keys_and_keeps_pad_queries_alive():
-    from nbdiff.masks import left_padded
+    from nbdiff.method.masks import left_padded
 
     rows = torch.ones(3, 3, dtype=torch.bool).tril()  # causal over 3 columns, queries at 0..2
     out = left_padded(rows, torch.tensor([0, 2]), 0)
@@ -129,7 +129,7 @@ def test_left_padded_hides_pad_keys_and_keeps_pad_queries_alive():
 
 
 def test_cached_rows_equal_the_full_mask_rows_with_left_padding():
-    from nbdiff.masks import cached_rows, left_padded
+    from nbdiff.method.masks import cached_rows, left_padded
 
     pad = torch.tensor([0, 3])
     for length, n in [(0, 6), (6, 1), (6, 4)]:

@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nbdiff.curriculum import BlockCurriculum
+from nbdiff.method.curriculum import BlockCurriculum
 from nbdiff.errors import NBDiffError
-from nbdiff.losses import ar_loss, combine, mdm_loss
-from nbdiff.noising import complementary, noise_blocks
+from nbdiff.method.losses import ar_loss, combine, mdm_loss
+from nbdiff.method.noising import complementary, noise_blocks
 
 MASK = 99
 
@@ -143,8 +143,8 @@ def test_curriculum_bad_specs(spec, size):
 @pytest.mark.parametrize("L,b", [(12, 4), (9, 2), (8, 1)])
 def test_ar_targets_never_visible_to_their_predictor(context, L, b):
     """The logits at j - 1 of the clean copy must not see token j, or L_AR leaks the answer."""
-    from nbdiff.losses import ar_targets
-    from nbdiff.masks import training_mask
+    from nbdiff.method.losses import ar_targets
+    from nbdiff.method.masks import training_mask
 
     pos = torch.arange(L)[None]
     target = ar_targets(torch.ones(1, L, dtype=torch.bool), pos, b, context)[0]

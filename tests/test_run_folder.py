@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from adapt_helpers import converted_tiny, data_file, model_dir, text_file, tiny_config  # noqa: F401 (fixtures)
 from nbdiff.errors import NBDiffError
-from nbdiff.recipe import AdaptConfig
-from nbdiff.trainer import adapt
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.adapt.trainer import adapt
 
 
 def cfg(model_dir, data_file, out, **kw) -> AdaptConfig:
@@ -93,7 +93,7 @@ def test_force_keeps_the_old_run_until_the_new_one_has_a_checkpoint(model_dir, d
 
 def test_a_second_run_on_the_same_out_is_refused_and_a_killed_holder_leaves_no_lock(model_dir, data_file, tmp_path):
     out = tmp_path / "run"
-    code = ("import sys, time; from nbdiff.run_folder import RunLock; RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from nbdiff.adapt.run_folder import RunLock; RunLock(sys.argv[1]).acquire(); "
             "print('locked', flush=True); time.sleep(120)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True)
     try:
@@ -112,7 +112,7 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_killed_holder_leaves_no_l
 
 
 def test_the_lock_is_held_while_the_run_lives(model_dir, data_file, tmp_path):
-    from nbdiff.run_folder import RunLock
+    from nbdiff.adapt.run_folder import RunLock
 
     out = tmp_path / "run"
     refused = []
@@ -269,8 +269,8 @@ def test_help_shows_every_flag_whole_at_80_columns_with_defaults():
 
 
 def test_a_bool_set_by_the_recipe_can_be_turned_off_on_the_command_line(model_dir, data_file, tmp_path, monkeypatch):
-    import nbdiff.trainer as trainer
-    from nbdiff.trainer import AdaptResult
+    import nbdiff.adapt.trainer as trainer
+    from nbdiff.adapt.trainer import AdaptResult
 
     seen = {}
 

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from nbdiff import sources
+from nbdiff.convert import sources
 from nbdiff.convert import default_out_dir
 from nbdiff.errors import NBDiffError
-from nbdiff.sources import ALIASES, resolve_source
+from nbdiff.convert.sources import ALIASES, resolve_source
 from nbdiff.testing import save_tiny_checkpoint
 
 
@@ -101,7 +101,7 @@ def test_library_side_imports_no_ui_and_sources_no_torch():
     import sys
 
     code = (
-        "import sys, nbdiff.sources; assert 'torch' not in sys.modules, 'sources imports torch'; "
+        "import sys, nbdiff.convert.sources; assert 'torch' not in sys.modules, 'sources imports torch'; "
         "import nbdiff.convert; bad = [m for m in ('typer', 'rich', 'textual') if m in sys.modules]; "
         "assert not bad, bad"
     )

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
-from nbdiff.events import BlockEvent, FinalEvent, StepEvent
+from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent
 from nbdiff_cli.visualize.app import SPEEDS, make_app
 from nbdiff_cli.visualize.backends import FakeBackend, LiveBackend, ReplayBackend
 from nbdiff_cli.visualize.state import RunView

@@ -16,8 +16,8 @@ Variants (all from the converted source, same data order, same steps, same seed)
 - ar-control:   plain AR fine-tuning, same steps (--block-size 1 --curriculum none): the fair
                 reference for "the AR loss stays within 5%" (fine-tuning alone moves it too)
 
-Evaluation: held-out chapters (never trained on), packed by nbdiff.data exactly as training rows,
-scored by nbdiff.evaluation.evaluate, whose noise is seeded per (block size, row): every model sees
+Evaluation: held-out chapters (never trained on), packed by nbdiff.adapt.data exactly as training rows,
+scored by nbdiff.adapt.evaluation.evaluate, whose noise is seeded per (block size, row): every model sees
 the same masks. AR loss = block size 1 with the causal mask for every model.
 """
 
@@ -112,7 +112,7 @@ def cmd_adapt(args) -> None:
 
 
 def heldout_rows(args, tokenizer):
-    from nbdiff.data import build_dataset
+    from nbdiff.adapt.data import build_dataset
 
     ds = build_dataset([args.root / "data" / "heldout.jsonl"], tokenizer, args.seq_len, seed=0, eval_fraction=0.0,
                        cache_dir=args.root / "data-cache")
@@ -123,7 +123,7 @@ def load(path: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nbdiff.settings import read_settings
+    from nbdiff.method.settings import read_settings
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
     return model, AutoTokenizer.from_pretrained(path), read_settings(path)
@@ -140,7 +140,7 @@ def models(args) -> dict[str, Path]:
 def cmd_evaluate(args) -> None:
     import torch
 
-    from nbdiff.evaluation import evaluate
+    from nbdiff.adapt.evaluation import evaluate
 
     torch.set_num_threads(args.threads)
     results = {}
@@ -194,7 +194,7 @@ def cmd_leak(args) -> None:
     """
     import torch
 
-    from nbdiff.evaluation import evaluate
+    from nbdiff.adapt.evaluation import evaluate
 
     torch.set_num_threads(args.threads)
     out, rows = {}, None

@@ -17,13 +17,32 @@ Modules, in the order `convert()` uses them:
 - `mask_token`: which token becomes the mask token, and its embedding row.
 - `tensors`: where each input tensor lives, the shard plan, streaming writes.
 - `card`: the README.md model card.
+
+Beside them: `sources` (where a checkpoint comes from: folder, GGUF, alias, hub id) and `compat`
+(which architectures honour a custom 4-D mask).
 """
 
-from .card import model_card
-from .converter import DEFAULT_MAX_SHARD_BYTES, ConvertProgress, ConvertResult, convert, default_out_dir
-from .mask_token import DEFAULT_MASK_TOKEN, MaskChoice, choose_mask_token
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_MASK_TOKEN", "DEFAULT_MAX_SHARD_BYTES", "ConvertProgress", "ConvertResult", "MaskChoice",
-    "choose_mask_token", "convert", "default_out_dir", "model_card",
-]
+import importlib
+from typing import Any
+
+# public name -> module that defines it, imported on first use so that `nbdiff.convert.sources`
+# (which the command line reads before any model work) does not pull in torch
+_LAZY = {
+    "model_card": "card",
+    "DEFAULT_MAX_SHARD_BYTES": "converter", "ConvertProgress": "converter", "ConvertResult": "converter",
+    "convert": "converter", "default_out_dir": "converter",
+    "DEFAULT_MASK_TOKEN": "mask_token", "MaskChoice": "mask_token", "choose_mask_token": "mask_token",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nbdiff.convert' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"nbdiff.convert.{module}"), name)
+    globals()[name] = value
+    return value

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..settings import BlockDiffusionSettings
-from .mask_token import MaskChoice
+from nbdiff.method.settings import BlockDiffusionSettings
+from nbdiff.convert.mask_token import MaskChoice
 
 
 def model_card(source: str, architecture: str, settings: BlockDiffusionSettings, mask: MaskChoice, dtype: str, parameters: int) -> str:

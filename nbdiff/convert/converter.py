@@ -9,16 +9,16 @@ from typing import Callable
 
 import torch
 
-from ..compat import probe_mask_support
-from ..errors import NBDiffError
-from ..fsutil import atomic_dir, quiet_transformers
-from ..loading import DTYPES
-from ..settings import BlockDiffusionSettings, attach_settings, check_block_size, settings_from_config
-from ..sources import Source, resolve_source
-from .card import model_card
-from .mask_token import MaskChoice, choose_mask_token, with_mask_row
-from .reading import ModelNames, generation_config, model_names, read_config, read_tokenizer
-from .tensors import OutputLayout, TensorGroup, folder_groups, plan_shards, write_shards
+from nbdiff.convert.compat import probe_mask_support
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import atomic_dir, quiet_transformers
+from nbdiff.loading import DTYPES
+from nbdiff.method.settings import BlockDiffusionSettings, attach_settings, check_block_size, settings_from_config
+from nbdiff.convert.sources import Source, resolve_source
+from nbdiff.convert.card import model_card
+from nbdiff.convert.mask_token import MaskChoice, choose_mask_token, with_mask_row
+from nbdiff.convert.reading import ModelNames, generation_config, model_names, read_config, read_tokenizer
+from nbdiff.convert.tensors import OutputLayout, TensorGroup, folder_groups, plan_shards, write_shards
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
 DTYPE_NAMES = {dt: name for name, dt in DTYPES.items()}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 DEFAULT_MASK_TOKEN = "<|mask|>"
 # Mask-like special tokens reused as they are, in order of preference.

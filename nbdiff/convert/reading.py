@@ -13,9 +13,9 @@ from typing import Callable
 
 import torch
 
-from ..errors import NBDiffError
-from ..fsutil import quiet_transformers
-from ..sources import Source
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import quiet_transformers
+from nbdiff.convert.sources import Source
 
 
 def first_line(exc: BaseException) -> str:

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ..options import Hardware, ModelArg, QuantizeChoice, decoding_options
+from nbdiff_cli.options import Hardware, ModelArg, QuantizeChoice, decoding_options
 
 TRACE = "Trace"
 DEMO_PROMPT = "Explain block diffusion in one sentence."
@@ -46,7 +46,7 @@ def visualize(
         raise NBDiffError(f"--speed must be >= 0, got {speed}", "steps per second; 0 = as fast as the model")
     if record is not None and not record.parent.is_dir():
         raise NBDiffError(f"--record {record}: folder {record.parent} does not exist", "create it or pick another path")
-    from .backends import FakeBackend, LiveBackend, ReplayBackend
+    from nbdiff_cli.visualize.backends import FakeBackend, LiveBackend, ReplayBackend
 
     if replay is not None:
         if record is not None:
@@ -59,7 +59,7 @@ def visualize(
         from nbdiff.adapters import is_adapter_folder
         from nbdiff.loading import check_folder
 
-        from ..models import resolve_model
+        from nbdiff_cli.models import resolve_model
 
         model = resolve_model(model)  # omitted: the default model (built on first use)
         if not is_adapter_folder(model):
@@ -68,7 +68,7 @@ def visualize(
         backend = LiveBackend(model, quantize=None if quantize == QuantizeChoice.none else quantize.value,
                               device=hardware.device.value, dtype=hardware.dtype.value, system=system)
 
-    from .app import make_app
+    from nbdiff_cli.visualize.app import make_app
 
     app = make_app(backend, prompt=prompt or "", options=options, speed=speed, record=record)
     app.run()

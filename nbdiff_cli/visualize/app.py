@@ -22,14 +22,14 @@ from textual.message import Message
 from textual.timer import Timer
 from textual.widgets import Footer, Header, Input, Label, Static
 
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
-from nbdiff.events import Event, StepEvent
+from nbdiff.decode.events import Event, StepEvent
 
-from .backends import Backend
-from .state import RunView
-from .trace import TraceHeader, TraceWriter
-from .widgets import OptionsScreen, StepBars, render_legend, render_status, render_text, render_tiles
+from nbdiff_cli.visualize.backends import Backend
+from nbdiff_cli.visualize.state import RunView
+from nbdiff_cli.visualize.trace import TraceHeader, TraceWriter
+from nbdiff_cli.visualize.widgets import OptionsScreen, StepBars, render_legend, render_status, render_text, render_tiles
 
 SPEEDS = (0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 0.0)
 """Steps shown per second; 0 = as fast as the model produces them."""

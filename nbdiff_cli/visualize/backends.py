@@ -19,10 +19,10 @@ import zlib
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-from nbdiff.options import DecodeOptions
-from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 
-from .trace import read_trace
+from nbdiff_cli.visualize.trace import read_trace
 
 Timed = tuple[float, Event]
 

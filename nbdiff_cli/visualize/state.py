@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent
+from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 Line 1 is a header: {"kind": "header", "format": "nbdiff-trace", "version": 1, "prompt": ...,
 "options": {...DecodeOptions...}, "model": ...}. Every further line is one decoder event exactly as
-`nbdiff.events.to_json` writes it, plus "t": seconds since the run started when the event left the
+`nbdiff.decode.events.to_json` writes it, plus "t": seconds since the run started when the event left the
 decoder. Replays read "t" for tokens/s, so a replay shows the recorded speed, not the replay's.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from nbdiff.errors import NBDiffError
 from nbdiff.fsutil import atomic_file
-from nbdiff.events import BlockEvent, Event, FinalEvent, StepEvent, event_from_json, to_json
+from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent, event_from_json, to_json
 
 _RECORDS = {"step": StepEvent, "block": BlockEvent, "final": FinalEvent}
 FORMAT = "nbdiff-trace"

@@ -16,11 +16,11 @@ from textual.screen import ModalScreen
 from textual.widget import Widget
 from textual.widgets import Button, Input, Label, Static
 
-from nbdiff.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 
-from ..console import printable
-from .state import RunView, Tile
+from nbdiff_cli.console import printable
+from nbdiff_cli.visualize.state import RunView, Tile
 
 TILE_WIDTH = 8
 """Longest token text shown in a tile (longer ones end with an ellipsis)."""

@@ -12,10 +12,10 @@ from contextlib import nullcontext
 
 import torch
 
-from .data import PackedRows
-from .layout import parallel_losses
-from .losses import ar_targets
-from .noising import noise_blocks
+from nbdiff.adapt.data import PackedRows
+from nbdiff.method.layout import parallel_losses
+from nbdiff.method.losses import ar_targets
+from nbdiff.method.noising import noise_blocks
 
 EVAL_SEED = 20251206
 

@@ -1,4 +1,4 @@
-"""The NBDiff block decoder: a generator of `nbdiff.events` records (METHOD.md, "Decoding loop").
+"""The NBDiff block decoder: a generator of `nbdiff.decode.events` records (METHOD.md, "Decoding loop").
 
     prefill prompt (causal, into the KV cache)  -> last logits give block 0's first token (AR step)
     for each block:
@@ -8,10 +8,10 @@
         commit:  one causal forward of the finished block that stores its keys/values; its last
                  logits give the next block's first token (AR step)
     exact mode (`options.exact`): the denoising steps (or the n-gram drafter) only draft the block;
-        the commit pass verifies it (`nbdiff.exact`), keeps the longest prefix AR agrees with, and
+        the commit pass verifies it (`nbdiff.decode.exact`), keeps the longest prefix AR agrees with, and
         AR's token after that prefix starts the next block. The output is the AR output.
 
-The parts: `CachedContext` (nbdiff.context) owns the cache, positions and masks; a `Block` is the
+The parts: `CachedContext` (nbdiff.decode.context) owns the cache, positions and masks; a `Block` is the
 state of the active block; `Decoding` holds one run and has one method per step (AR step,
 denoising step, draft, finish or verify); `decode()` is the loop over them. Text and timing are
 added by the streaming layer (`nbdiff.api.stream`): the records this module yields carry token ids,
@@ -40,13 +40,13 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from .context import CachedContext
-from .drafters import ngram_draft
-from .errors import NBDiffError
-from .events import BlockEvent, Event, FinalEvent, StepEvent
-from .exact import verify_greedy, verify_sampled
-from .options import DecodeOptions
-from .sampling import choose, confidence, select_commits
+from nbdiff.decode.context import CachedContext
+from nbdiff.decode.drafters import ngram_draft
+from nbdiff.errors import NBDiffError
+from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
+from nbdiff.decode.exact import verify_greedy, verify_sampled
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.sampling import choose, confidence, select_commits
 
 __all__ = ["CachedContext", "decode"]
 
@@ -143,7 +143,7 @@ class Decoding:
     # ---- small helpers ---------------------------------------------------------------------
 
     def pick(self, logits: torch.Tensor, greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens and confidences for logits [..., V] (greedy for exact-mode drafts: see nbdiff.exact)."""
+        """Tokens and confidences for logits [..., V] (greedy for exact-mode drafts: see nbdiff.decode.exact)."""
         o = self.options
         shape = logits.shape[:-1]
         tokens, conf = choose(

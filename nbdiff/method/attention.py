@@ -3,7 +3,7 @@
 The dense [2L, 2L] bool mask works everywhere (sdpa, eager) but rules out the kernels that skip
 work: the noised half attends to its own block and earlier clean blocks only, so most tiles of the
 mask are empty. On CUDA, flex attention with a BlockMask built from the same rule
-(nbdiff.masks.training_block_mask) skips them. On CPU the torch 2.13 build of flex attention runs
+(nbdiff.method.masks.training_block_mask) skips them. On CPU the torch 2.13 build of flex attention runs
 the forward only ("FlexAttention does not support backward on CPU"), so training keeps sdpa there.
 """
 

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
-from .errors import NBDiffError
-from .run_folder import CHECKPOINTS
+from nbdiff.errors import NBDiffError
+from nbdiff.adapt.run_folder import CHECKPOINTS
 
 
 @dataclass
@@ -101,7 +101,7 @@ def finish_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.T
     final = Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
     old = None
     if final.exists():  # the same step saved again: the old copy goes only once the new one is in place
-        from .fsutil import temp_sibling
+        from nbdiff.fsutil import temp_sibling
 
         old = temp_sibling(final, "old")
         final.rename(old)

@@ -3,7 +3,7 @@
 The estimate counts what dominates a step of the 2L layout: weights (fp32 master copy), gradients
 and AdamW state of the trainable parameters, the activations kept for the backward pass (per
 token and layer, from the hidden and MLP widths), and one chunk of LM-head logits (the losses
-never build [B, 2L, V]; nbdiff.layout.parallel_losses). Its per-token coefficients come from
+never build [B, 2L, V]; nbdiff.method.layout.parallel_losses). Its per-token coefficients come from
 counting the tensors saved for backward in a Llama layer and were checked against the measured
 peak of SmolLM2-135M LoRA at batch 8 x 256 under bf16 autocast (6.8 GB measured, 6.7 GB estimated;
 docs/BENCHMARKS.md, "Adaptation cost"): treat it as +-15%. `plan_memory` turns the estimate into a decision: gradient checkpointing off when the step
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NBDiffError
-from .losses import CHUNK_BYTES
+from nbdiff.errors import NBDiffError
+from nbdiff.method.losses import CHUNK_BYTES
 
 GiB = 2**30
 RUNTIME_BYTES = int(0.6 * GiB)

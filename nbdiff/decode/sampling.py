@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .options import CONFIDENCE_RULES
-from .errors import NBDiffError
+from nbdiff.decode.options import CONFIDENCE_RULES
+from nbdiff.errors import NBDiffError
 
 
 def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -16,7 +16,7 @@ prompt of a batch), after one warm-up decode per row, model loading excluded; ea
 is the median of `repeats` decodes. The rows of one prompt run back to back before the next prompt,
 so a change in machine load (a shared CPU) touches every row alike instead of a few.
 
-Quality (nbdiff.metrics): generative perplexity of each reply scored in fp32 by the source AR model
+Quality (nbdiff.eval.metrics): generative perplexity of each reply scored in fp32 by the source AR model
 (or the same weights read causally), distinct-2, and agreement with the `ar` reply. A row is marked
 `below_ar` when its perplexity exceeds the `ar` row's by more than 10 % or its distinct-2 is more
 than 0.05 below it (BELOW_AR_RULE); every aggregate is a token-weighted sum over the suite's prompts.
@@ -37,11 +37,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import metrics
-from .errors import NBDiffError
-from .fsutil import quiet_transformers
+from nbdiff.eval import metrics
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import quiet_transformers
+from nbdiff.resources import bench_suites_dir
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "assets" / "bench"
+SUITES_DIR = bench_suites_dir()
 """Where the shipped suites live (one `NAME.jsonl` per suite)."""
 MODES = ("ar", "source", "nbdiff", "exact", "exact-ngram")
 DECODER_MODES = ("nbdiff", "exact", "exact-ngram")
@@ -140,7 +141,7 @@ def limit_per_suite(prompts: Sequence[BenchPrompt], limit: int | None) -> list[B
 
 def available_modes() -> list[str]:
     """Decoder modes this version of nbdiff supports (exact mode needs `DecodeOptions.exact`)."""
-    from .options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
 
     names = set(DecodeOptions.field_names())
     modes = ["nbdiff"]
@@ -177,7 +178,7 @@ class BenchConfig:
     warmup: bool = True
 
     def __post_init__(self) -> None:
-        from .settings import check_block_size
+        from nbdiff.method.settings import check_block_size
 
         if not self.block_sizes:
             raise NBDiffError("--block-sizes is empty", "e.g. --block-sizes 1,4,8")
@@ -318,8 +319,8 @@ def _local_folder(text: str | None, base: Path) -> Path | None:
 
 def source_folder(model_path: str | Path) -> Path | None:
     """The AR folder an adapted folder came from (adapt `from`, then settings `source`), if it is here."""
-    from .adapters import is_adapter_folder, read_adapter_folder
-    from .settings import read_settings
+    from nbdiff.adapters import is_adapter_folder, read_adapter_folder
+    from nbdiff.method.settings import read_settings
 
     folder = Path(model_path).expanduser().resolve()
     if is_adapter_folder(folder):  # an adapter's source is the base it was trained on
@@ -365,7 +366,7 @@ def _sync(model) -> None:
 
 
 def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
-    from .options import DecodeOptions
+    from nbdiff.decode.options import DecodeOptions
 
     values: dict[str, Any] = dict(block_size=spec.block_size, sub_blocks=min(config.sub_blocks, spec.block_size),
                                   max_new_tokens=max_new_tokens, temperature=0.0)
@@ -400,7 +401,7 @@ class _Runner:
         self.models, self.sources, self.config = models, sources, config
 
     def once(self, spec: RowSpec, prompt: str, max_new_tokens: int) -> Sample:
-        from . import api
+        from nbdiff import api
 
         model, tok = (self.sources if spec.mode == "source" else self.models)[spec.dtype]
         prompt_ids = api.encode(tok, prompt)
@@ -423,7 +424,7 @@ class _Runner:
 
 
 def _load(path, dtype: str, config: BenchConfig):
-    from .loading import load_model
+    from nbdiff.loading import load_model
 
     return load_model(path, quantize=config.quantize, device=config.device, dtype=dtype)
 
@@ -455,7 +456,7 @@ def machine_info(models: dict[str, tuple[Any, Any]], config: BenchConfig, model_
     reasons = {}
     if "auto" in config.dtypes:
         try:
-            from .hardware import auto_dtype
+            from nbdiff.hardware import auto_dtype
 
             reasons["auto"] = auto_dtype(device.type).reason
         except ImportError:  # older versions pick the dtype without saying why
@@ -544,7 +545,7 @@ def _score(samples: dict[RowSpec, list[Sample]], model_path, source: Path | None
     if source is None and "fp32" in models and config.quantize is None:
         scorer = models["fp32"][0]
     else:
-        from .loading import load_model
+        from nbdiff.loading import load_model
 
         scorer, _ = load_model(source or model_path, quantize=None, device=config.device, dtype="fp32")
     notes.append(f"gen_ppl scored in fp32 by {'the source model' if source is not None else 'the same weights at block size 1 (causal)'}")

@@ -6,7 +6,7 @@
 
 Notable choices:
 - Output: one chat record per line, `{"messages": [..., {"role": "assistant", "content": reply}],
-  "id": ..., "finish": "eos"|"length", "tokens": n}`, the format `nbdiff.data` reads (only the
+  "id": ..., "finish": "eos"|"length", "tokens": n}`, the format `nbdiff.adapt.data` reads (only the
   assistant reply is trained).
 - Resumable: a prompt's id is a hash of its messages; prompts whose id is already in the output
   are skipped. Records are appended one line per `write` and flushed (and fsynced) after every
@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 BACKENDS = ("nbdiff", "hf")
 
@@ -163,7 +163,7 @@ def _cut_torn_line(path: Path) -> None:
 def _generate_batch(model, tokenizer, batch: list[Prompt], backend: str, temperature: float,
                     max_new_tokens: int, seed: int | None) -> list[tuple[list[int], str]]:
     """(reply token ids without EOS, finish reason) per prompt."""
-    from .api import encode, eos_ids, generate
+    from nbdiff.api import encode, eos_ids, generate
 
     if backend == "nbdiff":
         _, final = generate(model, tokenizer, [p.messages for p in batch], block_size=1, temperature=temperature,
@@ -213,7 +213,7 @@ def distill(
     keep_truncated: bool = True,
 ) -> Iterator[DistillProgress]:
     """Answer every prompt not yet in `out` and append the chat records; yields progress per batch."""
-    from .api import encode
+    from nbdiff.api import encode
 
     if backend not in BACKENDS:
         raise NBDiffError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")

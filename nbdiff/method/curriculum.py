@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import NBDiffError
-from .settings import check_block_size
+from nbdiff.errors import NBDiffError
+from nbdiff.method.settings import check_block_size
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,9 @@ from typing import Any
 
 import torch
 
-from .errors import NBDiffError
-from .recipe import AdaptConfig
-from .settings import BlockDiffusionSettings, attach_settings, settings_from_config
+from nbdiff.errors import NBDiffError
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.method.settings import BlockDiffusionSettings, attach_settings, settings_from_config
 
 
 @dataclass
@@ -134,7 +134,7 @@ def make_accelerator(config: AdaptConfig):
 def training_autocast(config: AdaptConfig, device: str) -> bool:
     """bf16 autocast over fp32 master weights: on a GPU unless --dtype fp32; on a CPU with native
     bf16 (nbdiff.hardware) for --dtype auto. --dtype fp32 opts out everywhere."""
-    from .hardware import cpu_bf16
+    from nbdiff.hardware import cpu_bf16
 
     if config.dtype == "fp32":
         return False
@@ -155,7 +155,7 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
     """The model to train: weights in the training dtype (or nf4), LoRA-wrapped when --lora-rank > 0."""
     from transformers import AutoModelForCausalLM
 
-    from .compat import probe_mask_support
+    from nbdiff.convert.compat import probe_mask_support
 
     gpu = device.type == "cuda"
     if config.dtype == "bf16" or (config.lora_rank > 0 and training_autocast(config, device.type)):
@@ -164,7 +164,7 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
         dtype = torch.float32  # fp32 master weights (bf16 autocast where training_autocast says)
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": config.attn_implementation}
     if config.quantize == "nf4":
-        from .quantize import bnb_config
+        from nbdiff.quantize import bnb_config
 
         kwargs["quantization_config"] = bnb_config("nf4", torch.bfloat16 if gpu else torch.float32, double_quant=True)
         kwargs["device_map"] = {"": (device.index or 0) if gpu else "cpu"}  # this process's GPU under DDP
@@ -184,7 +184,7 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if config.lora_rank > 0:
         model = wrap_lora(model, config, folder.settings)
-    from .attention import choose_training_attention
+    from nbdiff.method.attention import choose_training_attention
 
     _, attention = choose_training_attention(model, device, "auto" if config.attn_implementation == "sdpa"
                                              else config.attn_implementation)
@@ -193,7 +193,7 @@ def load_model(config: AdaptConfig, folder: ModelFolder, device: torch.device):
 
 
 def _dtype_note(config: AdaptConfig, device: torch.device, weights: torch.dtype) -> str:
-    from .hardware import cpu_bf16
+    from nbdiff.hardware import cpu_bf16
 
     name = {torch.bfloat16: "bf16", torch.float32: "fp32"}.get(weights, str(weights))
     if training_autocast(config, device.type):
@@ -206,8 +206,8 @@ def _dtype_note(config: AdaptConfig, device: torch.device, weights: torch.dtype)
 
 def memory_plan(config: AdaptConfig, model, device: torch.device):
     """Gradient checkpointing (on when asked, else only when the step would not fit) and the
-    --max-memory guard, from nbdiff.memory's estimate of one micro-batch step."""
-    from .memory import parse_memory, plan_memory
+    --max-memory guard, from nbdiff.adapt.memory's estimate of one micro-batch step."""
+    from nbdiff.adapt.memory import parse_memory, plan_memory
 
     n_params = sum(p.numel() for p in model.parameters())
     if config.lora_rank > 0:  # adapters: 2 * rank * (in + out) per wrapped linear, about
@@ -228,7 +228,7 @@ def wrap_lora(model, config: AdaptConfig, settings: BlockDiffusionSettings):
     `trainable_token_indices` trains just that row (a [1, hidden] delta) instead of the whole table
     (`modules_to_save` would copy and train all of embed_tokens).
     """
-    from .fsutil import quiet_bitsandbytes
+    from nbdiff.fsutil import quiet_bitsandbytes
 
     quiet_bitsandbytes()  # peft imports bitsandbytes when installed, and that import warns on CPU
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -286,7 +286,7 @@ def write_final_model(out: Path, unwrapped, state_dict, tokenizer, config: Adapt
     The files are written into a temporary folder inside `out` and moved in one by one, config.json
     (or nbdiff.json) last, so a folder that looks loadable is complete.
     """
-    from .fsutil import clean_stale_temps, temp_sibling
+    from nbdiff.fsutil import clean_stale_temps, temp_sibling
 
     target = out / "final-model"  # only names the temporary: .final-model.nbdiff-tmp-<pid>-<id>
     clean_stale_temps(target)

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 CONTEXTS = ("causal", "block-causal")
 

@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import NBDiffError
-from .settings import CONTEXT_MASKS, check_block_size
+from nbdiff.errors import NBDiffError
+from nbdiff.method.settings import CONTEXT_MASKS, check_block_size
 
-WEIGHTINGS = ("none", "inverse-t")  # of L_MDM (nbdiff.losses): mean over masked tokens, or ELBO 1/t
+WEIGHTINGS = ("none", "inverse-t")  # of L_MDM (nbdiff.method.losses): mean over masked tokens, or ELBO 1/t
 QUANTIZE = ("none", "nf4")
 EXPORTS = ("merged", "adapter")
 DTYPES = ("auto", "fp32", "bf16")
@@ -229,7 +229,7 @@ class AdaptConfig:
 
     def curriculum_schedule(self):
         """The BlockCurriculum this recipe asks for."""
-        from .curriculum import BlockCurriculum
+        from nbdiff.method.curriculum import BlockCurriculum
 
         spec = self.curriculum.strip()
         if spec == "formula":

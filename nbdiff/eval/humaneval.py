@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 # the stop strings of the Codex paper: a new top-level statement ends the function
 STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -177,7 +177,7 @@ def evaluate(
     forward is exactly the decoder's figure). `on_result(label, result)` is called after each
     problem (the CLI's progress line).
     """
-    from .completion import complete
+    from nbdiff.decode.completion import complete
 
     if batch_size < 1:
         raise NBDiffError(f"--batch-size must be >= 1, got {batch_size}")

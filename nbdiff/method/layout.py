@@ -1,17 +1,17 @@
 """The parallel adaptation layout: one forward over `[x_t ; x_0]` (length 2L).
 
-Both halves share the position ids; the mask of `nbdiff.masks` keeps the noised copy inside its
+Both halves share the position ids; the mask of `nbdiff.method.masks` keeps the noised copy inside its
 block (plus earlier clean blocks) and the clean copy AR-causal. One pass gives the noised logits
 (for L_MDM) and the clean logits (an exact AR forward, for L_AR).
 
 Two entry points:
 - `parallel_losses` (training and evaluation): the model returns final hidden states, and only the
-  rows a loss reads go through the LM head, in chunks (nbdiff.losses.chunked_cross_entropy): the
+  rows a loss reads go through the LM head, in chunks (nbdiff.method.losses.chunked_cross_entropy): the
   noised half before every masked token, the clean half before every AR target. No [B, 2L, V]
   tensor exists, so memory no longer grows with the vocabulary.
 - `parallel_forward`: full logits of both halves (tests, consistency checks, the dense reference).
 
-Attention: a dense bool mask for sdpa/eager; with flex attention (`nbdiff.attention`), a BlockMask
+Attention: a dense bool mask for sdpa/eager; with flex attention (`nbdiff.method.attention`), a BlockMask
 built from the same rule, which skips the tiles the rule forbids.
 """
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import torch
 
-from .losses import LossParts, ar_loss, check_weighting, chunked_cross_entropy, mdm_loss, reduce_mdm
-from .masks import attention_implementation, packed_training_mask, to_model_mask, training_block_mask
+from nbdiff.method.losses import LossParts, ar_loss, check_weighting, chunked_cross_entropy, mdm_loss, reduce_mdm
+from nbdiff.method.masks import attention_implementation, packed_training_mask, to_model_mask, training_block_mask
 
 
 def training_attention_mask(model, position_ids: torch.Tensor, doc_ids: torch.Tensor, block_size: int,

@@ -4,8 +4,8 @@ Notable features:
 - The run is an object (`AdaptRun`) with one method per phase: `setup`, `train_step`, `evaluate`,
   `save`, `export`; `adapt` is the short loop that calls them.
 - The loss of one micro-batch is one function, `compute_loss(model, batch, config, block_size) ->
-  LossParts`: one forward over `[x_t ; x_0]` (nbdiff.layout) with the mask of nbdiff.masks, and
-  L = L_MDM + lambda * L_AR (nbdiff.losses). A new loss term plugs in there (see its docstring);
+  LossParts`: one forward over `[x_t ; x_0]` (nbdiff.method.layout) with the mask of nbdiff.method.masks, and
+  L = L_MDM + lambda * L_AR (nbdiff.method.losses). A new loss term plugs in there (see its docstring);
   the loop, checkpoints and logging do not change.
 - Losses are token-weighted over the whole optimizer step (all micro-batches, all processes): the
   token counts are known before the forward and summed across processes, so 2 processes x batch 1
@@ -14,16 +14,16 @@ Notable features:
   resumed run sees exactly the rows and masks an uninterrupted run would.
 - accelerate's Accelerator runs the same code on one CPU, one GPU (bf16 autocast), or many
   processes launched by `accelerate launch` / `torchrun` (DDP or FSDP).
-- Checkpoints (nbdiff.checkpoint) every --save-every steps, on Ctrl-C and at the end (so `--resume
+- Checkpoints (nbdiff.adapt.checkpoint) every --save-every steps, on Ctrl-C and at the end (so `--resume
   --steps N` extends a finished run); a NaN loss stops the run before the bad update and keeps the
-  last good checkpoint. The output folder is guarded by nbdiff.run_folder (lock, safe --force).
+  last good checkpoint. The output folder is guarded by nbdiff.adapt.run_folder (lock, safe --force).
 - It never prints: every record (start, train, eval, checkpoint, done) goes to `callback(dict)` on
   the main process, and train/eval records are also appended to OUT/metrics.jsonl.
 
 From Python:
 
-    from nbdiff.recipe import AdaptConfig
-    from nbdiff.trainer import adapt
+    from nbdiff.adapt.recipe import AdaptConfig
+    from nbdiff.adapt.trainer import adapt
 
     config = AdaptConfig(model="smollm2-bd", data=["austen.txt"], out="runs/b8", block_size=8,
                          steps=200, seq_len=128, batch_size=4, lr=1e-4, eval_every=50)
@@ -45,17 +45,17 @@ from typing import Callable
 
 import torch
 
-from .checkpoint import (Checkpoint, finish_checkpoint, folder_bytes, latest_checkpoint, remove_checkpoints,
+from nbdiff.adapt.checkpoint import (Checkpoint, finish_checkpoint, folder_bytes, latest_checkpoint, remove_checkpoints,
                          staging_dir, write_optimizer)
-from .data import Dataset, PackedRows, build_dataset, row_index
-from .errors import NBDiffError
-from .evaluation import eval_block_sizes, evaluate
-from .layout import parallel_forward, parallel_losses
-from .losses import LossParts, ar_loss, ar_targets, certainty_loss, combine, mdm_loss
-from .noising import NoisedBatch, block_starts, complementary, noise_blocks
-from .recipe import AdaptConfig, differences
-from .run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
-from .train_model import (ModelFolder, adapted_settings, autocast_context, load_model, load_tokenizer,
+from nbdiff.adapt.data import Dataset, PackedRows, build_dataset, row_index
+from nbdiff.errors import NBDiffError
+from nbdiff.adapt.evaluation import eval_block_sizes, evaluate
+from nbdiff.method.layout import parallel_forward, parallel_losses
+from nbdiff.method.losses import LossParts, ar_loss, ar_targets, certainty_loss, combine, mdm_loss
+from nbdiff.method.noising import NoisedBatch, block_starts, complementary, noise_blocks
+from nbdiff.adapt.recipe import AdaptConfig, differences
+from nbdiff.adapt.run_folder import CHECKPOINTS, DATA_CACHE, METRICS, RECIPE, RunFolder
+from nbdiff.adapt.train_model import (ModelFolder, adapted_settings, autocast_context, load_model, load_tokenizer,
                           load_trained_weights, make_accelerator, read_model_folder, trainable_names, write_final_model)
 
 Callback = Callable[[dict], None]
@@ -263,7 +263,7 @@ class AdaptRun:
         try:
             ckpt = self._checkpoint_to_resume() if cfg.resume else None
             if self.is_main:
-                from .fsutil import atomic_write_text
+                from nbdiff.fsutil import atomic_write_text
 
                 atomic_write_text(self.folder.dir / RECIPE, _yaml(self.config))
             self._read_data(ckpt)
@@ -568,7 +568,7 @@ def _terms(parts: LossParts, ar_weight: float):
 
 
 def _checkpoint_name(step: int) -> str:
-    from .checkpoint import checkpoint_name
+    from nbdiff.adapt.checkpoint import checkpoint_name
 
     return checkpoint_name(step)
 
@@ -594,7 +594,7 @@ def _data_fingerprint(data: Dataset) -> str:
 
 def _trim_metrics(path: Path, step: int) -> list[dict]:
     """On resume, drop records after the checkpoint's step (they will be written again); returns the evals kept."""
-    from .fsutil import atomic_write_text
+    from nbdiff.fsutil import atomic_write_text
 
     if not path.is_file():
         return []

@@ -22,7 +22,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -179,7 +179,7 @@ class RunFolder:
                 raise NBDiffError(f"--force: {self.out} does not look like an adapt run (it holds {foreign!r})",
                                   "nbdiff replaces only folders it wrote; choose another --out or empty it yourself")
             if self.is_main:
-                from .fsutil import clean_stale_temps, temp_sibling
+                from nbdiff.fsutil import clean_stale_temps, temp_sibling
 
                 clean_stale_temps(self.out.resolve())  # staging folders of killed runs
                 staging = temp_sibling(self.out.resolve())
@@ -193,7 +193,7 @@ class RunFolder:
         if self.staging is None:
             return
         if self.is_main:
-            from .fsutil import temp_sibling
+            from nbdiff.fsutil import temp_sibling
 
             real = self.out.resolve()
             old = temp_sibling(real, "old")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 
 @dataclass

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import filtered_probs
+from nbdiff.decode.sampling import filtered_probs
 
 
 def accepted_prefix(match: torch.Tensor, checks: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 CONFIG_KEY = "nbdiff"
 CONTEXT_MASKS = ("causal", "block-causal")

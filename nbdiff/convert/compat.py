@@ -12,8 +12,8 @@ import copy
 
 import torch
 
-from .errors import NBDiffError
-from .masks import to_model_mask
+from nbdiff.errors import NBDiffError
+from nbdiff.method.masks import to_model_mask
 
 # Width fields shrunk for the probe; anything else keeps its value.
 _SHRINK = {

@@ -1,14 +1,14 @@
 """An lm-evaluation-harness model backed by nbdiff, registered as `nbdiff`.
 
-    import lm_eval, nbdiff.harness
-    lm = nbdiff.harness.NBDiffLM(pretrained="smollm2-nbdiff", block_size=8)
+    import lm_eval, nbdiff.eval.harness
+    lm = nbdiff.eval.harness.NBDiffLM(pretrained="smollm2-nbdiff", block_size=8)
     results = lm_eval.simple_evaluate(model=lm, tasks=["arc_easy"])
     lm.speed()        # tokens per forward and tokens/s of what the evaluation ran
 
 Notable features:
 - Log-likelihoods are exact: the model stays an AR model, so one causal (block size 1) forward
   scores a whole continuation. Batches are left-padded with the decoder's own mask rules
-  (`nbdiff.masks`), so a row's scores do not depend on what it was batched with.
+  (`nbdiff.method.masks`), so a row's scores do not depend on what it was batched with.
 - `generate_until` runs the same decoder as `generate` and `chat` (`nbdiff.api.stream`) with any
   decoding option; stop strings cut the text at the earliest one and cancel decoding as soon as
   every row of a batch has produced one (or EOS).
@@ -17,7 +17,7 @@ Notable features:
 
 Importing this module imports lm_eval (heavy), so `import nbdiff` never does; `nbdiff eval`
 and tests import it on demand. lm-eval's own CLI does not discover models from other packages:
-`python -m nbdiff.harness run --model nbdiff --model_args pretrained=DIR --tasks ...` is
+`python -m nbdiff.eval.harness run --model nbdiff --model_args pretrained=DIR --tasks ...` is
 lm-eval's CLI with this model registered.
 """
 
@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .errors import NBDiffError
+from nbdiff.errors import NBDiffError
 
 try:
     from lm_eval.api.model import TemplateLM
@@ -67,8 +67,8 @@ class NBDiffLM(TemplateLM):
         **decoding: Any,
     ) -> None:
         super().__init__()
-        from .api import load, resolve_options
-        from .options import DecodeOptions
+        from nbdiff.api import load, resolve_options
+        from nbdiff.decode.options import DecodeOptions
 
         unknown = sorted(set(decoding) - set(DecodeOptions.field_names()))
         if unknown:
@@ -78,7 +78,7 @@ class NBDiffLM(TemplateLM):
             )
         if model is None:
             if not pretrained:  # the default model, built on first use
-                from .default_model import ensure_default_model
+                from nbdiff.default_model import ensure_default_model
 
                 pretrained = str(ensure_default_model())
             device = "auto" if device in (None, "") else str(device).split(":")[0]  # lm-eval says cuda:0
@@ -181,9 +181,9 @@ class NBDiffLM(TemplateLM):
         """Log-probabilities [B, W, V] of one causal forward over left-padded token sequences.
 
         Position w of row i predicts token w + 1 of the padded row. The mask and positions are
-        the decoder's prefill rules (`nbdiff.masks`), so this is block size 1 of the decoder.
+        the decoder's prefill rules (`nbdiff.method.masks`), so this is block size 1 of the decoder.
         """
-        from .masks import decoding_mask, left_padded, to_model_mask
+        from nbdiff.method.masks import decoding_mask, left_padded, to_model_mask
 
         start = time.perf_counter()
         width = max(len(s) for s in sequences)
@@ -238,7 +238,7 @@ class NBDiffLM(TemplateLM):
 
     def generate_batch(self, contexts: list[str], gen_kwargs: dict | None = None) -> list[str]:
         """Continue a batch of raw texts; each result is cut at its earliest stop string."""
-        from .completion import complete
+        from nbdiff.decode.completion import complete
 
         options, until = self.generation_options(gen_kwargs or {})
         texts, final = complete(self._model, self.tokenizer, [self._strip_bos(c) for c in contexts], options, until)

@@ -8,7 +8,7 @@
 
 Two ways to the same numbers: `mdm_loss` / `ar_loss` read full logits [B, L, V];
 `chunked_cross_entropy` projects only the hidden states a loss reads through the LM head, a chunk
-of rows at a time, so no [B, L, V] tensor exists (nbdiff.layout.parallel_losses uses it).
+of rows at a time, so no [B, L, V] tensor exists (nbdiff.method.layout.parallel_losses uses it).
 
 Weighting of L_MDM: 'none' averages over masked tokens (the paper shows no 1/t factor);
 'inverse-t' weights each masked token by 1/t and divides by the number of eligible tokens, the
@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .errors import NBDiffError
-from .recipe import WEIGHTINGS  # the allowed values live with the recipe (importable without torch)
+from nbdiff.errors import NBDiffError
+from nbdiff.adapt.recipe import WEIGHTINGS  # the allowed values live with the recipe (importable without torch)
 
 
 @dataclass

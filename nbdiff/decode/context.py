@@ -23,8 +23,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import NBDiffError
-from .masks import cached_rows, to_model_mask
+from nbdiff.errors import NBDiffError
+from nbdiff.method.masks import cached_rows, to_model_mask
 
 
 class CachedContext:

@@ -11,7 +11,7 @@ Notable features:
   tokenizer (vocabulary, template) and the pipeline version.
 - Packing: documents (shuffled with the seed) are streamed into rows of `seq_len`; a document that
   does not fit is cut and continues on the next row. Position ids restart at every document and at
-  every cut, and doc ids tell `nbdiff.masks.packed_training_mask` to keep documents apart. Only the
+  every cut, and doc ids tell `nbdiff.method.masks.packed_training_mask` to keep documents apart. Only the
   last row is padded (pad = its own document, never a loss target).
 - Held-out split: the last rows of the packed stream (eval rows never appear in training).
 - Order: row `k` of the infinite training stream is `perm_e[k % N]` with `e = k // N` and `perm_e`
@@ -30,8 +30,8 @@ from typing import Any, Iterator
 
 import torch
 
-from .errors import NBDiffError
-from .fsutil import atomic_file
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import atomic_file
 
 PIPELINE_VERSION = "1"
 TEXT_SUFFIXES = (".txt", ".md", ".text")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Callable, Sequence
 
-from .events import BlockEvent, FinalEvent
+from nbdiff.decode.events import BlockEvent, FinalEvent
 
 
 def first_stop(text: str, until: Sequence[str]) -> int | None:
@@ -39,7 +39,7 @@ def complete(
         hits = [h for h in (first_stop(text, until), stop(text) if stop else None) if h is not None]
         return min(hits) if hits else None
 
-    from .api import eos_ids, stream
+    from nbdiff.api import eos_ids, stream
 
     eos = set(eos_ids(model, tokenizer))
     cancel = threading.Event()

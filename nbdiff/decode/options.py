@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from .errors import NBDiffError
-from .settings import check_block_size
+from nbdiff.errors import NBDiffError
+from nbdiff.method.settings import check_block_size
 
 CONFIDENCE_RULES = ("prob", "entropy", "margin")
 DRAFTERS = ("diffusion", "ngram")
