@@ -1,0 +1,146 @@
+"""A drafter on disk: `model.safetensors` (draft layers and fusion only) and `config.json`.
+
+config.json is a Qwen3-style config as DFlash's published drafters carry it (`architectures:
+["DFlashDraftModel"]`, the layer shape, `block_size`, `num_target_layers`, `dflash_config:
+{target_layer_ids, mask_token_id}`) plus an `nbdiff_drafter` section, the `DrafterConfig`, which
+names the AR model. A model folder that holds a `drafter/` subfolder brings its drafter along.
+
+Tensor names are DFlash's (`dflash/model.py`, `DFlashDraftModel.state_dict()`), one to one:
+
+    fc.weight                                   [H, n*H]   fusion of the n AR layers read
+    hidden_norm.weight                          [H]        RMSNorm after the fusion
+    layers.{i}.input_layernorm.weight           [H]
+    layers.{i}.self_attn.{q,k,v,o}_proj.weight             no biases
+    layers.{i}.self_attn.{q,k}_norm.weight      [d]        per-head RMSNorm (config qk_norm)
+    layers.{i}.post_attention_layernorm.weight  [H]
+    layers.{i}.mlp.{gate,up,down}_proj.weight              SiLU-gated MLP
+    norm.weight                                 [H]        before the (AR's) LM head
+
+Same conventions too: features are hidden_states[i + 1] for i in target_layer_ids, each draft
+layer's k_proj/v_proj (and k_norm) read the fused features unnormalised by input_layernorm, RoPE
+(rope_theta, no scaling) at the tokens' own positions, offset j predicts the token at j, no mask
+inside the block. Not in DFlash's layout: a reduced draft vocabulary (`nbdiff_drafter.draft_vocab`;
+DFlash runtimes assume the whole vocabulary) and `qk_norm: false`. A drafter with neither should
+load into a DFlash runtime with this config.json and safetensors file as they are.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from nbdiff.drafter.config import DrafterConfig, fingerprint
+from nbdiff.drafter.model import Drafter
+from nbdiff.errors import NBDiffError
+from nbdiff.fsutil import atomic_dir
+
+SECTION = "nbdiff_drafter"
+WEIGHTS = "model.safetensors"
+SUBFOLDER = "drafter"
+"""Name of the drafter folder inside a model folder (found automatically)."""
+TRAIN_HINT = "train one for this model: `nbdiff adapt MODEL --target drafter --data FILE --out DIR`"
+
+
+def dflash_config(c: DrafterConfig) -> dict:
+    """The Qwen3-style config DFlash runtimes read, with our settings in the `nbdiff_drafter` section."""
+    return {
+        "architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_hidden_layers, "num_attention_heads": c.num_attention_heads,
+        "num_key_value_heads": c.num_key_value_heads, "head_dim": c.head_dim, "intermediate_size": c.intermediate_size,
+        "hidden_act": "silu", "attention_bias": False, "rms_norm_eps": c.rms_norm_eps, "rope_theta": c.rope_theta,
+        "vocab_size": c.vocab_size, "tie_word_embeddings": False, "block_size": c.block_size,
+        "num_target_layers": c.num_target_layers,
+        "dflash_config": {"target_layer_ids": list(c.target_layer_ids), "mask_token_id": c.mask_token_id},
+        SECTION: c.to_dict(),
+    }
+
+
+def save_drafter(drafter: Drafter, out_dir, *, replace: bool = True) -> Path:
+    """Write the drafter's own weights and config to out_dir atomically. Returns the folder."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    with atomic_dir(out, replace=replace) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(dflash_config(drafter.config), indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+def is_drafter_folder(path) -> bool:
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
+        return False
+    try:
+        return SECTION in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+
+
+def find_drafter(model_folder) -> Path | None:
+    """The drafter a model folder brings along (its `drafter/` subfolder), if any."""
+    if model_folder is None:
+        return None
+    folder = Path(model_folder) / SUBFOLDER
+    return folder if is_drafter_folder(folder) else None
+
+
+def read_drafter_config(path) -> DrafterConfig:
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise NBDiffError(f"drafter folder {path} does not exist", TRAIN_HINT)
+    if not is_drafter_folder(folder):
+        raise NBDiffError(f"{path} is not a drafter folder (config.json with an `{SECTION}` section and {WEIGHTS})",
+                          TRAIN_HINT)
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return DrafterConfig.from_dict(data[SECTION])
+
+
+def check_pair(config: DrafterConfig, ar_model, where: str = "the drafter") -> None:
+    """Refuse a drafter trained for another AR model (one line, with a hint)."""
+    c = ar_model.config
+    arch = (getattr(c, "architectures", None) or [type(ar_model).__name__])[0]
+    found = []
+    if arch != config.target_architecture:
+        found.append(f"architecture {arch} (drafter: {config.target_architecture})")
+    if int(c.hidden_size) != config.hidden_size:
+        found.append(f"hidden size {c.hidden_size} (drafter: {config.hidden_size})")
+    if int(c.num_hidden_layers) != config.num_target_layers:
+        found.append(f"{c.num_hidden_layers} layers (drafter: {config.num_target_layers})")
+    if not found and config.target_fingerprint and fingerprint(ar_model) != config.target_fingerprint:
+        found.append("different weights (fingerprint)")
+    if found:
+        trained = f" (trained for {config.target_name})" if config.target_name else ""
+        raise NBDiffError(f"{where} does not belong to this model{trained}: {', '.join(found)}", TRAIN_HINT)
+    vocab = ar_model.get_output_embeddings().weight.shape[0]
+    if config.mask_token_id >= vocab or (config.draft_vocab and max(config.draft_vocab) >= vocab):
+        raise NBDiffError(f"{where} uses token ids beyond this model's vocabulary ({vocab})", TRAIN_HINT)
+
+
+def new_drafter(config: DrafterConfig, ar_model) -> Drafter:
+    """A drafter (random draft layers) sharing ar_model's embedding and LM head, on its device and dtype."""
+    embed, head = ar_model.get_input_embeddings(), ar_model.get_output_embeddings()
+    drafter = Drafter(config, embed, head)
+    dtype = embed.weight.dtype if embed.weight.is_floating_point() else torch.float32
+    return drafter.to(device=embed.weight.device, dtype=dtype)
+
+
+def load_drafter(path, ar_model) -> Drafter:
+    """Load a drafter folder for ar_model (refused with NBDiffError if it was trained for another model)."""
+    from safetensors.torch import load_file
+
+    config = read_drafter_config(path)
+    check_pair(config, ar_model, where=f"drafter {path}")
+    drafter = new_drafter(config, ar_model)
+    try:
+        tensors = load_file(str(Path(path).expanduser() / WEIGHTS))
+    except Exception as exc:  # safetensors raises its own error type for truncated files
+        raise NBDiffError(f"the weights in {path} are corrupt or truncated ({str(exc).splitlines()[0]})",
+                          "write the drafter folder again") from None
+    missing, unexpected = drafter.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise NBDiffError(f"drafter {path} does not match its config (missing {len(missing)}, unexpected "
+                          f"{len(unexpected)} tensors, e.g. {(missing or unexpected)[0]})", "write the drafter folder again")
+    return drafter.eval()
