@@ -87,9 +87,7 @@ def bench(
     warm-up, median of --repeats), speedup over `ar`, generative perplexity (scored in fp32 by the
     source AR model), distinct-2 and agreement with the AR reply. `!` marks rows below AR quality.
     """
-    import json
-
-    from nbdiff.eval.bench import BELOW_AR_RULE, BenchConfig, limit_per_suite, load_suites, read_prompts, run_bench
+    from nbdiff.eval.bench import BenchConfig, limit_per_suite, load_suites, read_prompts, run_bench
     from nbdiff.errors import NBDiffError
 
     mode_list = list(_split(modes, str, "--modes"))
@@ -121,6 +119,15 @@ def bench(
     path = _model_path(model)
 
     result = _run_with_progress(path, items, config, run_bench)
+    _report(result, json_out, markdown, plot)
+
+
+def _report(result: "BenchResult", json_out: bool, markdown: Optional[Path], plot: Optional[Path]) -> None:
+    """Print the result (table or JSON lines) and write the Markdown table and the plot when asked."""
+    import json
+
+    from nbdiff.eval.bench import BELOW_AR_RULE
+
     if json_out:
         typer.echo(json.dumps(result.machine, ensure_ascii=False))
         for row in result.rows:
