@@ -1,6 +1,8 @@
 """adapt steps on SmolLM2 (LoRA r16, batch 2 x 128, block 4, 4 steps): --dtype auto vs fp32, per-step losses.
 
     python benchmarks/adapt_dtype.py SEED {auto,fp32}
+
+Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
 """
 import json, os, sys, time, resource
 from nbdiff.adapt.recipe import AdaptConfig

@@ -7,6 +7,8 @@ subprocess and reports its peak resident set size (getrusage RUSAGE_CHILDREN) ag
 "at most twice the largest shard plus 1.5 GB". Everything is deleted afterwards.
 
     python benchmarks/convert_memory.py [--gb 3.2] [--shards 4] [--keep]
+
+Feeds docs/BENCHMARKS.md, section "`nbdiff convert` / Peak memory on a sharded checkpoint".
 """
 
 from __future__ import annotations

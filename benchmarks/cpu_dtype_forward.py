@@ -1,6 +1,8 @@
 """One cached forward of 1 token over 256 cached tokens, fp32 vs bf16 models in one process, alternating.
 
     python benchmarks/cpu_dtype_forward.py 2    # threads
+
+Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
 """
 import torch, time
 from transformers import AutoModelForCausalLM, DynamicCache

@@ -1,6 +1,8 @@
 """Exact mode against plain AR (block size 1) in bf16 and fp32 on the converted SmolLM2: identical replies and tokens/forward.
 
     python benchmarks/exact_dtype.py [MODEL_DIR]
+
+Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
 """
 import sys
 

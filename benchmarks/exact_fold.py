@@ -13,6 +13,8 @@ mixes in), greedy, one-shot drafts:
 - the time of one forward of 8 tokens (verify alone), 16 (verify + next draft) and 8 + 8 * 8
   (verify + a draft for every possible accepted length, as TiDAR does) at the prompt's context;
 - tokens per forward and an estimated tokens/s of each scheme from those figures.
+
+Feeds docs/BENCHMARKS.md, section "Exact mode (issue 12) / Acceptance per offset and the fold question".
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ Prompts are raw (no chat template) slices of /work/shared/data/austen.txt cut to
 - `chat`: ten turns of --words-word user messages with --new-tokens-token replies at block size 8; time to the
   first token of each turn with the kept cache (nbdiff.api.Session) and with re-encoding.
 Prints Markdown tables; --json writes the figures.
+
+Feeds docs/BENCHMARKS.md, section "Long context (issue 16)".
 """
 
 from __future__ import annotations

@@ -9,6 +9,8 @@ Rdata.rdb; Rdata.rdx (gzip) is the index: variable -> (offset, length). Each ent
 4-byte big-endian length followed by zlib data holding an R serialization stream, which the PyPI
 package `rdata` parses. Novels are written in the package's (alphabetical) order, lines joined with
 newlines, a blank line between novels.
+
+Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup (the text it trains on)".
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@ Writes OUT/data/{train,heldout}.jsonl (one chapter per line, field `text`), the 
 files OUT/data/{train,heldout}.txt, and OUT/tokenizer/ (a PreTrainedTokenizerFast folder, vocab
 4096, ChatML specials). The split is by chapter: every 20th chapter (5%) is held out, so the
 held-out text is spread over all six novels and never shares a chapter with the training text.
+
+Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup".
 """
 
 from __future__ import annotations

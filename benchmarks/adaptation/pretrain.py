@@ -7,6 +7,8 @@ A plain torch loop (no nbdiff code): the point is to have a real, if small, AR c
 convert and adapt. Chapters are joined with <|endoftext|> and cut into rows of --seq-len tokens.
 Writes an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer files) plus
 pretrain_log.jsonl, and prints the held-out AR loss.
+
+Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup".
 """
 
 from __future__ import annotations

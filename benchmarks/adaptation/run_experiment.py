@@ -19,6 +19,8 @@ Variants (all from the converted source, same data order, same steps, same seed)
 Evaluation: held-out chapters (never trained on), packed by nbdiff.adapt.data exactly as training rows,
 scored by nbdiff.adapt.evaluation.evaluate, whose noise is seeded per (block size, row): every model sees
 the same masks. AR loss = block size 1 with the causal mask for every model.
+
+Feeds docs/BENCHMARKS.md, section "The central claim at small scale".
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""Distillation speed of one backend: python scripts/bench_distill_backends.py BACKEND BATCH N
+"""Distillation speed of one backend: python benchmarks/bench_distill_backends.py BACKEND BATCH N
 
 BACKEND is nbdiff (the block decoder at block size 1) or hf (transformers generate()). Answers
 prompts 200..200+N of the shipped file with 256 new tokens into /tmp and prints the reply tokens,
 seconds and tokens/s. Compare two backends' files for equal replies.
+
+Feeds docs/BENCHMARKS.md, section "Default model (issue 11) / How it was made".
 """
 
 import os

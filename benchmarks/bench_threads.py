@@ -1,6 +1,8 @@
-"""One SmolLM2 forward of 16 rows x 1 token with N torch threads: python scripts/bench_threads.py N
+"""One SmolLM2 forward of 16 rows x 1 token with N torch threads: python benchmarks/bench_threads.py N
 
 On a CPU shared by many processes, compare N=1 with N=2 (wall and CPU seconds per forward).
+
+Feeds docs/BENCHMARKS.md, section "Default model (issue 11) / How it was made".
 """
 
 import sys
