@@ -14,6 +14,9 @@ Notable choices:
   part of a block continues exactly where its accepted tokens end.
 - The same context can serve the next prompt (chat): `restart` keeps the longest cached prefix
   the new prompt shares and `prefill` forwards only the rest (batch size 1).
+- A trained drafter (nbdiff.drafter.decoding) sets `keep_hidden_states`: every pass then keeps the
+  AR hidden states and positions of its columns, and the drafter's own cache, one column per column
+  here, is a `follower` cropped whenever this cache is.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ class CachedContext:
         self.length = 0
         self.forwards = 0
         self.ids: list[list[int]] = []  # token id of every cached column, per row (host)
+        # a trained drafter reads the AR hidden states of every causal pass and keeps a cache of its own,
+        # column for column with this one (nbdiff.drafter.decoding): it is cropped with this cache
+        self.keep_hidden_states = False
+        self.hidden_states = None  # the last pass's hidden states (embeddings first), when kept
+        self.last_positions: torch.Tensor | None = None  # [B, n] positions of the last pass's columns
+        self.followers: dict = {}  # key -> object with .length and .crop(length)
         # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this model takes
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -71,6 +80,16 @@ class CachedContext:
         extra = self.cache.get_seq_length() - length
         if extra > 0:
             self.cache.crop(-extra)  # transformers 5 takes the number of columns to drop
+        for follower in self.followers.values():
+            if follower.length > length:
+                follower.crop(length)
+
+    def forget(self) -> None:
+        """Before prefill: drop the columns `restart` kept, so the prefill computes the whole prompt."""
+        self._crop_to(0)
+        self.length = self.reused = 0
+        self.ids = [[] for _ in self.ids]
+        self.hidden = self.hidden[:, :0]
 
     @property
     def batch_size(self) -> int:
@@ -89,6 +108,7 @@ class CachedContext:
         return to_model_mask(cached_rows(hidden, self.length, causal), self.model)
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor, mask, keep) -> torch.Tensor:
+        extra = {"output_hidden_states": True} if self.keep_hidden_states else {}
         out = self.model(
             input_ids=ids,
             position_ids=positions,
@@ -96,8 +116,11 @@ class CachedContext:
             use_cache=True,
             logits_to_keep=keep,
             **{self._cache_kwarg: self.cache},
+            **extra,
         )
         self.forwards += 1
+        if self.keep_hidden_states:
+            self.hidden_states, self.last_positions = out.hidden_states, positions
         return out.logits
 
     @torch.no_grad()

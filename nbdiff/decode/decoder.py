@@ -45,7 +45,7 @@ from nbdiff.decode.drafters import ngram_draft
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 from nbdiff.decode.exact import verify_greedy, verify_sampled
-from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.options import DecodeOptions, auto_drafting
 from nbdiff.decode.sampling import choose, confidence, select_commits
 
 __all__ = ["CachedContext", "decode"]
@@ -105,10 +105,12 @@ class Decoding:
 
     def __init__(self, model, prompts, options: DecodeOptions, *, mask_token_id: int, eos_token_ids,
                  pad_token_id: int, cancel: threading.Event | None, context: CachedContext | None):
+        options = auto_drafting(options, model)
         b = options.block_size
         if b is None:
             raise NBDiffError("decode() needs options.block_size", "pass block_size or load a converted model")
-        if b > 1 and (mask_token_id is None or mask_token_id < 0) and not (options.exact and options.drafter == "ngram"):
+        drafts_alone = options.exact and (options.drafter == "ngram" or options.trained_drafter)
+        if b > 1 and (mask_token_id is None or mask_token_id < 0) and not drafts_alone:
             raise NBDiffError(
                 f"block size {b} needs a mask token, and this model has none",
                 "run `nbdiff convert` on the model folder first, or use --block-size 1",
@@ -118,6 +120,7 @@ class Decoding:
         else:
             context.restart(prompts)
         self.ctx = context
+        self.forwards_before = context.forwards  # a context kept from earlier calls (chat) counts theirs too
         self.options = options
         self.mask_id, self.pad_id = mask_token_id, pad_token_id
         self.eos = _eos_set(eos_token_ids)
@@ -139,6 +142,17 @@ class Decoding:
         self.stats = Stats(accepted_at=[0] * max(b - 1, 0))
         self.last_logits: torch.Tensor | None = None  # [B, V] logits that give the next block's first token
         self.first: tuple[list[int], list[float]] | None = None  # exact mode: next first tokens, decided by verification
+        self.trained = self._trained_drafting(model) if options.exact and options.trained_drafter else None
+        self.ctx.keep_hidden_states = self.trained is not None
+
+    def _trained_drafting(self, model):
+        """Exact mode's trained drafter (nbdiff.drafter.decoding): loaded once per model, its cache on the context."""
+        from nbdiff.drafter.decoding import TrainedDrafting, resolve_drafter
+
+        drafter, lookup = resolve_drafter(model, self.options.drafter)
+        if self.mask_id is None or self.mask_id < 0:  # a plain AR model: the block's filler is the drafter's mask
+            self.mask_id = drafter.config.mask_token_id
+        return TrainedDrafting(drafter, self.ctx, lookup=lookup, draft_threshold=self.options.draft_threshold)
 
     # ---- small helpers ---------------------------------------------------------------------
 
@@ -258,25 +272,33 @@ class Decoding:
             block.tokens[torch.tensor(where_rows), torch.tensor(where_offs)] = torch.tensor(values, device=self.ctx.device)
         yield from events
 
-    def ngram_drafts(self, first: list[int], width: int) -> list[list[int]]:
-        """Per row, up to width - 1 tokens looked up in its prompt and reply so far."""
-        return [
-            [] if self.done(i) or first[i] in self.eos
-            else ngram_draft(self.prompts[i] + self.produced[i] + [first[i]], width - 1)
-            for i in range(len(first))
-        ]
+    def drafts(self, first: list[int], width: int) -> tuple[list[list[int]], list[list[float]] | None] | None:
+        """Exact mode's drafts made before the block opens: per row up to width - 1 tokens (and their
+        confidences) from the n-gram lookup or the trained drafter; None = the block's denoising drafts it."""
+        o = self.options
+        if not o.exact or not (self.trained is not None or o.drafter == "ngram"):
+            return None
+        histories = [None if self.done(i) or first[i] in self.eos else self.prompts[i] + self.produced[i] + [first[i]]
+                     for i in range(len(first))]
+        if self.trained is not None:
+            found = self.trained.drafts(self.ctx, first, width, histories)
+            return found.tokens, found.confidences
+        return [[] if h is None else ngram_draft(h, width - 1) for h in histories], None
 
-    def apply_drafts(self, block: Block, drafts: list[list[int]]) -> Iterator[StepEvent]:
-        """Put looked-up drafts into the block (no forward) as one step per row."""
+    def apply_drafts(self, block: Block, drafts: list[list[int]], confs: list[list[float]] | None = None) -> Iterator[StepEvent]:
+        """Put drafts made before the block opened into it (no denoising forward) as one step per row."""
         B, n = block.tokens.shape
         tokens = torch.full((B, n - 1), self.mask_id, dtype=torch.long)
+        conf = torch.ones(B, n - 1)
         for i, d in enumerate(drafts):
             tokens[i, : len(d)] = torch.tensor(d, dtype=torch.long)
+            if confs is not None:
+                conf[i, : len(d)] = torch.tensor(confs[i], dtype=torch.float32)
         known = torch.arange(n - 1)[None] < torch.tensor([len(d) for d in drafts])[:, None]
         block.filled[:, 1:] |= ~known  # offsets with no draft stay unverified
         block.drafted = [1 + len(d) for d in drafts]
         offsets = torch.arange(1, n).expand(B, n - 1)
-        yield from self.apply(block, offsets, tokens, torch.ones(B, n - 1), torch.zeros(B, dtype=torch.long), True)
+        yield from self.apply(block, offsets, tokens, conf, torch.zeros(B, dtype=torch.long), True)
 
     # ---- finishing a block -----------------------------------------------------------------
 
@@ -369,7 +391,7 @@ class Decoding:
             if reason is None:
                 self.reasons[i] = "cancelled" if self.cancelled else "length"
         new_tokens = sum(len(p) for p in self.produced)
-        forwards = self.ctx.forwards
+        forwards = self.ctx.forwards - self.forwards_before  # this call's forwards only
         s = self.stats
         return FinalEvent(
             new_tokens=new_tokens, forwards=forwards, tokens_per_forward=new_tokens / max(forwards, 1),
@@ -378,7 +400,7 @@ class Decoding:
             prompt_tokens=sum(len(p) for p in self.prompts), tokens=self.produced, block_size=self.options.block_size,
             drafted=s.drafted, accepted=s.accepted, accepted_at=list(s.accepted_at), verified_blocks=s.verified,
             accepted_length=(s.verified + s.accepted) / s.verified if s.verified else 0.0,
-            reused_tokens=self.ctx.reused,
+            reused_tokens=self.ctx.reused, drafter_forwards=self.trained.forwards if self.trained is not None else 0,
         )
 
 
@@ -401,19 +423,18 @@ def decode(
     """
     run = Decoding(model, prompts, options, mask_token_id=mask_token_id, eos_token_ids=eos_token_ids,
                    pad_token_id=pad_token_id, cancel=cancel, context=context)
-    o = options
-    ngram = o.exact and o.drafter == "ngram"
+    o = run.options  # the drafter resolved ('auto')
     run.last_logits = run.ctx.prefill()  # [B, V]
     while True:
         first, first_conf = run.first_tokens()
         width = min(o.block_size, max(o.max_new_tokens - len(p) for p, r in zip(run.produced, run.reasons) if r is None))
-        drafts = run.ngram_drafts(first, width) if ngram else None
+        drafts = run.drafts(first, width)
         if drafts is not None:
-            width = 1 + max(len(d) for d in drafts)
+            width = 1 + max(len(d) for d in drafts[0])
         block, events = run.open_block(width, first, first_conf)
         yield from events
         if drafts is not None:
-            yield from run.apply_drafts(block, drafts)
+            yield from run.apply_drafts(block, *drafts)
         else:
             yield from run.denoise(block, o.draft_steps if o.exact else None)
         yield from (run.verify(block) if o.exact else run.finish(block))

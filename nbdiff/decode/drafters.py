@@ -17,13 +17,18 @@ def ngram_draft(history: Sequence[int], max_len: int, max_ngram: int = 3) -> lis
     Tries n-grams of `max_ngram` tokens down to 1; the longest n with a match wins. Returns [] when
     nothing matches.
     """
+    return ngram_match(history, max_len, max_ngram)[0]
+
+
+def ngram_match(history: Sequence[int], max_len: int, max_ngram: int = 3) -> tuple[list[int], int]:
+    """`ngram_draft`'s tokens and the length n of the n-gram that matched (0 = no match)."""
     if max_len <= 0 or len(history) < 2:
-        return []
+        return [], 0
     h = list(history)
     for size in range(min(max_ngram, len(h) - 1), 0, -1):
         tail = h[-size:]
         # latest start whose match leaves at least one following token before the tail itself
         for start in range(len(h) - size - 1, -1, -1):
             if h[start : start + size] == tail:
-                return h[start + size : start + size + max_len]
-    return []
+                return h[start + size : start + size + max_len], size
+    return [], 0

@@ -100,6 +100,8 @@ class FinalEvent:
     """Exact mode: mean tokens a verified block gives (its first token plus the accepted drafts)."""
     reused_tokens: int = 0
     """Prompt tokens served from a kept cache (chat's next turn) instead of being computed again."""
+    drafter_forwards: int = 0
+    """Exact mode with a trained drafter: its forwards (`forwards` counts the AR model's only)."""
     kind: str = "final"
 
 

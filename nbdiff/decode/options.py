@@ -5,14 +5,21 @@ Messages name the fields (`threshold`), not command-line flags; the CLI maps the
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
+from pathlib import Path, PurePath
 from typing import Any
 
 from nbdiff.errors import NBDiffError
 from nbdiff.method.settings import check_block_size
 
 CONFIDENCE_RULES = ("prob", "entropy", "margin")
-DRAFTERS = ("diffusion", "ngram")
+DRAFTERS = ("auto", "diffusion", "ngram")
+AUTO = "auto"
+"""--drafter value: exact mode's default, resolved by `auto_drafting` (the cheapest drafting measured to pay)."""
+TRAINED = "trained"
+"""--drafter value: the trained drafter in the model folder's drafter/ subfolder."""
+LOOKUP = "lookup+"
+"""--drafter prefix: prompt lookup when it finds a match, the trained drafter otherwise."""
 
 
 @dataclass
@@ -41,8 +48,12 @@ class DecodeOptions:
     """Verify every drafted block with the model's own causal pass: the output is the AR output."""
     draft_steps: int | None = None
     """Exact mode: at most this many denoising forwards per draft (1 = one-shot; None = until filled)."""
-    drafter: str = "diffusion"
-    """Exact mode: 'diffusion' (the block's denoising steps) or 'ngram' (lookup in prompt and reply)."""
+    drafter: Any = "auto"
+    """Exact mode: 'auto' (`auto_drafting`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in prompt and reply), a trained
+    drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
+    exact mode on), or 'lookup+' before one of those: lookup when it finds a match, the drafter otherwise."""
+    draft_threshold: float = 0.0
+    """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all)."""
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
@@ -68,16 +79,57 @@ class DecodeOptions:
             raise NBDiffError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.draft_steps is not None and self.draft_steps < 1:
             raise NBDiffError(f"--draft-steps must be >= 1, got {self.draft_steps}", "1 = one-shot draft of the whole block")
-        if self.drafter not in DRAFTERS:
-            raise NBDiffError(f"--drafter must be one of {', '.join(DRAFTERS)}, got {self.drafter!r}")
+        self._check_drafter()
+        if not 0.0 <= self.draft_threshold < 1.0:
+            raise NBDiffError(f"--draft-threshold must be in [0, 1), got {self.draft_threshold}", "0 verifies every draft token")
+
+    def _check_drafter(self) -> None:
+        """'diffusion', 'ngram', or a trained drafter (which turns exact mode on: it only drafts for verification)."""
+        if isinstance(self.drafter, PurePath):
+            self.drafter = str(self.drafter)
+        if isinstance(self.drafter, str):
+            if self.drafter in DRAFTERS:
+                return
+            part = self.drafter.removeprefix(LOOKUP)
+            if part != TRAINED and not Path(part).expanduser().is_dir():
+                raise NBDiffError(f"--drafter {self.drafter!r} is neither {', '.join(DRAFTERS)}, {TRAINED} nor a drafter folder",
+                                  f"pass a folder written by `nbdiff adapt --target drafter`, or prefix it with {LOOKUP!r}")
+        elif not hasattr(self.drafter, "config") or not callable(self.drafter):
+            raise NBDiffError(f"--drafter got a {type(self.drafter).__name__}", "pass a name, a drafter folder or a loaded Drafter")
+        self.exact = True
+
+    @property
+    def trained_drafter(self) -> bool:
+        """Whether `drafter` names a trained drafter."""
+        return not (isinstance(self.drafter, str) and self.drafter in DRAFTERS)
 
     def with_(self, **changes: Any) -> "DecodeOptions":
         """A validated copy with some fields changed (used by chat's /set)."""
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain values (a loaded drafter becomes its description): JSON traces and chat's /show read these."""
+        data = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not isinstance(data["drafter"], str):
+            data["drafter"] = f"<{type(data['drafter']).__name__} for {data['drafter'].config.target_architecture}>"
+        return data
 
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+
+def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
+    """Exact mode's drafting when `drafter` is 'auto': the cheapest one measured to pay on the model.
+
+    - a trained drafter, when `model` has one (issue 22: the place to hook it in);
+    - `draft_steps` given: diffusion drafts of at most that many denoising forwards (what was asked);
+    - otherwise the n-gram drafter. It needs no draft forward, so every verification pass gives at
+      least one token (never fewer tokens per forward than block size 1), while a diffusion draft
+      costs one forward more per block and, on the models shipped today, keeps about one drafted
+      token: 1.27 against 1.00 tokens per forward, docs/BENCHMARKS.md "Exact mode's default drafter".
+    Any other choice comes back as it is; multi-step diffusion drafting is `drafter='diffusion'`.
+    """
+    if not isinstance(options.drafter, str) or options.drafter != AUTO:
+        return options
+    return options.with_(drafter="diffusion" if options.draft_steps is not None else "ngram")

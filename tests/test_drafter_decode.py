@@ -1,0 +1,204 @@
+"""Exact mode with a trained drafter: the AR output token for token, the AR distribution when sampling."""
+
+import importlib.util
+import math
+
+import pytest
+import torch
+
+import nbdiff.drafter.decoding as glue
+from nbdiff.decode.decoder import decode
+from nbdiff.decode.events import BlockEvent, FinalEvent
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.sampling import filtered_probs
+from nbdiff.drafter import DrafterConfig, new_drafter, save_drafter
+from nbdiff.errors import NBDiffError
+from nbdiff.testing import ARCHITECTURES, tiny_model
+
+MASK = 383
+PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
+
+
+def random_drafter(model, block_size=8, seed=0, **kw):
+    """An untrained drafter with weights far from their init, so its drafts are some fixed function of the context."""
+    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=MASK, **kw), model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for p in drafter.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
+    return drafter.eval()
+
+
+@pytest.fixture(scope="module", params=ARCHITECTURES)
+def pair(request):
+    model = tiny_model(request.param)
+    return model, random_drafter(model)
+
+
+def run(model, prompts, eos=None, **opts):
+    events = list(decode(model, prompts, DecodeOptions(exact=True, **opts), mask_token_id=-1, eos_token_ids=eos))
+    assert isinstance(events[-1], FinalEvent)
+    return events
+
+
+def reference(model, prompt, n, eos=None):
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def oracle(monkeypatch, truths, wrong_at=None, rows=None):
+    """Drafts from the true continuations (offset `wrong_at` wrong in the given rows), through the real bookkeeping."""
+    real = glue.TrainedDrafting.model_drafts
+
+    def drafts(self, ctx, first, width):
+        ids, conf = real(self, ctx, first, width)  # the real forward still runs (cache, counts)
+        for i, truth in enumerate(truths):
+            done = int(ctx.next_pos[i]) - len(PROMPTS[i]) + 1  # reply tokens before the draft, the first token included
+            ids[i] = torch.tensor((truth[done: done + width - 1] + [0] * width)[: width - 1])
+            if wrong_at is not None and wrong_at < width and (rows is None or i in rows):
+                ids[i, wrong_at - 1] = (ids[i, wrong_at - 1] + 1) % 300
+        return ids, conf
+
+    monkeypatch.setattr(glue.TrainedDrafting, "model_drafts", drafts)
+
+
+# greedy: identical to transformers generate() ----------------------------------------------------
+
+
+@pytest.mark.parametrize("b", [2, 8, 16])
+def test_greedy_equals_generate_with_an_untrained_drafter(pair, b):
+    model, drafter = pair
+    final = run(model, [PROMPTS[0]], block_size=b, drafter=drafter, max_new_tokens=20)[-1]
+    assert final.tokens[0] == reference(model, PROMPTS[0], 20)
+    # prefill, then per block one drafter forward and one verify (a last block of one token needs neither)
+    assert final.forwards == 1 + final.drafter_forwards and final.drafter_forwards >= 20 / b - 1
+    assert final.steps == 0 and final.verified_blocks >= 20 / b
+
+
+def test_uneven_batch_with_left_padding_and_eos(pair):
+    model, drafter = pair
+    free = [reference(model, p, 14) for p in PROMPTS]
+    eos = free[0][4]
+    events = run(model, PROMPTS, eos=[eos], block_size=8, drafter=drafter, max_new_tokens=14)
+    final = events[-1]
+    for i, prompt in enumerate(PROMPTS):
+        assert final.tokens[i] == reference(model, prompt, 14, eos=eos), i
+    for i in range(3):
+        blocks = [e for e in events if isinstance(e, BlockEvent) and e.seq == i]
+        assert sum((e.tokens for e in blocks), []) == final.tokens[i]
+        assert all(e.drafted[: e.accepted] == e.tokens[1:] for e in blocks)
+
+
+def test_right_drafts_are_kept_and_the_feature_cache_follows_the_context(monkeypatch):
+    """Rows accept different lengths (one draft token is wrong in row 1): the drafter's cache keeps one
+    column per AR column, and its last draft equals a drafter forward on features computed from scratch."""
+    model = tiny_model("llama")
+    drafter = random_drafter(model)
+    truths = [reference(model, p, 24) for p in PROMPTS[:2]]
+    oracle(monkeypatch, truths, wrong_at=5, rows=[1])
+    seen = {}
+    real_forward = drafter.forward
+
+    def spy(block_ids, block_pos, feats=None, feat_pos=None, attn_mask=None, cache=None):
+        out = real_forward(block_ids, block_pos, feats, feat_pos, attn_mask, cache)
+        seen.update(block=block_ids.clone(), pos=block_pos.clone(), logits=out.clone(), cached=cache.length)
+        return out
+
+    monkeypatch.setattr(drafter, "forward", spy)
+    events = run(model, PROMPTS[:2], block_size=8, drafter=drafter, max_new_tokens=24)
+    assert events[-1].tokens == truths
+    kept = [[e.accepted for e in events if isinstance(e, BlockEvent) and e.seq == i] for i in range(2)]
+    assert kept[0] == [7, 7, 7] and kept[1][:4] == [4, 4, 4, 4]  # row 1 drops the tail of every draft
+    # the last draft against features of every token before it, from one plain AR forward
+    for i, prompt in enumerate(PROMPTS[:2]):
+        text = prompt + truths[i][: int(seen["pos"][i, 0]) - len(prompt)]
+        with torch.no_grad():
+            hs = model(torch.tensor([text]), output_hidden_states=True).hidden_states
+            feats = drafter.fuse(drafter.select(hs))
+            alone = real_forward(seen["block"][i:i + 1], seen["pos"][i:i + 1], feats, torch.arange(len(text))[None])
+        torch.testing.assert_close(seen["logits"][i:i + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_wrong_draft_token_is_replaced_and_eos_inside_a_draft_ends_the_row(monkeypatch):
+    model = tiny_model("llama")
+    drafter = random_drafter(model)
+    free = reference(model, PROMPTS[0], 16)
+    eos = next(t for i, t in enumerate(free) if i >= 5 and t not in free[:i])  # first met inside a later draft
+    oracle(monkeypatch, [free], wrong_at=3)
+    events = run(model, [PROMPTS[0]], eos=[eos], block_size=8, drafter=drafter, max_new_tokens=16)
+    blocks = [e for e in events if isinstance(e, BlockEvent)]
+    assert events[-1].tokens[0] == reference(model, PROMPTS[0], 16, eos=eos)
+    assert events[-1].finish_reason == "eos"
+    assert blocks[0].accepted == 2 and len(blocks[0].tokens) == 3
+
+
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_max_new_tokens_boundaries(n):
+    model = tiny_model("mistral")
+    final = run(model, PROMPTS[:2], block_size=4, drafter=random_drafter(model), max_new_tokens=n)[-1]
+    assert final.tokens == [reference(model, p, n) for p in PROMPTS[:2]]
+
+
+def test_draft_threshold_verifies_fewer_tokens_and_stays_exact(monkeypatch):
+    model = tiny_model("qwen2")
+    drafter = random_drafter(model)
+    whole = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12)[-1]
+    trimmed = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12, draft_threshold=0.5)[-1]
+    assert trimmed.tokens == whole.tokens == [reference(model, p, 12) for p in PROMPTS]
+    assert trimmed.drafted < whole.drafted
+
+
+def test_lookup_first_then_the_trained_drafter(tmp_path):
+    """'lookup+DIR': rows whose n-gram lookup matches draft from it (no drafter forward when every row does)."""
+    model = tiny_model("llama")
+    save_drafter(random_drafter(model), tmp_path / "d")
+    prompts = [[5, 17, 33, 80] * 4, PROMPTS[1]]
+    alone = run(model, prompts, block_size=8, drafter=str(tmp_path / "d"), max_new_tokens=16)[-1]
+    both = run(model, prompts, block_size=8, drafter=f"lookup+{tmp_path / 'd'}", max_new_tokens=16)[-1]
+    assert both.tokens == alone.tokens == [reference(model, p, 16) for p in prompts]
+    assert both.drafter_forwards < alone.drafter_forwards
+
+
+# sampling: the speculative rule keeps the AR distribution ----------------------------------------
+
+
+def test_sampled_drafts_keep_the_ar_distribution(monkeypatch):
+    """As tests/test_exact.py: the first three tokens of N seeded rows follow AR's joint distribution
+    (top_k = 2: 8 cells, each within 5 standard deviations). Drafts are AR's greedy continuation, so both
+    branches of the rule are taken often; they are argmax drafts, deterministic given the prefix."""
+    model = tiny_model("llama")
+    drafter = random_drafter(model)
+    prompt, N = PROMPTS[1], 3000
+
+    def greedy_drafts(self, ctx, first, width):
+        ids, conf = real(self, ctx, first, width)
+        for i, row in enumerate(ctx.ids):
+            text = [t for t, h in zip(row, ctx.hidden[i].tolist()) if not h] + [first[i]]
+            ids[i] = torch.tensor(reference(model, text, width - 1))
+        return ids, conf
+
+    real = glue.TrainedDrafting.model_drafts
+    monkeypatch.setattr(glue.TrainedDrafting, "model_drafts", greedy_drafts)
+    opts = DecodeOptions(exact=True, block_size=4, temperature=1.0, top_k=2, max_new_tokens=3, seed=0, drafter=drafter)
+    final = list(decode(model, [prompt] * N, opts, mask_token_id=-1))[-1]
+    assert 0 < final.accepted < final.drafted
+
+    def probs(ctx):
+        with torch.no_grad():
+            return filtered_probs(model(torch.tensor([ctx])).logits[0, -1:], 1.0, top_k=2)[0]
+
+    expected = {}
+    p0 = probs(prompt)
+    for t0 in p0.nonzero()[:, 0].tolist():
+        p1 = probs(prompt + [t0])
+        for t1 in p1.nonzero()[:, 0].tolist():
+            p2 = probs(prompt + [t0, t1])
+            for t2 in p2.nonzero()[:, 0].tolist():
+                expected[(t0, t1, t2)] = float(p0[t0] * p1[t1] * p2[t2])
+    counts: dict = {}
+    for row in final.tokens:
+        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
+    assert set(counts) <= set(expected)
+    for cell, p in expected.items():
+        assert abs(counts.get(cell, 0) - N * p) <= 5 * math.sqrt(N * p * (1 - p)) + 1, (cell, counts.get(cell, 0), N * p)
