@@ -49,8 +49,8 @@ class DecodeOptions:
     draft_steps: int | None = None
     """Exact mode: at most this many denoising forwards per draft (1 = one-shot; None = until filled)."""
     drafter: Any = "auto"
-    """Exact mode: 'auto' (`auto_drafting`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in prompt and reply), a trained
-    drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
+    """Exact mode: 'auto' (`auto_drafting`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in
+    prompt and reply), a trained drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
     exact mode on), or 'lookup+' before one of those: lookup when it finds a match, the drafter otherwise."""
     draft_threshold: float = 0.0
     """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all)."""
@@ -122,7 +122,7 @@ class DecodeOptions:
 def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
     """Exact mode's drafting when `drafter` is 'auto': the cheapest one measured to pay on the model.
 
-    - a trained drafter, when `model` has one (issue 22: the place to hook it in);
+    - the trained drafter the model folder brings along (its drafter/ subfolder), when it has one;
     - `draft_steps` given: diffusion drafts of at most that many denoising forwards (what was asked);
     - otherwise the n-gram drafter. It needs no draft forward, so every verification pass gives at
       least one token (never fewer tokens per forward than block size 1), while a diffusion draft
@@ -132,4 +132,9 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
     """
     if not isinstance(options.drafter, str) or options.drafter != AUTO:
         return options
+    if options.exact and model is not None:
+        from nbdiff.drafter.decoding import bundled_drafter
+
+        if bundled_drafter(model) is not None:
+            return options.with_(drafter=TRAINED)
     return options.with_(drafter="diffusion" if options.draft_steps is not None else "ngram")

@@ -64,10 +64,15 @@ def model_folder(model) -> Path | None:
     return Path(name) if name and Path(name).is_dir() else None
 
 
+def bundled_drafter(model) -> Path | None:
+    """The drafter the model's folder brings along (its drafter/ subfolder), if any: exact mode's 'auto' uses it."""
+    return find_drafter(model_folder(model))
+
+
 def drafter_path(model, part: Any) -> Path:
     """The folder named by `part` ('trained' = the model folder's drafter/)."""
     if str(part) == TRAINED:
-        found = find_drafter(model_folder(model))
+        found = bundled_drafter(model)
         if found is None:
             raise NBDiffError("this model folder has no trained drafter (drafter/ subfolder)",
                               "pass --drafter DIR, or train one with `nbdiff adapt MODEL --target drafter`")
