@@ -27,18 +27,21 @@ EXPORTS = ("merged", "adapter")
 DTYPES = ("auto", "fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTENTION = ("sdpa", "eager")
+TARGETS = ("model", "drafter")
+DRAFTER_INITS = ("random", "copy")
 
 # The allowed values of the fields that take one of a few words (validation and --help read this).
 CHOICES: dict[str, tuple[str, ...]] = {
     "context_mask": CONTEXT_MASKS, "loss_weighting": WEIGHTINGS, "quantize": QUANTIZE, "export": EXPORTS,
-    "dtype": DTYPES, "device": DEVICES, "attn_implementation": ATTENTION,
+    "dtype": DTYPES, "device": DEVICES, "attn_implementation": ATTENTION, "target": TARGETS,
+    "drafter_init": DRAFTER_INITS,
 }
 
 # Fields a resumed run may change without breaking exact continuation. `steps` may change because
 # the schedules keep their length (`schedule_steps` is pinned to the checkpoint's on resume).
 RESUME_SAFE = frozenset(
     {"resume", "force", "eval_every", "save_every", "keep_checkpoints", "log_every", "export", "cache_dir",
-     "steps", "prune_checkpoints"}
+     "steps", "prune_checkpoints", "drafter_eval_data"}
 )
 
 
@@ -138,6 +141,28 @@ class AdaptConfig:
     export: str = "merged"
     """LoRA output: 'merged' weights (loadable by chat) or the 'adapter' alone."""
 
+    # --- Drafter: --target drafter trains a small block-diffusion drafter beside the frozen model
+    target: str = "model"
+    """'model' (the NBDiff adaptation of the model itself) or 'drafter' (a drafter for exact mode; the
+    model stays frozen; OUT becomes a drafter folder, nbdiff.drafter)."""
+    drafter_layers: int = 2
+    """Draft layers (DFlash uses 5)."""
+    drafter_init: str = "random"
+    """Draft layers start 'random' or as a 'copy' of the model's last layers."""
+    drafter_target_layers: str = "auto"
+    """Model layers whose outputs are fused: 'auto' (up to 5, spread from the 2nd to the 3rd-from-last) or '1,9,17'."""
+    drafter_anchors: int = 32
+    """Blocks per packed row, anchored at random reply tokens (all in one drafter forward)."""
+    drafter_gamma: float | None = None
+    """Loss weight exp(-(k-1)/gamma) at block offset k (default: 7 at block 16, 5 at 10, 4 at 8)."""
+    drafter_vocab: int = 0
+    """Draft vocabulary: the N most frequent reply tokens of the data (0 = the model's whole vocabulary)."""
+    drafter_cache_features: bool = False
+    """Keep the model's features of every row on disk (OUT/feature-cache) and reuse them after the first epoch."""
+    drafter_eval_data: str | None = None
+    """Chat records whose replies measure tokens per verify at every evaluation (novel prompts; default:
+    the held-out rows of --data)."""
+
     # --- Data and bookkeeping
     eval_fraction: float = 0.05
     """Fraction of packed rows held out for evaluation (0 = none)."""
@@ -186,6 +211,20 @@ class AdaptConfig:
                 f"--seq-len {self.seq_len} is not a multiple of the final block size {self.block_size}", hint
             )
         self.curriculum_schedule()  # validates --curriculum
+        if self.target == "drafter":
+            self._check_drafter()
+
+    def _check_drafter(self) -> None:
+        if self.lora_rank or self.quantize != "none":
+            raise NBDiffError("--target drafter trains a new drafter beside the frozen model",
+                              "drop --lora-rank and --quantize")
+        if self.block_size < 2:
+            raise NBDiffError("--target drafter needs --block-size 2 or more (16 is DFlash's)")
+        _at_least(self.drafter_layers, 1, "--drafter-layers")
+        _at_least(self.drafter_anchors, 1, "--drafter-anchors")
+        _at_least(self.drafter_vocab, 0, "--drafter-vocab")
+        if self.drafter_gamma is not None and not self.drafter_gamma > 0:
+            raise NBDiffError(f"--drafter-gamma must be > 0, got {self.drafter_gamma}")
 
     def _check_ranges(self) -> None:
         check_block_size(self.block_size, "--block-size")
@@ -232,6 +271,8 @@ class AdaptConfig:
         from nbdiff.method.curriculum import BlockCurriculum
 
         spec = self.curriculum.strip()
+        if self.target == "drafter":  # a drafter trains at its block size from the start
+            return BlockCurriculum.constant(self.block_size)
         if spec == "formula":
             return BlockCurriculum(b0=1, ratio=2, start=self.growth_start, interval=self.growth_interval,
                                    b_max=self.block_size)

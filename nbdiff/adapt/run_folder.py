@@ -28,6 +28,7 @@ CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 RECIPE = "recipe.yaml"
 DATA_CACHE = "data-cache"
+FEATURE_CACHE = "feature-cache"  # a drafter run's AR features (nbdiff.drafter.train.FeatureCache)
 
 # Names an adapt run writes into its folder (run files, the final model or adapter, `nbdiff plot`'s default PNG).
 RUN_FILES = (RECIPE, METRICS, "loss.png", "config.json", "generation_config.json", "model.safetensors",
@@ -35,7 +36,7 @@ RUN_FILES = (RECIPE, METRICS, "loss.png", "config.json", "generation_config.json
              "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt",
              "tokenizer.model", "chat_template.jinja", "chat_template.json", "adapter_config.json",
              "adapter_model.safetensors", "README.md", "nbdiff.json", ".*.nbdiff-tmp-*")
-RUN_DIRS = (CHECKPOINTS, DATA_CACHE, ".*.nbdiff-tmp-*")
+RUN_DIRS = (CHECKPOINTS, DATA_CACHE, FEATURE_CACHE, ".*.nbdiff-tmp-*")
 RUN_MARKERS = (RECIPE, METRICS, CHECKPOINTS)
 
 

@@ -321,7 +321,12 @@ class AdaptRun:
     def _load_model(self, ckpt: Checkpoint | None) -> None:
         cfg, acc = self.config, self.acc
         torch.manual_seed(cfg.seed)  # LoRA initialisation
-        model = load_model(cfg, self.model_folder, acc.device)
+        if cfg.target == "drafter":  # a new drafter beside the frozen model (nbdiff.drafter.train)
+            from nbdiff.drafter.train import training_module
+
+            model = training_module(cfg, self.model_folder, acc.device, self.data, self.folder.dir, self.tokenizer)
+        else:
+            model = load_model(cfg, self.model_folder, acc.device)
         self.notes: list[str] = list(getattr(model, "nbdiff_notes", []))  # dtype, memory, attention
         self.names = trainable_names(model)
         if not self.names:
@@ -369,7 +374,8 @@ class AdaptRun:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         t0 = time.perf_counter()
-        micro = [make_micro_batch(self.data.train, self._slots(m), cfg, block, self.model_folder.settings.mask_token_id)
+        make, loss_of = _objective(cfg)
+        micro = [make(self.data.train, self._slots(m), cfg, block, self.model_folder.settings.mask_token_id)
                  for m in range(cfg.grad_accum)]
         step_tokens = self._set_shares(micro)
         logged: dict[str, float] = {}
@@ -378,7 +384,7 @@ class AdaptRun:
         for m, mb in enumerate(micro):
             sync = acc.no_sync(self.model) if m < len(micro) - 1 else nullcontext()
             with sync, self.autocast():
-                parts = compute_loss(self.model, mb.to(acc.device), cfg, block)
+                parts = loss_of(self.model, mb.to(acc.device), cfg, block)
                 # DDP/FSDP average gradients over processes; * world turns that into the global sum
                 loss = parts.total * self.world
             acc.backward(loss)
@@ -442,6 +448,8 @@ class AdaptRun:
     # --- evaluation, checkpoints, export
     def evaluate(self) -> dict | None:
         """Held-out MDM/AR losses at every evaluation block size (None without held-out rows)."""
+        if self.config.target == "drafter":
+            return self._evaluate_drafter()
         if self.data.eval is None:
             return None
         res = evaluate(self.model, self.data.eval, eval_block_sizes(self.config.block_size),
@@ -451,6 +459,18 @@ class AdaptRun:
                "ar": res["ar"], "mdm": {str(k): v for k, v in res["mdm"].items()},
                "acc": {str(k): v for k, v in res["acc"].items()},
                "mdm_tokens": {str(k): v for k, v in res["mdm_tokens"].items()}, "ar_tokens": res["ar_tokens"]}
+        self.evals.append(rec)
+        self.emit(rec, log=True)
+        return rec
+
+    def _evaluate_drafter(self) -> dict | None:
+        from nbdiff.drafter.train import evaluate_drafter, eval_rows
+
+        rows = eval_rows(self.config, self.tokenizer, self.data)
+        if rows is None:
+            return None
+        res = evaluate_drafter(self.model, rows, self.config, self.autocast)
+        rec = {"event": "eval", "step": self.step, "block_size": self.config.block_size, **res}
         self.evals.append(rec)
         self.emit(rec, log=True)
         return rec
@@ -486,7 +506,11 @@ class AdaptRun:
         """Write the final model (or adapter) into the run folder."""
         acc = self.acc
         state_dict = acc.get_state_dict(self.model)  # collective under FSDP
-        if acc.is_main_process:
+        if acc.is_main_process and self.config.target == "drafter":
+            from nbdiff.drafter.train import export_drafter
+
+            export_drafter(acc.unwrap_model(self.model), self.folder.dir)
+        elif acc.is_main_process:
             settings = adapted_settings(self.model_folder, self.config, self.step, self.tokens, self.block)
             write_final_model(self.folder.dir, acc.unwrap_model(self.model), state_dict, self.tokenizer, self.config,
                               self.model_folder, settings)
@@ -557,6 +581,15 @@ def adapt(config: AdaptConfig, callback: Callback | None = None) -> AdaptResult:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _objective(config: AdaptConfig):
+    """(micro-batch builder, loss) of the run's target: the NBDiff layout, or a drafter's blocks (nbdiff.drafter)."""
+    if config.target == "drafter":
+        from nbdiff.drafter.train import drafter_loss, make_draft_batch
+
+        return make_draft_batch, drafter_loss
+    return make_micro_batch, compute_loss
 
 
 def _terms(parts: LossParts, ar_weight: float):

@@ -1,0 +1,177 @@
+"""Training a drafter (`nbdiff adapt --target drafter`): the mask, train/decode consistency, learning, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adapt_helpers import converted_tiny
+from nbdiff.adapt.recipe import AdaptConfig
+from nbdiff.adapt.trainer import adapt
+from nbdiff.drafter.data import build_blocks, dense_mask, sample_anchors, valid_anchors, walk_tokens_per_verify
+from nbdiff.drafter.train import DrafterTraining, ar_hidden_states, build_drafter
+from nbdiff.errors import NBDiffError
+
+WORDS = "the quick brown fox jumps over a lazy dog hello how are you today once upon a time fortune".split()
+
+
+def reference_mask(anchors: torch.Tensor, doc_ids: torch.Tensor, b: int) -> torch.Tensor:
+    """The rule written out with loops: block j sees features c < a_j of a_j's document, and itself."""
+    R, L = doc_ids.shape
+    N = anchors.shape[1]
+    ref = torch.zeros(R, N * b, L + N * b, dtype=torch.bool)
+    for r in range(R):
+        for j in range(N):
+            a = int(anchors[r, j])
+            for q in range(j * b, (j + 1) * b):
+                for c in range(L):
+                    ref[r, q, c] = a >= 0 and c < a and bool(doc_ids[r, c] == doc_ids[r, a])
+                for k in range(N * b):
+                    ref[r, q, L + k] = k // b == j
+    return ref
+
+
+def test_training_mask_equals_the_rule_written_out():
+    g = torch.Generator().manual_seed(0)
+    doc_ids = torch.tensor([[0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 2, 2], [5, 5, 5, 5, 5, 5, 5, 5, -1, -1, -1, -1]])
+    trainable = torch.tensor([[0, 0, 1, 1, 0, 0, 1, 1, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0]]).bool()
+    valid = valid_anchors(doc_ids, trainable)
+    # an anchor's next token is a reply token of its document: never the last of a document
+    assert valid[0].nonzero().flatten().tolist() == [1, 2, 5, 6, 7, 8, 10]
+    anchors = torch.stack([sample_anchors(valid[r], 4, g) for r in range(2)])
+    assert (anchors[1] >= 0).all() and anchors[0].tolist() == sorted(anchors[0].tolist())
+    anchors[1, 3] = -1  # an unused block sees only itself
+    for b in (1, 3, 4):
+        assert torch.equal(dense_mask(anchors, doc_ids, b), reference_mask(anchors, doc_ids, b))
+
+
+def test_blocks_hold_the_anchor_then_masks_and_targets_inside_the_document():
+    ids = torch.arange(100, 112)[None]
+    pos = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])
+    doc = torch.tensor([[0] * 6 + [1] * 6])
+    trainable = torch.tensor([[0, 0, 1, 1, 1, 1, 0, 1, 1, 1, 1, 1]]).bool()
+    batch = build_blocks(ids, pos, doc, trainable, torch.tensor([[3, 7]]), 4, mask_token_id=9, gamma=4.0)
+    assert batch.block_ids.tolist() == [[103, 9, 9, 9, 107, 9, 9, 9]]
+    assert batch.block_pos.tolist() == [[3, 4, 5, 6, 1, 2, 3, 4]]
+    # block 0 runs past its document's end (index 5): those offsets have no target
+    assert batch.targets.tolist() == [[-100, 104, 105, -100, -100, 108, 109, 110]]
+    w = torch.exp(-torch.arange(3) / 4.0).tolist()
+    assert batch.weights[0].tolist() == pytest.approx([0, w[0], w[1], 0, 0, *w])
+    assert batch.real_tokens == 5
+
+
+def test_walk_counts_verifies_as_decoding_does():
+    # drafts accepted: 3 at the first anchor, then nothing, then 10 (capped by the reply's end)
+    accept = [3, 0, 0, 0, 0, 10, 0, 0, 0, 0, 0]
+    assert walk_tokens_per_verify(accept, start=0, end=11) == (10, 3)  # 4 + 1 + 5 tokens in 3 verifies
+
+
+@pytest.fixture(scope="module")
+def tiny_target(tmp_path_factory):
+    """A tiny converted llama and its own greedy replies to 48 prompts (chat records)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    root = tmp_path_factory.mktemp("drafter-train")
+    folder = converted_tiny(root / "model", block_size=8)
+    tok = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    g = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(48):
+        prompt = " ".join(WORDS[int(i)] for i in torch.randint(len(WORDS), (6,), generator=g))
+        enc = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                      return_tensors="pt", return_dict=True)
+        out = model.generate(**enc, max_new_tokens=40, do_sample=False, eos_token_id=tok.eos_token_id,
+                             pad_token_id=tok.pad_token_id)
+        reply = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        records.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}]})
+    data = root / "replies.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return folder, data, model, tok, records
+
+
+def cache_kwarg(model) -> str:
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def drafter_config(folder, data, out, **kw) -> AdaptConfig:
+    base = dict(model=str(folder), data=[str(data)], out=str(out), target="drafter", steps=6, seq_len=128,
+                block_size=8, batch_size=2, lr=3e-3, eval_fraction=0, dtype="fp32", drafter_layers=1,
+                drafter_anchors=8)
+    base.update(kw)
+    return AdaptConfig(**base)
+
+
+def test_a_trained_block_has_the_logits_of_drafting_at_that_point(tiny_target):
+    """Training positions and features equal decoding's: the multi-block training forward gives the
+    logits the drafter computes from its decoding cache (features absorbed in two pieces)."""
+    from nbdiff.drafter.model import FeatureCache
+
+    folder, _, model, tok, records = tiny_target
+    text = tok.apply_chat_template(records[0]["messages"], tokenize=False)
+    ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])[None]
+    L = ids.shape[1]
+    pos, doc = torch.arange(L)[None], torch.zeros(1, L, dtype=torch.int64)
+    cfg = drafter_config(folder, "x", "y", drafter_layers=2)
+    drafter = build_drafter(model, cfg, mask_token_id=len(tok) - 1, draft_vocab=None)
+    module = DrafterTraining(drafter, model)
+    anchors = torch.tensor([[3, L // 2, L - 5]])
+    batch = build_blocks(ids, pos, doc, torch.ones_like(ids, dtype=torch.bool), anchors, 8, drafter.config.mask_token_id,
+                         4.0)
+    with torch.no_grad():
+        trained = module(batch).view(1, 3, 8, -1)
+        for j, a in enumerate(anchors[0].tolist()):
+            # decoding: AR prefill of part of the prefix, then a cached pass over the rest, features absorbed per pass
+            cache, split = FeatureCache(), max(1, a // 2)
+            first = model(input_ids=ids[:, :split], use_cache=True, output_hidden_states=True)
+            rest = model(input_ids=ids[:, split:a], use_cache=True, output_hidden_states=True,
+                         **{cache_kwarg(model): first.past_key_values})
+            for out, cols in ((first, range(0, split)), (rest, range(split, a))):
+                cols = torch.tensor(list(cols))[None]
+                drafter.extend(cache, drafter.fuse(drafter.select(out.hidden_states)), cols)
+            block = torch.full((1, 8), drafter.config.mask_token_id)
+            block[0, 0] = ids[0, a]
+            decoded = drafter(block, torch.arange(a, a + 8)[None], cache=cache)
+            torch.testing.assert_close(trained[:, j], decoded, atol=2e-5, rtol=1e-4)
+    # the features the training pass fuses are the AR model's own hidden states
+    direct = model(input_ids=ids, output_hidden_states=True).hidden_states
+    stacked = ar_hidden_states(model, ids, pos, doc, drafter.config.target_layer_ids)
+    for n, i in enumerate(drafter.config.target_layer_ids):
+        torch.testing.assert_close(stacked[:, :, n], direct[i + 1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_resume_gives_the_same_drafter_as_an_uninterrupted_run(tiny_target, tmp_path, cache):
+    from safetensors.torch import load_file
+
+    folder, data, *_ = tiny_target
+    kw = dict(steps=6, drafter_cache_features=cache, drafter_vocab=64 if cache else 0, grad_accum=2)
+    full = adapt(drafter_config(folder, data, tmp_path / "a", **kw))
+
+    def ctrl_c(rec):
+        if rec["event"] == "train" and rec["step"] == 3:
+            raise KeyboardInterrupt
+
+    part = adapt(drafter_config(folder, data, tmp_path / "b", **kw), callback=ctrl_c)
+    assert part.status == "interrupted" and part.steps == 3
+    rest = adapt(drafter_config(folder, data, tmp_path / "b", resume=True, **kw))
+    assert rest.status == "completed" and rest.tokens == full.tokens
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert set(wa) == set(wb) and all(k.startswith(("fc.", "hidden_norm.", "layers.", "norm.")) for k in wa)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    if cache:
+        assert any((tmp_path / "a" / "feature-cache").rglob("row-*.safetensors"))
+
+
+def test_drafter_recipe_refuses_lora_and_block_one(tiny_target, tmp_path):
+    folder, data, *_ = tiny_target
+    with pytest.raises(NBDiffError, match="drop --lora-rank"):
+        drafter_config(folder, data, tmp_path / "x", lora_rank=4)
+    with pytest.raises(NBDiffError, match="block-size 2 or more"):
+        drafter_config(folder, data, tmp_path / "x", block_size=1, seq_len=128)
+    with pytest.raises(NBDiffError, match="drafter-target-layers"):
+        adapt(drafter_config(folder, data, tmp_path / "y", drafter_target_layers="7"))
