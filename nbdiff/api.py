@@ -5,6 +5,7 @@
     for event in nbdiff.stream(model, tokenizer, "Write a haiku", block_size=8):
         ...                                   # StepEvent / BlockEvent records, then a FinalEvent
     text, final = nbdiff.generate(model, tokenizer, [{"role": "user", "content": "Hi"}], threshold=0.8)
+    text, final = nbdiff.generate(model, tokenizer, "Hi", drafter="my-drafter")  # exact mode, a trained drafter
 
 A prompt is a string, a list of chat messages, or a list of either (a batch). Strings and
 message lists go through the tokenizer's chat template when it has one (`raw=True` for a plain
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 from nbdiff.loading import context_length, load_model, model_settings
-from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.options import AUTO, TRAINED, DecodeOptions
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -48,23 +49,41 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
         options = options.with_(**overrides)
     settings = model_settings(model)
     notes: list[str] = []
+    trained = _trained_drafter(model, options)  # it needs no mask token of the model's, and has a block size of its own
     if options.block_size is None:
-        if settings is None:
+        if trained is not None:
+            from nbdiff.drafter.decoding import drafter_block_size
+
+            options = options.with_(block_size=drafter_block_size(model, trained))
+        elif settings is None:
             options = options.with_(block_size=1)
             notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")
         else:
             options = options.with_(block_size=settings.block_size)
-    if settings is None and options.block_size > 1:
+    if settings is None and options.block_size > 1 and trained is None:
         raise NBDiffError(
             f"--block-size {options.block_size} needs a converted model (this folder has no mask token)",
             "run `nbdiff convert SOURCE --out DIR` and pass DIR, or use --block-size 1",
         )
-    if settings is not None and options.block_size > settings.adapted_block_size:
+    if settings is not None and options.block_size > settings.adapted_block_size and not options.exact:
         notes.append(
             f"block size {options.block_size} is above the block size this model was adapted to "
             f"({settings.adapted_block_size}): expect poor text"
         )
     return options, notes
+
+
+def _trained_drafter(model, options: DecodeOptions):
+    """The trained drafter exact mode will use (a DecodeOptions.drafter value), or None."""
+    if not options.exact:
+        return None
+    if options.trained_drafter:
+        return options.drafter
+    if options.drafter == AUTO:
+        from nbdiff.drafter.decoding import bundled_drafter
+
+        return TRAINED if bundled_drafter(model) is not None else None
+    return None
 
 
 def _is_messages(value: Any) -> bool:

@@ -19,9 +19,9 @@ MASK = 383
 PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
 
 
-def random_drafter(model, block_size=8, seed=0, **kw):
+def random_drafter(model, block_size=8, seed=0, mask_token_id=MASK):
     """An untrained drafter with weights far from their init, so its drafts are some fixed function of the context."""
-    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=MASK, **kw), model)
+    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=mask_token_id), model)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         for p in drafter.parameters():
@@ -202,3 +202,46 @@ def test_sampled_drafts_keep_the_ar_distribution(monkeypatch):
     assert set(counts) <= set(expected)
     for cell, p in expected.items():
         assert abs(counts.get(cell, 0) - N * p) <= 5 * math.sqrt(N * p * (1 - p)) + 1, (cell, counts.get(cell, 0), N * p)
+
+
+# the API: a plain AR folder with a drafter, the drafter a folder brings along, chat turns ------------
+
+
+def _folder_with_drafter(tmp_path, bundled: bool):
+    import nbdiff
+    from nbdiff.testing import save_tiny_checkpoint
+
+    folder = save_tiny_checkpoint(tmp_path / "plain", "llama")  # never converted: no mask token of its own
+    model, tok = nbdiff.load(folder, device="cpu", dtype="fp32")
+    drafter = random_drafter(model, block_size=4, mask_token_id=tok.pad_token_id)
+    save_drafter(drafter, (folder / "drafter") if bundled else (tmp_path / "d"))
+    return model, tok
+
+
+def test_a_plain_model_with_a_drafter_folder_decodes_exactly_at_the_drafters_block_size(tmp_path):
+    import nbdiff
+
+    model, tok = _folder_with_drafter(tmp_path, bundled=False)
+    _, final = nbdiff.generate(model, tok, "hello there", raw=True, drafter=str(tmp_path / "d"), max_new_tokens=12)
+    prompt = tok("hello there")["input_ids"]
+    assert final.tokens[0] == reference(model, prompt, 12, eos=tok.eos_token_id)[: len(final.tokens[0])]
+    assert final.block_size == 4 and final.drafter_forwards > 0
+    with pytest.raises(NBDiffError, match="neither"):
+        nbdiff.generate(model, tok, "hello", drafter=str(tmp_path / "missing"))
+    with pytest.raises(NBDiffError, match="no trained drafter"):
+        nbdiff.generate(model, tok, "hello", drafter="trained")
+
+
+def test_the_drafter_a_folder_brings_along_serves_exact_mode_and_chat_turns(tmp_path):
+    import nbdiff
+    from nbdiff.api import Session
+
+    model, tok = _folder_with_drafter(tmp_path, bundled=True)
+    session = Session()
+    history = [{"role": "user", "content": "Hello, how are you today?"}]
+    for turn in range(2):
+        text, final = nbdiff.generate(model, tok, history, exact=True, max_new_tokens=10, session=session)
+        _, fresh = nbdiff.generate(model, tok, history, exact=True, max_new_tokens=10)
+        assert final.tokens == fresh.tokens and final.drafter_forwards > 0, turn  # found without --drafter
+        assert final.reused_tokens > 0 or turn == 0
+        history += [{"role": "assistant", "content": text}, {"role": "user", "content": "Once upon a time"}]
