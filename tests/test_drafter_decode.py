@@ -245,3 +245,32 @@ def test_the_drafter_a_folder_brings_along_serves_exact_mode_and_chat_turns(tmp_
         assert final.tokens == fresh.tokens and final.drafter_forwards > 0, turn  # found without --drafter
         assert final.reused_tokens > 0 or turn == 0
         history += [{"role": "assistant", "content": text}, {"role": "user", "content": "Once upon a time"}]
+
+
+# nbdiff bench: the exact-drafter rows and transformers' prompt lookup --------------------------------
+
+
+def test_bench_exact_drafter_rows_against_generate_and_prompt_lookup(tmp_path):
+    import nbdiff
+    from decode_helpers import converted_folder
+    from nbdiff.eval.bench import BenchConfig, BenchPrompt, run_bench
+
+    folder = converted_folder(tmp_path / "m", block_size=4)
+    model, _ = nbdiff.load(folder, device="cpu", dtype="fp32")
+    save_drafter(random_drafter(model, block_size=4, mask_token_id=model.config.vocab_size - 1), folder / "drafter")
+    prompts = [BenchPrompt("x", "Hello there"), BenchPrompt("x", "def add(a, b): return a + b. def add(a, b):")]
+    result = run_bench(folder, prompts, BenchConfig(block_sizes=(2, 4), modes=("exact-drafter",), max_new_tokens=9,
+                                                    draft_thresholds=(0.0, 0.5), dtypes=("fp32",), device="cpu",
+                                                    warmup=False))
+    rows = {(r.mode, r.block_size, r.threshold): r for r in result.rows}
+    assert set(rows) == {("ar", 1, None), ("lookup", 1, None), ("exact-drafter", 2, 0.0), ("exact-drafter", 2, 0.5),
+                         ("exact-drafter", 4, 0.0), ("exact-drafter", 4, 0.5)}
+    ar = rows[("ar", 1, None)]
+    for key, row in rows.items():
+        if key[0] == "ar":
+            continue
+        assert row.extra["identical"] == 1.0 and row.new_tokens == ar.new_tokens  # lossless, every one
+        if key[0] == "exact-drafter":
+            assert row.extra["drafter_forwards"] > 0 and row.extra["speedup_vs_lookup"] > 0
+            assert 1.0 <= row.extra["accepted_length"] <= key[1]
+    assert any("drafter" in note for note in result.notes)

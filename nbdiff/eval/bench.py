@@ -9,7 +9,13 @@ Rows of one run (per dtype, all against the same prompts and weights):
 - `nbdiff`: the block decoder for each block size x threshold, through `nbdiff.api.generate`, so
   the replies are the ones a user gets (chat template, EOS honoured);
 - `exact`, `exact-ngram`: the decoder's exact mode (drafts verified by the AR pass) with the
-  diffusion or the n-gram drafter, when this version of the decoder has it (`available_modes()`).
+  diffusion or the n-gram drafter, when this version of the decoder has it (`available_modes()`);
+- `exact-drafter`: exact mode with a trained drafter (`BenchConfig.drafter`, or the model folder's
+  drafter/), one row per block size and verify-width threshold; it brings the `lookup` row along:
+  transformers' own prompt-lookup decoding (`generate(prompt_lookup_num_tokens=...)`), the lossless
+  speed-up a user has without nbdiff. Extras: tokens per verify (`accepted_length`), drafter
+  forwards (the `forwards` column counts the AR model's), speed against the `lookup` row, and the
+  share of replies identical to the `ar` row's.
 
 Timing: one prompt at a time (batch 1: no padding, and a row's time is not set by the slowest
 prompt of a batch), after one warm-up decode per row, model loading excluded; each prompt's time
@@ -44,8 +50,9 @@ from nbdiff.resources import bench_suites_dir
 
 SUITES_DIR = bench_suites_dir()
 """Where the shipped suites live (one `NAME.jsonl` per suite)."""
-MODES = ("ar", "source", "nbdiff", "exact", "exact-ngram")
-DECODER_MODES = ("nbdiff", "exact", "exact-ngram")
+MODES = ("ar", "source", "lookup", "nbdiff", "exact", "exact-ngram", "exact-drafter")
+DECODER_MODES = ("nbdiff", "exact", "exact-ngram", "exact-drafter", "lookup")
+"""What --modes takes (`lookup` is transformers' prompt lookup, a baseline like `ar`)."""
 PPL_MARGIN = 1.10
 DISTINCT_MARGIN = 0.05
 BELOW_AR_RULE = (
@@ -149,7 +156,9 @@ def available_modes() -> list[str]:
         modes.append("exact")
         if "drafter" in names:
             modes.append("exact-ngram")
-    return modes
+        if "draft_threshold" in names:
+            modes.append("exact-drafter")
+    return modes + ["lookup"]
 
 
 @dataclass
@@ -175,6 +184,12 @@ class BenchConfig:
     """Cap on the denoising steps of an exact-mode draft (when the decoder has `draft_steps`)."""
     exact_thresholds: tuple[float, ...] | None = None
     """Draft thresholds of the exact rows (None = `thresholds`); exact output does not depend on them."""
+    drafter: str | None = None
+    """Trained drafter folder of the exact-drafter rows (None = the model folder's drafter/)."""
+    draft_thresholds: tuple[float, ...] = (0.0,)
+    """Verify-width thresholds of the exact-drafter rows (0 = verify the whole block; see DecodeOptions)."""
+    lookup_tokens: int = 10
+    """Tokens the `lookup` row drafts per step (transformers' prompt_lookup_num_tokens)."""
     warmup: bool = True
 
     def __post_init__(self) -> None:
@@ -198,6 +213,10 @@ class BenchConfig:
             raise NBDiffError(f"--repeats must be >= 1, got {self.repeats}")
         if not self.dtypes:
             raise NBDiffError("--dtypes is empty", "e.g. --dtypes fp32,bf16")
+        if not self.draft_thresholds or any(not 0.0 <= t < 1.0 for t in self.draft_thresholds):
+            raise NBDiffError(f"--draft-thresholds values must be in [0, 1), got {self.draft_thresholds}", "e.g. 0,0.3")
+        if self.lookup_tokens < 1:
+            raise NBDiffError(f"--lookup-tokens must be >= 1, got {self.lookup_tokens}")
 
 
 @dataclass(frozen=True)
@@ -211,7 +230,7 @@ class RowSpec:
 
     @property
     def label(self) -> str:
-        if self.mode in ("ar", "source"):
+        if self.mode in ("ar", "source", "lookup"):
             return f"{self.dtype} {self.mode}"
         thr = "" if self.threshold is None else f" t={self.threshold:g}"
         return f"{self.dtype} {self.mode} b={self.block_size}{thr}"
@@ -224,9 +243,13 @@ def plan_rows(config: BenchConfig, dtypes: Sequence[str], has_source: bool, mode
         specs.append(RowSpec("ar", dtype))
         if has_source:
             specs.append(RowSpec("source", dtype))
+        if "lookup" in modes or "exact-drafter" in modes:
+            specs.append(RowSpec("lookup", dtype))
         for mode in modes:
             for b in config.block_sizes:
-                if mode == "nbdiff" and b == 1:
+                if mode == "exact-drafter" and b > 1:
+                    specs += [RowSpec(mode, dtype, b, t) for t in config.draft_thresholds]
+                elif mode == "nbdiff" and b == 1:
                     specs.append(RowSpec(mode, dtype, 1))  # nothing to denoise: the threshold plays no part
                 elif mode == "exact" and b > 1:
                     specs += [RowSpec(mode, dtype, b, t) for t in config.exact_thresholds or config.thresholds]
@@ -336,8 +359,10 @@ def source_folder(model_path: str | Path) -> Path | None:
     return None
 
 
-def ar_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, eos: list[int], pad: int) -> tuple[list[int], float]:
-    """transformers greedy `generate()` with its KV cache, EOS honoured. Returns (reply ids, seconds)."""
+def ar_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, eos: list[int], pad: int,
+                lookup: int | None = None) -> tuple[list[int], float, int]:
+    """transformers greedy `generate()` with its KV cache, EOS honoured; `lookup` = its prompt-lookup
+    decoding with that many draft tokens. Returns (reply ids, seconds, forwards of the model)."""
     import time
 
     from transformers import GenerationConfig
@@ -345,19 +370,25 @@ def ar_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, eos: list
     x = torch.tensor([list(prompt_ids)], device=model.device)  # [1, P]
     config = GenerationConfig(
         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos or None, pad_token_id=pad, use_cache=True,
+        prompt_lookup_num_tokens=lookup,
     )
-    with torch.no_grad(), quiet_transformers():
-        _sync(model)
-        start = time.perf_counter()
-        out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
-        _sync(model)
-        seconds = time.perf_counter() - start
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *_: calls.append(1))  # prompt lookup verifies several tokens a call
+    try:
+        with torch.no_grad(), quiet_transformers():
+            _sync(model)
+            start = time.perf_counter()
+            out = model.generate(x, attention_mask=torch.ones_like(x), generation_config=config)
+            _sync(model)
+            seconds = time.perf_counter() - start
+    finally:
+        hook.remove()
     reply = out[0, x.shape[1]:].tolist()
     for i, t in enumerate(reply):  # batch 1: generate stops at the first EOS; keep it, drop nothing else
         if t in eos:
             reply = reply[: i + 1]
             break
-    return reply, seconds
+    return reply, seconds, len(calls)
 
 
 def _sync(model) -> None:
@@ -373,6 +404,9 @@ def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
     if spec.threshold is not None:
         values["threshold"] = spec.threshold
     names = set(DecodeOptions.field_names())
+    if spec.mode == "exact-drafter":
+        values.pop("threshold", None)
+        return DecodeOptions(**values, drafter=config.drafter, draft_threshold=spec.threshold or 0.0)
     if spec.mode in ("exact", "exact-ngram"):
         values["exact"] = True
         if "drafter" in names:
@@ -385,7 +419,7 @@ def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
 def _final_extras(final) -> dict[str, float]:
     """Exact-mode counts of a FinalEvent (absent from decoders without exact mode): summable per suite."""
     out: dict[str, float] = {}
-    for name in ("drafted", "accepted", "verified_blocks"):
+    for name in ("drafted", "accepted", "verified_blocks", "drafter_forwards"):
         value = getattr(final, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
@@ -405,10 +439,11 @@ class _Runner:
 
         model, tok = (self.sources if spec.mode == "source" else self.models)[spec.dtype]
         prompt_ids = api.encode(tok, prompt)
-        if spec.mode in ("ar", "source"):
+        if spec.mode in ("ar", "source", "lookup"):
             pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-            tokens, seconds = ar_generate(model, prompt_ids, max_new_tokens, api.eos_ids(model, tok), pad)
-            return Sample("", prompt_ids, tokens, forwards=len(tokens), seconds=seconds)
+            lookup = self.config.lookup_tokens if spec.mode == "lookup" else None
+            tokens, seconds, forwards = ar_generate(model, prompt_ids, max_new_tokens, api.eos_ids(model, tok), pad, lookup)
+            return Sample("", prompt_ids, tokens, forwards=forwards, seconds=seconds)
         _sync(model)
         _, final = api.generate(model, tok, prompt, _decode_options(spec, self.config, max_new_tokens))
         _sync(model)
@@ -493,6 +528,9 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     missing = [m for m in config.modes if m not in modes]
     if missing:
         notes.append(f"this decoder has no {', '.join(missing)} mode: those rows are skipped")
+    if "exact-drafter" in modes:
+        config, found = _with_drafter(config, model_path, notes)
+        modes = modes if found else [m for m in modes if m != "exact-drafter"]
     source = source_folder(model_path)
     # load every dtype's model (and source model) up front so the rows of a prompt run back to back
     models: dict[str, tuple[Any, Any]] = {}
@@ -539,6 +577,21 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     return BenchResult(machine, rows, notes, samples, suites)
 
 
+def _with_drafter(config: BenchConfig, model_path, notes: list[str]) -> tuple[BenchConfig, bool]:
+    """The exact-drafter rows' drafter: --drafter, else the model folder's drafter/ (else the rows are skipped)."""
+    from dataclasses import replace
+
+    from nbdiff.drafter.folder import find_drafter
+
+    folder = config.drafter or find_drafter(Path(model_path).expanduser())
+    if folder is None:
+        notes.append("no trained drafter (pass --drafter DIR, or put one in the model folder's drafter/): "
+                     "exact-drafter rows skipped")
+        return config, False
+    notes.append(f"exact-drafter rows draft with {folder}")
+    return replace(config, drafter=str(folder)), True
+
+
 def _score(samples: dict[RowSpec, list[Sample]], model_path, source: Path | None,
            models: dict[str, tuple[Any, Any]], config: BenchConfig, notes: list[str]) -> None:
     """Fill each sample's NLL under the fp32 scorer (identical replies are scored once)."""
@@ -564,6 +617,7 @@ def aggregate(samples: dict[RowSpec, list[Sample]], suites: Sequence[str]) -> li
     groups = list(suites) + (["all"] if len(suites) > 1 else [])
     for suite in groups:
         ar_rows: dict[str, BenchRow] = {}
+        lookup_rows: dict[str, BenchRow] = {}
         ar_replies: dict[str, list[list[int]]] = {}
         for spec, all_samples in samples.items():
             chosen = [s for s in all_samples if suite == "all" or s.suite == suite]
@@ -590,6 +644,9 @@ def aggregate(samples: dict[RowSpec, list[Sample]], suites: Sequence[str]) -> li
             )
             if spec.mode == "ar":
                 ar_rows[spec.dtype] = row
+            if spec.mode == "lookup":
+                lookup_rows[spec.dtype] = row
+            _against_baselines(row, replies, reference, lookup_rows.get(spec.dtype))
             base = ar_rows.get(spec.dtype)
             if base is not None:
                 row.speedup = row.tokens_per_second / base.tokens_per_second
@@ -601,6 +658,15 @@ def aggregate(samples: dict[RowSpec, list[Sample]], suites: Sequence[str]) -> li
             if first is not None and row is not first:
                 row.extra[f"tokens_per_second_vs_{first.dtype}"] = row.tokens_per_second / first.tokens_per_second
     return rows
+
+
+def _against_baselines(row: BenchRow, replies, reference, lookup: BenchRow | None) -> None:
+    """Extras of a decoder or lookup row: the share of replies identical to AR's; exact rows' speed over `lookup`."""
+    if row.mode == "ar" or reference is None:
+        return
+    row.extra["identical"] = sum(a == b for a, b in zip(replies, reference)) / len(replies)
+    if lookup is not None and row.mode.startswith("exact") and lookup.tokens_per_second > 0:
+        row.extra["speedup_vs_lookup"] = row.tokens_per_second / lookup.tokens_per_second
 
 
 def below_ar(row: BenchRow, ar: BenchRow) -> bool:
@@ -623,6 +689,8 @@ def _exact_figures(chosen: Sequence[Sample]) -> dict[str, float]:
     out = {"accepted_length": (blocks + sums.get("accepted", 0.0)) / blocks,
            "draft_acceptance": sums.get("accepted", 0.0) / sums["drafted"] if sums.get("drafted") else float("nan"),
            "verified_blocks": blocks}
+    if sums.get("drafter_forwards"):  # a trained drafter's forwards, apart from the AR forwards of the row
+        out["drafter_forwards"] = sums["drafter_forwards"]
     for k in (1, 2, 3):
         if f"accepted_at_{k}" in sums:
             out[f"accepted_at_{k}"] = sums[f"accepted_at_{k}"] / blocks
