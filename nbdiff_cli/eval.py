@@ -54,7 +54,7 @@ def eval_(
     block_sizes: Annotated[Optional[str], typer.Option("--block-sizes", help="Compare block sizes in one run, e.g. 1,8 (overrides --block-size).", rich_help_panel=DECODING)] = None,
     exact: Annotated[bool, typer.Option("--exact", help="Also run every block size > 1 in exact mode (output equals AR).", rich_help_panel=DECODING)] = False,
     draft_steps: Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: denoising forwards per draft (1 = one-shot).", rich_help_panel=DECODING)] = None,
-    drafter: Annotated[Optional[str], typer.Option("--drafter", help="Exact mode: diffusion or ngram.", rich_help_panel=DECODING)] = None,
+    drafter: Annotated[Optional[str], typer.Option("--drafter", help="Exact mode: auto, diffusion, ngram, or a trained drafter folder (turns --exact on; lookup+DIR: prompt lookup first).", rich_help_panel=DECODING)] = None,
     block_size: BlockSize = None,
     sub_blocks: SubBlocks = 1,
     threshold: Threshold = 0.9,
@@ -88,7 +88,7 @@ def eval_(
     )
     extra = {k: v for k, v in (("draft_steps", draft_steps), ("drafter", drafter)) if v is not None}
     settings = decoding_settings(base, block_sizes, exact, extra)
-    mdl, tok = load_for_decoding(model, device, dtype, quantize, exact=bool(exact))
+    mdl, tok = load_for_decoding(model, device, dtype, quantize, exact=any(o.exact for o in settings.values()))
     if humaneval:
         _humaneval(mdl, tok, settings, limit, batch_size, apply_chat_template, output_path)
     else:
@@ -101,6 +101,7 @@ def decoding_settings(base, block_sizes: str | None, exact: bool, extra: dict) -
     from nbdiff.errors import NBDiffError
 
     names = type(base).field_names()
+    exact = exact or extra.get("drafter") not in (None, "auto", "diffusion", "ngram")  # a trained drafter drafts for exact mode
     if (exact or extra) and "exact" not in names:
         raise NBDiffError("exact mode is not available in this version of nbdiff", "drop --exact/--draft-steps/--drafter")
     if block_sizes:

@@ -247,6 +247,23 @@ def test_the_drafter_a_folder_brings_along_serves_exact_mode_and_chat_turns(tmp_
         history += [{"role": "assistant", "content": text}, {"role": "user", "content": "Once upon a time"}]
 
 
+def test_stop_strings_and_eval_settings_with_a_drafter(tmp_path):
+    from nbdiff.decode.completion import complete
+    from nbdiff_cli.eval import decoding_settings
+
+    model, tok = _folder_with_drafter(tmp_path, bundled=False)
+    prompts = ["The quick brown fox", "Hello, how"]
+    ar = DecodeOptions(block_size=1, max_new_tokens=16)
+    drafted = DecodeOptions(block_size=4, max_new_tokens=16, drafter=str(tmp_path / "d"))
+    free, _ = complete(model, tok, prompts, ar)
+    stops = [text[3:5] for text in free]
+    cut_ar, _ = complete(model, tok, prompts, ar, until=stops)
+    cut, final = complete(model, tok, prompts, drafted, until=stops)
+    assert cut == cut_ar and final.drafter_forwards > 0
+    settings = decoding_settings(DecodeOptions(), "1,4", False, {"drafter": str(tmp_path / "d")})
+    assert settings["b4 exact"].drafter == str(tmp_path / "d") and "b1 exact" not in settings
+
+
 # nbdiff bench: the exact-drafter rows and transformers' prompt lookup --------------------------------
 
 
