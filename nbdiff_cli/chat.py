@@ -21,6 +21,7 @@ import typer
 from rich.text import Text
 
 from nbdiff_cli.console import console, printable, user_text
+from nbdiff_cli.generate import figures
 from nbdiff_cli.models import load_for_decoding
 from nbdiff_cli.options import Hardware, ModelArg, decoding_options
 
@@ -102,11 +103,8 @@ def parse_set(options, text: str):
 
 
 def _stats(final) -> str:
-    return (
-        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward, "
-        + (f"{final.accepted_length:.2f} tokens/block accepted, " if final.verified_blocks else "") +
-        f"{final.tokens_per_second:.1f} tokens/s" + ("" if final.finish_reason != "cancelled" else ", stopped")
-    )
+    """The turn's figures (its own forwards and time: the kept cache of earlier turns is not counted)."""
+    return figures(final) + ("" if final.finish_reason != "cancelled" else ", stopped")
 
 
 def _reply(model, tokenizer, messages, options, system, session=None):

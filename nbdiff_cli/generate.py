@@ -11,6 +11,16 @@ from nbdiff_cli.models import load_for_decoding
 from nbdiff_cli.options import Hardware, ModelArg, decoding_options
 
 
+def figures(final) -> str:
+    """The figure line under a reply (generate, chat): this call's tokens, tokens per forward, marked
+    "slow" below one (block size 1 would have taken fewer forwards), tokens per verified block in
+    exact mode, tokens per second."""
+    slow = final.tokens_per_forward < 1 and final.new_tokens > 0 and final.finish_reason != "cancelled"
+    return (f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward" + (" (slow)" if slow else "")
+            + (f", {final.accepted_length:.2f} tokens/block accepted" if final.verified_blocks else "")
+            + f", {final.tokens_per_second:.1f} tokens/s")
+
+
 @decoding_options()
 def generate(
     model: ModelArg = None,
@@ -60,17 +70,15 @@ def generate(
         choice = loaded_dtype(mdl)  # which dtype ran, and why (--dtype auto reads the CPU's bf16 support)
         payload.update(dtype=choice.name if choice else str(mdl.dtype).removeprefix("torch."),
                        dtype_reason=choice.reason if choice else None)
-        if options.exact:  # what the verification kept: tokens per block and the accepted length per offset
-            payload.update(accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
+        if options.exact:  # the drafter that ran, what the verification kept: tokens per block, accepted per offset
+            from nbdiff.decode.options import auto_drafting
+
+            payload.update(drafter=auto_drafting(options, mdl).to_dict()["drafter"],
+                           accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
                            accepted=final.accepted, accepted_at=final.accepted_at)
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     console.out("")
     for note in final.notes:
         err_console.print(f"note: {note}", style="yellow", markup=False)
-    err_console.print(
-        f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward"
-        + (f", {final.accepted_length:.2f} tokens/block accepted" if options.exact else "") + ", "
-        f"{final.tokens_per_second:.1f} tokens/s ({final.finish_reason})",
-        style="dim", markup=False,
-    )
+    err_console.print(f"{figures(final)} ({final.finish_reason})", style="dim", markup=False)

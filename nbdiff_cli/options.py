@@ -30,6 +30,7 @@ class Confidence(str, Enum):
 
 
 class DrafterChoice(str, Enum):
+    auto = "auto"
     diffusion = "diffusion"
     ngram = "ngram"
 
@@ -85,9 +86,9 @@ MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", "-n", help="Stop 
 Seed = Annotated[Optional[int], typer.Option("--seed", help="Seed for sampling.", rich_help_panel=DECODING)]
 Exact = Annotated[bool, typer.Option("--exact", help="Verify every drafted block with the model's causal pass: output identical to AR.",
                                      rich_help_panel=DECODING)]
-DraftSteps = Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: at most this many denoising forwards per draft (1 = one-shot).",
+DraftSteps = Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: diffusion drafts of at most this many denoising forwards (1 = one-shot).",
                                                    rich_help_panel=DECODING)]
-DrafterOpt = Annotated[DrafterChoice, typer.Option("--drafter", help="Exact mode: draft by diffusion, or by n-gram lookup in the prompt and reply.",
+DrafterOpt = Annotated[DrafterChoice, typer.Option("--drafter", help="Exact mode: auto (the model folder's trained drafter if it has one, else n-gram lookup; diffusion when --draft-steps is given), diffusion (denoising steps, until the block is filled unless --draft-steps), or ngram (lookup in the prompt and reply).",
                                                    rich_help_panel=DECODING)]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt (chat template).", rich_help_panel=DECODING)]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.", rich_help_panel=HARDWARE)]

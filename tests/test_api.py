@@ -161,3 +161,20 @@ def test_a_session_keeps_the_cache_across_turns_with_the_same_replies(loaded):
             history.append((text, final.reused_tokens))
     assert [t for t, _ in kept] == [t for t, _ in fresh]
     assert kept[0][1] == 0 and all(r > 0 for _, r in kept[1:]) and all(r == 0 for _, r in fresh)
+
+
+@pytest.mark.parametrize("opts", [dict(block_size=4), dict(block_size=4, exact=True),
+                                  dict(block_size=4, exact=True, drafter="diffusion")])
+def test_each_turn_of_a_session_counts_its_own_forwards(folder, opts):
+    """A kept cache serves later turns; every turn's figures are those of a fresh generate of its history."""
+    model, tok = nbdiff.load(folder, device="cpu", dtype="fp32")  # bf16 rounds a cached prefix unlike a prefill
+    session, messages = nbdiff.api.Session(), []
+    for turn in ("Hello", "Once upon a time", "Hello"):
+        messages.append({"role": "user", "content": turn})
+        text, kept = nbdiff.generate(model, tok, messages, max_new_tokens=10, session=session, **opts)
+        _, fresh = nbdiff.generate(model, tok, messages, max_new_tokens=10, **opts)
+        figures = ("new_tokens", "forwards", "tokens_per_forward", "steps", "drafted", "accepted", "verified_blocks")
+        assert [getattr(kept, f) for f in figures] == [getattr(fresh, f) for f in figures], turn
+        assert kept.tokens_per_second == pytest.approx(kept.new_tokens / kept.seconds)
+        messages.append({"role": "assistant", "content": text})
+    assert kept.reused_tokens > 0 and fresh.reused_tokens == 0

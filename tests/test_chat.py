@@ -138,3 +138,32 @@ def test_chat_keeps_one_cache_across_turns_and_clear_drops_it(folder, monkeypatc
     assert reused[0] == 0 and reused[1] > 0  # the second turn computed only its new tokens
     assert reused[2] == 0  # /clear forgot the cache with the conversation
     assert "tokens/block accepted" in result.output  # exact mode's stats line
+
+
+def test_each_turn_shows_its_own_figures_and_says_slow_below_one_token_per_forward(folder, monkeypatch):
+    """The line under every reply is the turn's own (a fresh generate of its history gives the same
+    figures), and a reply decoded at fewer than one token per forward is marked "slow"."""
+    import nbdiff.api
+    from nbdiff.decode.events import FinalEvent
+
+    turns = []
+    real = nbdiff.api.stream
+
+    def spy(model, tok, messages, options, **kwargs):
+        history = [dict(m) for m in messages]
+        for event in real(model, tok, messages, options, **kwargs):
+            if isinstance(event, FinalEvent):
+                turns.append((model, tok, history, options))
+            yield event
+
+    monkeypatch.setattr(nbdiff.api, "stream", spy)
+    # exact mode's default drafter (n-gram lookup) twice, then diffusion drafts denoised until filled
+    result = chat(folder, "Hello\nHello again\n/set drafter diffusion\nThird\n", "--exact", "--block-size", "4")
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.output.splitlines() if "tokens/forward" in line]
+    assert len(lines) == len(turns) == 3
+    for line, (model, tok, history, options) in zip(lines, turns):
+        _, fresh = nbdiff.api.generate(model, tok, history, options)
+        assert line.startswith(f"{fresh.new_tokens} tokens, {fresh.tokens_per_forward:.2f} tokens/forward"), line
+        assert ("(slow)" in line) == (fresh.tokens_per_forward < 1), line
+    assert "(slow)" not in lines[0] + lines[1] and "(slow)" in lines[2]

@@ -44,7 +44,8 @@ def test_greedy_exact_equals_generate(model, b):
     ref = reference(model, PROMPTS[0], 20)
     # one-shot drafts everywhere; drafts denoised until filled (a step per token on a random model) at small blocks
     for steps in (1, None) if b <= 4 else (1,):
-        final = run(model, [PROMPTS[0]], block_size=b, draft_steps=steps, threshold=0.5, max_new_tokens=20)[-1]
+        final = run(model, [PROMPTS[0]], block_size=b, drafter="diffusion", draft_steps=steps, threshold=0.5,
+                    max_new_tokens=20)[-1]
         assert final.tokens[0] == ref, (b, steps)
         assert final.new_tokens == 20 and final.finish_reason == "length"
         assert final.verified_blocks >= 20 / b and 0 <= final.accepted <= final.drafted
@@ -54,7 +55,7 @@ def test_greedy_exact_equals_generate(model, b):
 def test_uneven_batch_with_left_padding_and_eos_equals_each_prompt(model, b):
     free = [reference(model, p, 14) for p in PROMPTS]
     eos = free[0][4]  # an EOS the first row meets mid-reply; the others may or may not
-    events = run(model, PROMPTS, eos=[eos], block_size=b, draft_steps=2, max_new_tokens=14)
+    events = run(model, PROMPTS, eos=[eos], block_size=b, drafter="diffusion", draft_steps=2, max_new_tokens=14)
     final = events[-1]
     for i, prompt in enumerate(PROMPTS):
         assert final.tokens[i] == reference(model, prompt, 14, eos=eos), i
@@ -70,8 +71,9 @@ def test_uneven_batch_with_left_padding_and_eos_equals_each_prompt(model, b):
 @pytest.mark.parametrize("n", [1, 3, 5, 9])
 def test_max_new_tokens_boundaries(n):
     model = tiny_model("qwen3")
-    final = run(model, PROMPTS[:2], block_size=4, max_new_tokens=n)[-1]
-    assert final.tokens == [reference(model, p, n) for p in PROMPTS[:2]]
+    for drafter in ("diffusion", "ngram"):
+        final = run(model, PROMPTS[:2], block_size=4, drafter=drafter, max_new_tokens=n)[-1]
+        assert final.tokens == [reference(model, p, n) for p in PROMPTS[:2]], drafter
 
 
 # the verification rule on drafts we control -----------------------------------------------------
@@ -135,12 +137,33 @@ def test_ngram_drafter_is_exact_and_finds_repeats():
     assert final.tokens[0] == reference(model, prompt, 20)
 
 
+# the default drafting ---------------------------------------------------------------------------
+
+
+def test_default_drafting_is_lookup_and_never_below_one_token_per_forward(model):
+    """'auto' drafts by n-gram lookup (no draft forward), by diffusion when draft_steps is given; the
+    lookup's replies equal AR's at one token per forward or more, diffusion's spend denoising forwards."""
+    from nbdiff.decode.options import auto_drafting
+
+    assert DecodeOptions().drafter == "auto"
+    assert auto_drafting(DecodeOptions(exact=True)).drafter == "ngram"
+    assert auto_drafting(DecodeOptions(exact=True, draft_steps=1)).drafter == "diffusion"
+    assert auto_drafting(DecodeOptions(exact=True, drafter="diffusion")).draft_steps is None  # multi-step, by flag
+    repeats = [5, 17, 33, 80] * 3
+    for prompt in PROMPTS + [repeats]:
+        final = run(model, [prompt], block_size=8, max_new_tokens=16)[-1]
+        assert final.tokens[0] == reference(model, prompt, 16)
+        assert final.steps == 0 and final.tokens_per_forward >= 1.0
+    one_shot = run(model, [repeats], block_size=8, draft_steps=1, max_new_tokens=16)[-1]
+    assert 0 < one_shot.steps <= one_shot.verified_blocks  # at most one denoising forward per drafted block
+
+
 # sampling: the speculative rule keeps the AR distribution ----------------------------------------
 
 
 def test_sampled_exact_is_seeded():
     model = tiny_model("qwen2")
-    opts = dict(block_size=4, temperature=1.0, top_k=5, max_new_tokens=10)
+    opts = dict(block_size=4, drafter="diffusion", temperature=1.0, top_k=5, max_new_tokens=10)
     a = run(model, [PROMPTS[0]], seed=3, **opts)[-1].tokens
     assert a == run(model, [PROMPTS[0]], seed=3, **opts)[-1].tokens
     assert a != run(model, [PROMPTS[0]], seed=4, **opts)[-1].tokens
@@ -157,7 +180,8 @@ def test_sampled_exact_keeps_the_ar_distribution():
     """
     model = tiny_model("llama")
     prompt, N = PROMPTS[1], 3000
-    opts = DecodeOptions(exact=True, block_size=4, temperature=1.0, top_k=2, max_new_tokens=3, seed=0)
+    opts = DecodeOptions(exact=True, drafter="diffusion", block_size=4, temperature=1.0, top_k=2, max_new_tokens=3,
+                         seed=0)
     final = list(decode(model, [prompt] * N, opts, mask_token_id=MASK))[-1]
     assert 0 < final.accepted < final.drafted  # both branches of the rule were taken
 
@@ -213,7 +237,7 @@ def test_smollm2_exact_equals_generate(tmp_path):
 def test_sub_blocks_and_4bit_weights(tmp_path):
     model = tiny_model("qwen3")
     ref = reference(model, PROMPTS[0], 12)
-    assert run(model, [PROMPTS[0]], block_size=8, sub_blocks=4, max_new_tokens=12)[-1].tokens[0] == ref
+    assert run(model, [PROMPTS[0]], block_size=8, sub_blocks=4, drafter="diffusion", max_new_tokens=12)[-1].tokens[0] == ref
     if importlib.util.find_spec("bitsandbytes") is None:
         pytest.skip("bitsandbytes is not installed")
     import nbdiff
