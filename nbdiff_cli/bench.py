@@ -59,11 +59,17 @@ def bench(
     thresholds: Annotated[str, typer.Option("--thresholds", help="Confidence thresholds of the nbdiff rows.", rich_help_panel=BENCH)] = "0.9,0.7,0.5",
     exact_thresholds: Annotated[Optional[str], typer.Option("--exact-thresholds", help="Draft thresholds of the exact rows. [default: --thresholds]",
                                                             show_default=False, rich_help_panel=BENCH)] = None,
-    modes: Annotated[str, typer.Option("--modes", help="Decoder modes: nbdiff, exact (diffusion drafts verified by AR), exact-ngram (n-gram drafts).",
+    modes: Annotated[str, typer.Option("--modes", help="Decoder modes: nbdiff, exact (diffusion drafts verified by AR), exact-ngram (n-gram drafts), exact-drafter (a trained drafter), lookup (transformers' prompt lookup).",
                                        rich_help_panel=BENCH)] = "nbdiff,exact",
     exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Add / drop the exact-mode rows (shorthand for --modes).",
                                                   show_default=False, rich_help_panel=BENCH)] = None,
     draft_steps: DraftSteps = None,
+    drafter: Annotated[Optional[str], typer.Option("--drafter", help="Trained drafter folder of the exact-drafter rows (adds them); default: the model folder's drafter/.",
+                                                   rich_help_panel=BENCH)] = None,
+    draft_thresholds: Annotated[str, typer.Option("--draft-thresholds", help="Verify-width thresholds of the exact-drafter rows (0 = the whole block).",
+                                                  rich_help_panel=BENCH)] = "0",
+    lookup_tokens: Annotated[int, typer.Option("--lookup-tokens", help="Draft tokens of the lookup row (transformers' prompt_lookup_num_tokens).",
+                                               rich_help_panel=BENCH)] = 10,
     max_new_tokens: MaxNewTokens = 64,
     repeats: Annotated[int, typer.Option("--repeats", "-r", help="Timed decodes per prompt and row; the median counts.", rich_help_panel=BENCH)] = 1,
     sub_blocks: SubBlocks = 1,
@@ -95,6 +101,8 @@ def bench(
         mode_list.append("exact")
     elif exact is False:
         mode_list = [m for m in mode_list if not m.startswith("exact")]
+    if drafter is not None and "exact-drafter" not in mode_list:
+        mode_list.append("exact-drafter")
     if limit is not None and limit < 1:
         raise NBDiffError(f"--limit must be >= 1, got {limit}")
     config = BenchConfig(
@@ -109,6 +117,9 @@ def bench(
         quantize=None if quantize.value == "none" else quantize.value,
         sub_blocks=sub_blocks,
         draft_steps=draft_steps,
+        drafter=drafter,
+        draft_thresholds=_split(draft_thresholds, float, "--draft-thresholds"),
+        lookup_tokens=lookup_tokens,
         warmup=warmup,
     )
     if prompts is not None and suite:
@@ -197,6 +208,8 @@ def _method(row: "BenchRow") -> str:
         return "generate()"
     if row.mode == "source":
         return "source generate()"
+    if row.mode == "lookup":
+        return "prompt lookup"
     return row.mode
 
 
@@ -214,13 +227,19 @@ def _cells(row: "BenchRow", several_dtypes: bool) -> list[str]:
         _num(row.gen_ppl, ".1f"),
         _num(row.distinct2, ".2f"),
         _num(row.ar_agreement, ".2f"),
+        _num(row.extra.get("identical"), ".2f"),
+        _num(row.extra.get("accepted_length"), ".2f"),
+        _num(row.extra.get("drafter_forwards"), ".0f"),
+        _num(row.extra.get("speedup_vs_lookup"), ".2f") + ("x" if "speedup_vs_lookup" in row.extra else ""),
         "!" if row.below_ar else "",
     ]
 
 
 HEADERS = ["method", "block", "threshold", "tokens", "forwards", "tokens/forward", "tokens/s", "speedup",
-           "gen ppl", "distinct-2", "AR agreement", "below AR"]
-SHORT_HEADERS = ["method", "b", "thr", "tokens", "fwd", "tok/fwd", "tok/s", "speedup", "ppl", "dist-2", "AR agr", "<AR"]
+           "gen ppl", "distinct-2", "AR agreement", "identical", "tokens/verify", "drafter forwards", "vs lookup",
+           "below AR"]
+SHORT_HEADERS = ["method", "b", "thr", "tokens", "fwd", "tok/fwd", "tok/s", "speedup", "ppl", "dist-2", "AR agr",
+                 "same", "tok/ver", "dr fwd", "vs lkp", "<AR"]
 
 
 def render_table(result: "BenchResult"):
@@ -276,7 +295,7 @@ def plot_result(result: "BenchResult", output: Path) -> None:
     cols = min(3, len(suites))
     rows_n = math.ceil(len(suites) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
-    markers = {"nbdiff": "o", "exact": "s", "exact-ngram": "^"}
+    markers = {"nbdiff": "o", "exact": "s", "exact-ngram": "^", "exact-drafter": "v", "lookup": "P"}
     colours = {}
     several = len(result.machine.get("dtypes", [])) > 1
     try:

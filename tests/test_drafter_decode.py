@@ -291,3 +291,29 @@ def test_bench_exact_drafter_rows_against_generate_and_prompt_lookup(tmp_path):
             assert row.extra["drafter_forwards"] > 0 and row.extra["speedup_vs_lookup"] > 0
             assert 1.0 <= row.extra["accepted_length"] <= key[1]
     assert any("drafter" in note for note in result.notes)
+
+
+def test_bench_cli_drafter_flag_adds_the_rows(tmp_path):
+    import json
+
+    import nbdiff
+    from decode_helpers import converted_folder
+    from typer.testing import CliRunner
+
+    from nbdiff_cli.app import app
+
+    folder = converted_folder(tmp_path / "m", block_size=4)
+    model, _ = nbdiff.load(folder, device="cpu", dtype="fp32")
+    save_drafter(random_drafter(model, block_size=4, mask_token_id=model.config.vocab_size - 1), tmp_path / "d")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there\n")
+    args = ["bench", str(folder), "--prompts", str(prompts), "--modes", "nbdiff", "--block-sizes", "4", "-n", "6",
+            "--drafter", str(tmp_path / "d"), "--no-warmup", "--device", "cpu", "--dtype", "fp32"]
+    result = CliRunner().invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in result.stdout.splitlines()[1:] if line.startswith("{")]
+    assert {r["mode"] for r in rows} == {"ar", "lookup", "nbdiff", "exact-drafter"}
+    drafted = next(r for r in rows if r["mode"] == "exact-drafter")
+    assert drafted["extra"]["identical"] == 1.0 and drafted["extra"]["drafter_forwards"] > 0
+    table = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "exact-drafter" in table.stdout and "prompt lookup" in table.stdout
