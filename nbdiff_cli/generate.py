@@ -75,7 +75,8 @@ def generate(
 
             payload.update(drafter=auto_drafting(options, mdl).to_dict()["drafter"],
                            accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
-                           accepted=final.accepted, accepted_at=final.accepted_at)
+                           accepted=final.accepted, accepted_at=final.accepted_at,
+                           drafter_forwards=final.drafter_forwards)  # `forwards` counts the AR model's only
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     console.out("")

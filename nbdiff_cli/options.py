@@ -29,12 +29,6 @@ class Confidence(str, Enum):
     margin = "margin"
 
 
-class DrafterChoice(str, Enum):
-    auto = "auto"
-    diffusion = "diffusion"
-    ngram = "ngram"
-
-
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -88,8 +82,10 @@ Exact = Annotated[bool, typer.Option("--exact", help="Verify every drafted block
                                      rich_help_panel=DECODING)]
 DraftSteps = Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: diffusion drafts of at most this many denoising forwards (1 = one-shot).",
                                                    rich_help_panel=DECODING)]
-DrafterOpt = Annotated[DrafterChoice, typer.Option("--drafter", help="Exact mode: auto (the model folder's trained drafter if it has one, else n-gram lookup; diffusion when --draft-steps is given), diffusion (denoising steps, until the block is filled unless --draft-steps), or ngram (lookup in the prompt and reply).",
-                                                   rich_help_panel=DECODING)]
+DrafterOpt = Annotated[str, typer.Option("--drafter", help="Exact mode: auto (the model folder's trained drafter if it has one, else n-gram lookup; diffusion when --draft-steps is given), diffusion (denoising steps, until the block is filled unless --draft-steps), ngram (lookup in the prompt and reply), or a trained drafter's folder (DIR; turns --exact on; lookup+DIR: prompt lookup when it matches, the drafter otherwise).",
+                                         rich_help_panel=DECODING)]
+DraftThreshold = Annotated[float, typer.Option("--draft-threshold", help="Trained drafter: verify drafted tokens while the product of their draft probabilities exceeds this (0 = the whole block).",
+                                               rich_help_panel=DECODING)]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt (chat template).", rich_help_panel=DECODING)]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.", rich_help_panel=HARDWARE)]
 Dtype = Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype (auto: bf16 on GPU and on CPUs with native bf16, else fp32; `nbdiff info` shows the choice).", rich_help_panel=HARDWARE)]
@@ -120,10 +116,10 @@ class Hardware:
 DECODING_FLAGS = {
     "block_size": BlockSize, "sub_blocks": SubBlocks, "threshold": Threshold, "confidence": ConfidenceOpt,
     "temperature": Temperature, "top_k": TopK, "top_p": TopP, "max_new_tokens": MaxNewTokens, "seed": Seed,
-    "exact": Exact, "draft_steps": DraftSteps, "drafter": DrafterOpt,
+    "exact": Exact, "draft_steps": DraftSteps, "drafter": DrafterOpt, "draft_threshold": DraftThreshold,
 }
 HARDWARE_FLAGS = {"device": Device, "dtype": Dtype, "quantize": Quantize}
-_CHOICES = {"confidence": Confidence, "drafter": DrafterChoice}
+_CHOICES = {"confidence": Confidence}
 
 
 def decoding_options(max_new_tokens: int | None = None, hardware: bool = True, system: bool = True):

@@ -317,3 +317,65 @@ def test_bench_cli_drafter_flag_adds_the_rows(tmp_path):
     assert drafted["extra"]["identical"] == 1.0 and drafted["extra"]["drafter_forwards"] > 0
     table = CliRunner().invoke(app, args, env={"COLUMNS": "250"})
     assert table.exit_code == 0 and "exact-drafter" in table.stdout and "prompt lookup" in table.stdout
+
+
+# the commands: --drafter DIR -----------------------------------------------------------------------
+
+
+def test_generate_cli_with_a_drafter_folder_and_its_errors(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nbdiff_cli.app import app
+
+    _folder_with_drafter(tmp_path, bundled=False)
+    base = ["generate", str(tmp_path / "plain"), "--prompt", "Hello, how are you", "-n", "10", "--device", "cpu", "--json"]
+    plain = CliRunner().invoke(app, base)
+    drafted = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "d"), "--draft-threshold", "0.2"])
+    assert plain.exit_code == 0 and drafted.exit_code == 0, drafted.output
+    a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
+    assert b["text"] == a["text"] and b["block_size"] == 4 and b["drafter_forwards"] > 0
+    assert b["drafter"] == str(tmp_path / "d")
+    missing = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "nope")])
+    assert missing.exit_code == 1 and "drafter folder" in missing.output and "Traceback" not in missing.output
+    other = tmp_path / "other"
+    from nbdiff.testing import save_tiny_checkpoint
+
+    save_tiny_checkpoint(other, "llama", seed=3)
+    refused = CliRunner().invoke(app, ["generate", str(other), "--prompt", "Hi", "--device", "cpu",
+                                       "--drafter", str(tmp_path / "d")])
+    assert refused.exit_code == 1 and "does not belong to this model" in refused.output
+
+
+def test_every_decoding_command_takes_the_drafter_flag_and_chat_sets_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from nbdiff_cli.app import app
+    from nbdiff_cli.chat import parse_set
+
+    for command in ("generate", "chat", "visualize", "bench", "eval"):
+        shown = CliRunner().invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert "--drafter" in shown, command
+    model = tiny_model("llama")
+    save_drafter(random_drafter(model), tmp_path / "d")
+    options = parse_set(DecodeOptions(block_size=8), f"drafter {tmp_path / 'd'}")
+    assert options.drafter == str(tmp_path / "d") and options.exact  # a trained drafter drafts for exact mode
+    assert parse_set(options, "draft_threshold 0.3").draft_threshold == 0.3
+    assert options.to_dict()["drafter"] == str(tmp_path / "d")
+    assert DecodeOptions(drafter=random_drafter(model)).to_dict()["drafter"].startswith("<Drafter")
+
+
+def test_visualize_folds_drafted_blocks_accepted_prefixes_and_rejected_tails(monkeypatch):
+    from nbdiff_cli.visualize.state import RunView
+
+    model = tiny_model("llama")
+    truths = [reference(model, PROMPTS[0], 12)]
+    oracle(monkeypatch, truths, wrong_at=3)
+    events = run(model, [PROMPTS[0]], block_size=8, drafter=random_drafter(model), max_new_tokens=12)
+    view = RunView()
+    for event in events:
+        view.apply(event)
+        if isinstance(event, BlockEvent) and event.rejected:
+            assert view.rejected_from == 1 + event.accepted == 3  # first token + 2 kept drafts, the rest struck
+    assert view.accepted_length == events[-1].accepted_length == 3.0
