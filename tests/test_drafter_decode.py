@@ -100,8 +100,8 @@ def test_right_drafts_are_kept_and_the_feature_cache_follows_the_context(monkeyp
     seen = {}
     real_forward = drafter.forward
 
-    def spy(block_ids, block_pos, feats=None, feat_pos=None, attn_mask=None, cache=None):
-        out = real_forward(block_ids, block_pos, feats, feat_pos, attn_mask, cache)
+    def spy(block_ids, block_pos, feats=None, feat_pos=None, attn_mask=None, cache=None, logits_from=0):
+        out = real_forward(block_ids, block_pos, feats, feat_pos, attn_mask, cache, logits_from)
         seen.update(block=block_ids.clone(), pos=block_pos.clone(), logits=out.clone(), cached=cache.length)
         return out
 
@@ -116,7 +116,7 @@ def test_right_drafts_are_kept_and_the_feature_cache_follows_the_context(monkeyp
         with torch.no_grad():
             hs = model(torch.tensor([text]), output_hidden_states=True).hidden_states
             feats = drafter.fuse(drafter.select(hs))
-            alone = real_forward(seen["block"][i:i + 1], seen["pos"][i:i + 1], feats, torch.arange(len(text))[None])
+            alone = real_forward(seen["block"][i:i + 1], seen["pos"][i:i + 1], feats, torch.arange(len(text))[None])[:, 1:]
         torch.testing.assert_close(seen["logits"][i:i + 1], alone, rtol=1e-4, atol=1e-4)
 
 

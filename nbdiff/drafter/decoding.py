@@ -147,7 +147,7 @@ class TrainedDrafting:
         mask_id = self.drafter.config.mask_token_id
         block = torch.tensor([[t] + [mask_id] * (width - 1) for t in first], device=ctx.device)  # [B, width]
         pos = ctx.next_pos[:, None] + torch.arange(width, device=ctx.device)[None]  # [B, width]
-        logits = self.drafter(block, pos, attn_mask=self._mask(ctx, width), cache=self.cache)[:, 1:]  # [B, w-1, Vd]
+        logits = self.drafter(block, pos, attn_mask=self._mask(ctx, width), cache=self.cache, logits_from=1)  # [B, w-1, Vd]
         self.forwards += 1
         conf, idx = logits.float().softmax(-1).max(-1)
         packed = torch.stack([self.drafter.to_full_vocab(idx).float(), conf]).cpu()  # one host round trip

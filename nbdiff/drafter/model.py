@@ -179,12 +179,14 @@ class Drafter(nn.Module):
     # ---- the block ------------------------------------------------------------------------
 
     def forward(self, block_ids: torch.Tensor, block_pos: torch.Tensor, feats: torch.Tensor | None = None,
-                feat_pos: torch.Tensor | None = None, attn_mask=None, cache: FeatureCache | None = None) -> torch.Tensor:
-        """Logits [B, b, Vd] of block_ids [B, b] at positions block_pos [B, b].
+                feat_pos: torch.Tensor | None = None, attn_mask=None, cache: FeatureCache | None = None,
+                logits_from: int = 0) -> torch.Tensor:
+        """Logits [B, b - logits_from, Vd] of block_ids [B, b] at positions block_pos [B, b].
 
         Context: fused features feats [B, C, H] at positions feat_pos [B, C], or a FeatureCache (decoding).
         attn_mask: bool (True = may attend) or additive float [B, 1, b, C + b], a flex BlockMask, or None
         (every query sees every context column and the whole block). Training passes many blocks at once.
+        logits_from: skip the LM head at the first offsets (decoding needs none at offset 0, the known token).
         """
         with torch.no_grad():
             x = self.embed_tokens(block_ids)
@@ -195,7 +197,7 @@ class Drafter(nn.Module):
             else:
                 ctx_k, ctx_v = layer.self_attn.project_kv(feats, feat_pos)
             x = layer(x, block_pos, ctx_k, ctx_v, attn_mask)
-        return self.head(self.norm(x))
+        return self.head(self.norm(x[:, logits_from:]))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The AR LM head (frozen) on h [B, b, H], restricted to the draft vocabulary."""
