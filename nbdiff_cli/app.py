@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "visualize": "nbdiff_cli.visualize:visualize",
     "eval": "nbdiff_cli.eval:eval_",
     "bench": "nbdiff_cli.bench:bench",
+    "serve": "nbdiff_cli.serve.command:serve",
 }
 
 app = typer.Typer(

@@ -1,0 +1,366 @@
+"""`nbdiff serve`: the real server on a free localhost port, spoken to by the real `openai` client.
+
+One server per module (uvicorn in a thread, built by the command's own `build`) over a tiny
+converted folder: chat and text completions, streaming, stop strings, usage, concurrent clients
+against lone replies, every kind of bad input, the API key, a disconnect; then the engine alone
+(queue full, time limit, mid-flight joins) and the command in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+
+from nbdiff import api  # noqa: E402
+from nbdiff.decode.options import DecodeOptions  # noqa: E402
+from nbdiff.serve.engine import Delta, Done, Engine, Job, QueueFull  # noqa: E402
+from nbdiff_cli.options import DtypeChoice, Hardware  # noqa: E402
+from nbdiff_cli.serve.command import bind, build  # noqa: E402
+from nbdiff_cli.serve.server import MAX_BODY  # noqa: E402
+
+KEY = "test-key-123"
+NAME = "tiny"
+PROMPTS = ["Hello, how are you?", "The quick brown fox", "Once upon a time", "def add(a, b):",
+           "1 + 2 = 3. 12 * 4 =", "It is a truth", "I am fine, thank you.", "What is a wife?"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny_converted):
+    """(base url, engine, tokenizer) of a live server: key required, 8 rows, no queue beyond them."""
+    app, engine, settings, _ = build(
+        str(tiny_converted), DecodeOptions(max_new_tokens=16), Hardware(dtype=DtypeChoice.fp32), name=NAME,
+        max_batch=8, max_queue=0, request_timeout=60, api_key=KEY, cors=[], log_prompts=False)
+    app_settings = settings
+    sock = bind("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.started
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    yield url, engine, engine.tokenizer, app_settings
+    server.should_exit = True
+    thread.join(10)
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=KEY, max_retries=0, timeout=30)
+
+
+def _chat(client, prompt, **kw):
+    kw.setdefault("max_tokens", 24)
+    return client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}], **kw)
+
+
+def _streamed(client, prompt, **kw):
+    """(text, finish_reason, usage chunk or None) of a streamed chat reply."""
+    kw.setdefault("max_tokens", 24)
+    text, finish, usage = [], None, None
+    for chunk in client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": prompt}],
+                                                stream=True, **kw):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(text), finish, usage
+
+
+def _idle(engine, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while engine.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return engine.stats()["active"] == 0
+
+
+# ---- replies -------------------------------------------------------------------------------
+
+
+def test_models_health_and_the_api_key(served, client):
+    url = served[0]
+    assert [m.id for m in client.models.list().data] == [NAME]
+    health = httpx.get(url + "/health")  # no key needed
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.get(url + "/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_chat_reply_equals_the_library_reply_with_usage_and_figures(served, client, tiny_converted):
+    _, engine, tok, _ = served
+    reply = _chat(client, PROMPTS[0], max_tokens=12)
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    text, final = api.generate(model, tok, PROMPTS[0], max_new_tokens=12)
+    choice = reply.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == text
+    assert reply.usage.prompt_tokens == len(api.encode(tok, PROMPTS[0]))
+    assert reply.usage.completion_tokens == final.new_tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    assert choice.finish_reason == ("length" if final.finish_reason == "length" else "stop")
+    figures = reply.model_extra["nbdiff"]  # nbdiff's own field, which the client keeps aside
+    assert figures["block_size"] == 8 and figures["forwards"] >= 2
+    assert figures["tokens_per_forward"] == pytest.approx(reply.usage.completion_tokens / figures["forwards"], abs=1e-3)
+
+
+def test_length_finish_counts_max_tokens(client):
+    reply = _chat(client, PROMPTS[1], max_tokens=5, extra_body={"nbdiff": {"block_size": 1}})
+    if reply.choices[0].finish_reason == "length":
+        assert reply.usage.completion_tokens == 5
+    assert reply.model_extra["nbdiff"]["block_size"] == 1
+    assert reply.model_extra["nbdiff"]["tokens_per_forward"] <= 1.0  # block size 1: one token per forward at most
+
+
+def test_streamed_text_equals_the_whole_reply(client):
+    for prompt in PROMPTS[:3]:
+        whole = _chat(client, prompt)
+        text, finish, usage = _streamed(client, prompt, stream_options={"include_usage": True})
+        assert text == whole.choices[0].message.content and finish == whole.choices[0].finish_reason
+        assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_text_completion_plain_and_streamed(client, served):
+    tok = served[2]
+    whole = client.completions.create(model=NAME, prompt="Once upon a time", max_tokens=10)
+    assert whole.object == "text_completion" and whole.usage.prompt_tokens == len(tok("Once upon a time")["input_ids"])
+    parts = [c.choices[0].text for c in client.completions.create(model=NAME, prompt="Once upon a time",
+                                                                    max_tokens=10, stream=True) if c.choices]
+    assert "".join(parts) == whole.choices[0].text
+    ids = tok("Once upon a time")["input_ids"]  # a prompt of token ids is the same prompt
+    assert client.completions.create(model=NAME, prompt=ids, max_tokens=10).choices[0].text == whole.choices[0].text
+
+
+def test_stop_strings_end_the_reply_without_the_stop_text(client):
+    full = _chat(client, PROMPTS[1], max_tokens=24).choices[0].message.content
+    start = next(k for k in range(3, len(full) - 3) if full[k:k + 3].strip() and full.find(full[k:k + 3]) == k)
+    stop = full[start:start + 3]  # the first time these three characters appear in the reply
+    cut = _chat(client, PROMPTS[1], max_tokens=24, stop=[stop, "never-appears"])
+    assert cut.choices[0].message.content == full[:start] and cut.choices[0].finish_reason == "stop"
+    assert cut.usage.completion_tokens <= 24
+    text, finish, _ = _streamed(client, PROMPTS[1], max_tokens=24, stop=stop)
+    assert text == full[:start] and finish == "stop"
+
+
+def test_eight_concurrent_greedy_clients_get_their_lone_replies(served, client):
+    engine = served[1]
+    assert _idle(engine)
+    alone = [_chat(client, p, max_tokens=32).choices[0].message.content for p in PROMPTS]
+    with ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(lambda p: _chat(client, p, max_tokens=32).choices[0].message.content, PROMPTS))
+    assert together == alone
+    assert engine.stats()["peak_active"] >= 2  # they did share the batch
+
+
+# ---- bad input -----------------------------------------------------------------------------
+
+GOOD = {"model": NAME, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+BAD = [
+    ("chat", b"{not json", 400),
+    ("chat", b"[1, 2]", 400),
+    ("chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": NaN}', 400),
+    ("chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "top_p": Infinity}', 400),
+    ("chat", b'{"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "temperature": 1e999}', 400),
+    ("chat", {"messages": GOOD["messages"]}, 400),  # no model
+    ("chat", {"model": NAME}, 400),  # no messages
+    ("chat", {**GOOD, "model": "gpt-4o"}, 404),
+    ("chat", {**GOOD, "messages": "Hi"}, 400),
+    ("chat", {**GOOD, "messages": []}, 400),
+    ("chat", {**GOOD, "messages": [{"role": "wizard", "content": "Hi"}]}, 400),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, 400),
+    ("chat", {**GOOD, "temperature": "hot"}, 400),
+    ("chat", {**GOOD, "temperature": 5}, 400),
+    ("chat", {**GOOD, "max_tokens": -3}, 400),
+    ("chat", {**GOOD, "max_tokens": 0}, 400),
+    ("chat", {**GOOD, "max_tokens": 10**12}, 400),
+    ("chat", {**GOOD, "max_tokens": 4.5}, 400),
+    ("chat", {**GOOD, "max_completion_tokens": True}, 400),
+    ("chat", {**GOOD, "seed": "7"}, 400),
+    ("chat", {**GOOD, "stop": [1, 2]}, 400),
+    ("chat", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("chat", {**GOOD, "stream": "yes"}, 400),
+    ("chat", {**GOOD, "stream_options": {"include_usage": True}}, 400),  # without stream
+    ("chat", {**GOOD, "n": 2}, 400),
+    ("chat", {**GOOD, "logprobs": True}, 400),
+    ("chat", {**GOOD, "tools": [{"type": "function", "function": {"name": "f"}}]}, 400),
+    ("chat", {**GOOD, "frobnicate": 1}, 400),
+    ("chat", {**GOOD, "nbdiff": {"block_size": 3}}, 400),
+    ("chat", {**GOOD, "nbdiff": {"drafter": "/etc/passwd"}}, 400),
+    ("chat", {**GOOD, "nbdiff": {"threshold": 0}}, 400),
+    ("chat", {**GOOD, "nbdiff": {"warp": 9}}, 400),
+    ("chat", {**GOOD, "messages": [{"role": "user", "content": "the fox " * 400}]}, 400),  # longer than the context
+    ("completion", {"model": NAME, "prompt": ""}, 400),
+    ("completion", {"model": NAME, "prompt": ["a", "b"]}, 400),
+    ("completion", {"model": NAME, "prompt": [10**9]}, 400),
+    ("completion", {"model": NAME, "prompt": "Hi", "echo": True}, 400),
+    ("completion", {"model": NAME, "prompt": "Hi", "best_of": 3}, 400),
+    ("completion", {"model": NAME}, 400),
+]
+
+
+@pytest.mark.parametrize("route,body,status", BAD, ids=[f"{i}" for i in range(len(BAD))])
+def test_bad_input_gets_openai_error_json_and_the_server_keeps_serving(served, route, body, status):
+    url = served[0] + ("/v1/chat/completions" if route == "chat" else "/v1/completions")
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(url, content=content, headers=headers, timeout=30)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    after = httpx.post(served[0] + "/v1/chat/completions", json=GOOD, headers=headers, timeout=30)
+    assert after.status_code == 200 and after.json()["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_oversized_body_unknown_route_and_wrong_method_answer_in_the_same_shape(served):
+    url, headers = served[0], {"Authorization": f"Bearer {KEY}"}
+    big = {**GOOD, "messages": [{"role": "user", "content": "x" * (MAX_BODY + 1)}]}
+    r = httpx.post(url + "/v1/chat/completions", json=big, headers=headers, timeout=30)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    for r in (httpx.get(url + "/v1/nothing", headers=headers), httpx.get(url + "/v1/chat/completions", headers=headers)):
+        assert r.status_code in (404, 405) and set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_full_server_answers_429_with_retry_after(served):
+    url, engine = served[0], served[1]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    long = {**GOOD, "max_tokens": 400, "stream": True}
+    with httpx.Client(timeout=30) as http:
+        streams = [http.stream("POST", url + "/v1/chat/completions", json=long, headers=headers) for _ in range(8)]
+        responses = [s.__enter__() for s in streams]
+        try:
+            assert all(r.status_code == 200 for r in responses)
+            r = http.post(url + "/v1/chat/completions", json=GOOD, headers=headers)
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["type"] == "rate_limit_error"
+        finally:
+            for s in streams:
+                s.__exit__(None, None, None)
+    assert _idle(engine)
+    assert httpx.get(url + "/v1/models", headers=headers).status_code == 200
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(served):
+    url, engine = served[0], served[1]
+    assert _idle(engine)
+    before = engine.stats()["cancelled"]
+    body = {**GOOD, "max_tokens": 480, "stream": True, "nbdiff": {"block_size": 1}}
+    with httpx.stream("POST", url + "/v1/chat/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as r:
+        next(r.iter_lines())  # the first chunk: the request holds a row now
+    assert _idle(engine)
+    assert engine.stats()["cancelled"] == before + 1  # freed by the disconnect, not by finishing
+
+
+# ---- the engine alone ----------------------------------------------------------------------
+
+
+def _collect(engine, job):
+    items = queue.Queue()
+    engine.submit(job, items.put)
+    text = ""
+    while True:
+        item = items.get(timeout=30)
+        if isinstance(item, Delta):
+            text += item.text
+        else:
+            return text, item
+
+
+def test_requests_joining_mid_flight_at_another_block_size_and_exact_mode_equal_their_lone_replies(served, tiny_converted):
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    engine = Engine(model, tok, max_batch=8).start()
+    try:
+        settings = [dict(block_size=8, threshold=0.5, max_new_tokens=13), dict(block_size=4, exact=True, max_new_tokens=11),
+                    dict(block_size=8, sub_blocks=2, threshold=0.05, max_new_tokens=20)]
+        jobs, alone = [], []
+        for k, prompt in enumerate(PROMPTS):
+            options, _ = api.resolve_options(model, DecodeOptions(**settings[k % 3]))
+            jobs.append(Job(api.encode(tok, prompt), options))
+            alone.append(api.generate(model, tok, prompt, options)[0])
+        results = [None] * len(jobs)
+
+        def run(k):
+            time.sleep(0.004 * k)  # arrive while the others decode
+            results[k] = _collect(engine, jobs[k])
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert [r[0] for r in results] == alone
+        assert all(r[1].finish_reason in ("stop", "length") for r in results)
+    finally:
+        engine.close()
+
+
+def test_full_queue_and_time_limit(served, tiny_converted):
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    engine = Engine(model, tok, max_batch=1, max_queue=1).start()
+    try:
+        options, _ = api.resolve_options(model, DecodeOptions(block_size=1, max_new_tokens=400))
+        ids = api.encode(tok, PROMPTS[0])
+        first, second = queue.Queue(), queue.Queue()
+        ticket = engine.submit(Job(ids, options), first.put)
+        engine.submit(Job(ids, options, time_limit=0.0), second.put)  # waits, and is past its limit at once
+        with pytest.raises(QueueFull) as refused:
+            engine.submit(Job(ids, options), lambda item: None)
+        assert refused.value.retry_after >= 1
+        ticket.cancel()
+        waited = second.get(timeout=30)
+        assert isinstance(waited, Done) and waited.finish_reason == "error" and "time limit" in waited.error
+        text, done = _collect(engine, Job(ids, options, time_limit=0.05))  # decodes past its limit: ends with what it has
+        assert done.finish_reason == "length" and done.timed_out and 0 < done.completion_tokens < 400
+    finally:
+        engine.close()
+
+
+# ---- the command ---------------------------------------------------------------------------
+
+
+def test_the_command_serves_with_the_key_from_the_environment(tiny_converted):
+    env = {**os.environ, "NBDIFF_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nbdiff_cli.app", "serve", str(tiny_converted), "--port", "0",
+                             "--max-new-tokens", "4"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in proc.stderr:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "the command did not say where it serves"
+        url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(url.removesuffix("/v1") + "/health")
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert httpx.get(url + "/models").status_code == 401
+        name = os.path.basename(str(tiny_converted))
+        reply = openai.OpenAI(base_url=url, api_key="env-key", max_retries=0).chat.completions.create(
+            model=name, messages=[{"role": "user", "content": "Hi"}])
+        assert reply.usage.completion_tokens <= 4
+    finally:
+        proc.terminate()
+        proc.wait(20)
