@@ -243,12 +243,16 @@ def test_the_drafter_a_folder_brings_along_serves_exact_mode_and_chat_turns(tmp_
     model, tok = _folder_with_drafter(tmp_path, bundled=True)
     session = Session()
     history = [{"role": "user", "content": "Hello, how are you today?"}]
-    for turn in range(2):
-        text, final = nbdiff.generate(model, tok, history, exact=True, max_new_tokens=10, session=session)
-        _, fresh = nbdiff.generate(model, tok, history, exact=True, max_new_tokens=10)
-        assert final.tokens == fresh.tokens and final.drafter_forwards > 0, turn  # found without --drafter
-        assert final.reused_tokens > 0 or turn == 0
+    for turn, drafter in enumerate(["auto", "auto", "ngram", "auto"]):  # auto: the folder's drafter/
+        text, final = nbdiff.generate(model, tok, history, exact=True, drafter=drafter, max_new_tokens=10, session=session)
+        _, fresh = nbdiff.generate(model, tok, history, exact=True, drafter=drafter, max_new_tokens=10)
+        assert final.tokens == fresh.tokens and (final.drafter_forwards > 0) == (drafter == "auto"), turn
+        if drafter == "auto" and turn:
+            cache = next(iter(session.context.followers.values()))
+            assert cache.length == session.context.length  # the drafter's cache follows the context
+        assert (final.reused_tokens > 0) == (turn in (1, 2)), turn  # kept prefixes served from the caches
         history += [{"role": "assistant", "content": text}, {"role": "user", "content": "Once upon a time"}]
+    assert final.reused_tokens == 0  # after an n-gram turn the drafter had no features: the prompt ran again
 
 
 def test_stop_strings_and_eval_settings_with_a_drafter(tmp_path):

@@ -387,6 +387,8 @@ class Decoding:
         self.block_index += 1
 
     def final(self) -> FinalEvent:
+        if self.trained is not None:  # the last pass's columns join the drafter's cache too (a chat's next turn)
+            self.trained.absorb(self.ctx)
         for i, reason in enumerate(self.reasons):
             if reason is None:
                 self.reasons[i] = "cancelled" if self.cancelled else "length"

@@ -132,6 +132,7 @@ class TrainedDrafting:
         states = self.drafter.select(ctx.hidden_states)  # each [B, n, H], n >= new
         feats = self.drafter.fuse([h[:, :new] for h in states])  # [B, new, H]
         self.drafter.extend(self.cache, feats, ctx.last_positions[:, :new])
+        ctx.hidden_states = None  # every layer's states of the pass: not kept longer than needed
 
     def _mask(self, ctx, width: int) -> torch.Tensor | None:
         """[B, 1, width, C + width] bool: the context's visible columns, then the whole block; None if all visible."""
