@@ -80,7 +80,7 @@ def _trained_drafter(model, options: DecodeOptions):
     if options.trained_drafter:
         return options.drafter
     if options.drafter == AUTO:
-        from nbdiff.drafter.decoding import bundled_drafter
+        from nbdiff.drafter.folder import bundled_drafter
 
         return TRAINED if bundled_drafter(model) is not None else None
     return None

@@ -133,7 +133,7 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
     if not isinstance(options.drafter, str) or options.drafter != AUTO:
         return options
     if options.exact and model is not None:
-        from nbdiff.drafter.decoding import bundled_drafter
+        from nbdiff.drafter.folder import bundled_drafter
 
         if bundled_drafter(model) is not None:
             return options.with_(drafter=TRAINED)

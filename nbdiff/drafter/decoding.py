@@ -41,7 +41,7 @@ import torch
 
 from nbdiff.decode.drafters import ngram_match
 from nbdiff.decode.options import LOOKUP, TRAINED
-from nbdiff.drafter.folder import find_drafter, load_drafter, read_drafter_config
+from nbdiff.drafter.folder import bundled_drafter, load_drafter, read_drafter_config
 from nbdiff.drafter.model import Drafter, FeatureCache
 from nbdiff.errors import NBDiffError
 
@@ -56,17 +56,6 @@ def split_spec(spec: Any) -> tuple[bool, Any]:
     if isinstance(spec, (str, Path)) and str(spec).startswith(LOOKUP):
         return True, str(spec)[len(LOOKUP):] or TRAINED
     return False, spec
-
-
-def model_folder(model) -> Path | None:
-    """The folder a transformers model was loaded from, if it is a local folder."""
-    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
-    return Path(name) if name and Path(name).is_dir() else None
-
-
-def bundled_drafter(model) -> Path | None:
-    """The drafter the model's folder brings along (its drafter/ subfolder), if any: exact mode's 'auto' uses it."""
-    return find_drafter(model_folder(model))
 
 
 def drafter_path(model, part: Any) -> Path:

@@ -79,12 +79,23 @@ def is_drafter_folder(path) -> bool:
         return False
 
 
-def find_drafter(model_folder) -> Path | None:
+def find_drafter(folder) -> Path | None:
     """The drafter a model folder brings along (its `drafter/` subfolder), if any."""
-    if model_folder is None:
+    if folder is None:
         return None
-    folder = Path(model_folder) / SUBFOLDER
+    folder = Path(folder) / SUBFOLDER
     return folder if is_drafter_folder(folder) else None
+
+
+def model_folder(model) -> Path | None:
+    """The folder a transformers model was loaded from, if it is a local folder."""
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "")
+    return Path(name) if name and Path(name).is_dir() else None
+
+
+def bundled_drafter(model) -> Path | None:
+    """The drafter the model's folder brings along (its drafter/ subfolder), if any: exact mode's 'auto' uses it."""
+    return find_drafter(model_folder(model))
 
 
 def read_drafter_config(path) -> DrafterConfig:
