@@ -20,8 +20,11 @@ Same conventions too: features are hidden_states[i + 1] for i in target_layer_id
 layer's k_proj/v_proj (and k_norm) read the fused features unnormalised by input_layernorm, RoPE
 (rope_theta, no scaling) at the tokens' own positions, offset j predicts the token at j, no mask
 inside the block. Not in DFlash's layout: a reduced draft vocabulary (`nbdiff_drafter.draft_vocab`;
-DFlash runtimes assume the whole vocabulary) and `qk_norm: false`. A drafter with neither should
-load into a DFlash runtime with this config.json and safetensors file as they are.
+DFlash runtimes assume the whole vocabulary) and `qk_norm: false`. A drafter with neither loads into
+DFlash's reference class as it is: a throwaway check (not a test: it needs DFlash's code) built
+`DFlashDraftModel` from this config.json (`Qwen3Config(**config)`), loaded model.safetensors with
+strict=True and got our logits on a tiny Llama target, to the last bit. Loading through
+transformers' AutoModel needs DFlash's `auto_map` and remote code, which nbdiff never writes.
 """
 
 from __future__ import annotations
