@@ -297,7 +297,8 @@ def test_bench_exact_drafter_rows_against_generate_and_prompt_lookup(tmp_path):
         assert row.extra["identical"] == 1.0 and row.new_tokens == ar.new_tokens  # lossless, every one
         if key[0] == "exact-drafter":
             assert row.extra["drafter_forwards"] > 0 and row.extra["speedup_vs_lookup"] > 0
-            assert 1.0 <= row.extra["accepted_length"] <= key[1]
+            assert 1.0 <= row.extra["accepted_length"] <= key[1] and 0 <= row.extra["checked_per_verify"] <= key[1] - 1
+    assert rows[("exact-drafter", 4, 0.5)].extra["checked_per_verify"] < rows[("exact-drafter", 4, 0.0)].extra["checked_per_verify"]
     assert any("drafter" in note for note in result.notes)
 
 

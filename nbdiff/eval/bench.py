@@ -691,6 +691,7 @@ def _exact_figures(chosen: Sequence[Sample]) -> dict[str, float]:
            "verified_blocks": blocks}
     if sums.get("drafter_forwards"):  # a trained drafter's forwards, apart from the AR forwards of the row
         out["drafter_forwards"] = sums["drafter_forwards"]
+        out["checked_per_verify"] = sums.get("drafted", 0.0) / blocks  # draft tokens a verify checks (its width - 1)
     for k in (1, 2, 3):
         if f"accepted_at_{k}" in sums:
             out[f"accepted_at_{k}"] = sums[f"accepted_at_{k}"] / blocks
