@@ -41,6 +41,18 @@ def _split(text: str, kind, flag: str) -> tuple:
         raise NBDiffError(f"{flag} takes a comma-separated list, got {text!r}", f"e.g. {flag} 1,4,8") from None
 
 
+def _modes(modes: str, exact: Optional[bool], drafter: Optional[str]) -> list[str]:
+    """--modes, with --exact/--no-exact adding or dropping the exact rows and --drafter adding exact-drafter."""
+    mode_list = list(_split(modes, str, "--modes"))
+    if exact is True and "exact" not in mode_list:
+        mode_list.append("exact")
+    elif exact is False:
+        mode_list = [m for m in mode_list if not m.startswith("exact")]
+    if drafter is not None and "exact-drafter" not in mode_list:
+        mode_list.append("exact-drafter")
+    return mode_list
+
+
 def _model_path(model: Optional[str]) -> str:
     """MODEL, or the default model's folder when it is omitted (built on first use)."""
     from nbdiff_cli.models import resolve_model
@@ -96,13 +108,7 @@ def bench(
     from nbdiff.eval.bench import BenchConfig, limit_per_suite, load_suites, read_prompts, run_bench
     from nbdiff.errors import NBDiffError
 
-    mode_list = list(_split(modes, str, "--modes"))
-    if exact is True and "exact" not in mode_list:
-        mode_list.append("exact")
-    elif exact is False:
-        mode_list = [m for m in mode_list if not m.startswith("exact")]
-    if drafter is not None and "exact-drafter" not in mode_list:
-        mode_list.append("exact-drafter")
+    mode_list = _modes(modes, exact, drafter)
     if limit is not None and limit < 1:
         raise NBDiffError(f"--limit must be >= 1, got {limit}")
     config = BenchConfig(
