@@ -169,6 +169,8 @@ def _fmt_time(s: float | None) -> str:
 def _eval_table(first: dict, last: dict):
     from rich.table import Table
 
+    if "tokens_per_verify" in last:
+        return _drafter_table(first, last)
     table = Table(title="held-out evaluation", show_edge=False)
     table.add_column("block size", justify="right")
     table.add_column(f"MDM loss @ step {first['step']}", justify="right")
@@ -177,6 +179,21 @@ def _eval_table(first: dict, last: dict):
     table.add_row("1 (AR loss)", f"{first['ar']:.4f}", f"{last['ar']:.4f}", "-")
     for b, v in last["mdm"].items():
         table.add_row(b, f"{first['mdm'].get(b, float('nan')):.4f}", f"{v:.4f}", f"{last['acc'][b]:.3f}")
+    return table
+
+
+def _drafter_table(first: dict, last: dict):
+    """A drafter run's evaluation: the weighted draft loss and tokens per verify of simulated greedy decoding."""
+    from rich.table import Table
+
+    table = Table(title="held-out evaluation (drafter)", show_edge=False)
+    table.add_column("block size", justify="right")
+    for what in ("draft loss", "tokens per verify"):
+        table.add_column(f"{what} @ step {first['step']}", justify="right")
+        table.add_column(f"@ step {last['step']}", justify="right")
+    for b in last["mdm"]:
+        table.add_row(b, f"{first['mdm'].get(b, float('nan')):.4f}", f"{last['mdm'][b]:.4f}",
+                      f"{first['tokens_per_verify'].get(b, float('nan')):.3f}", f"{last['tokens_per_verify'][b]:.3f}")
     return table
 
 
@@ -245,7 +262,9 @@ class _Panel:
             self.eval = rec
             if not self._tty:
                 mdm = " ".join(f"b{b}={v:.3f}" for b, v in rec["mdm"].items())
-                console.print(f"eval step {rec['step']}: ar={rec['ar']:.4f} mdm {mdm}")
+                tpv = " ".join(f"b{b}={v:.3f}" for b, v in rec.get("tokens_per_verify", {}).items())
+                console.print(f"eval step {rec['step']}: ar={rec['ar']:.4f} mdm {mdm}"
+                              + (f" tokens/verify {tpv}" if tpv else ""))
         elif ev == "checkpoint":
             self.note = f"checkpoint {rec['path']}"
             if not self._tty:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -77,6 +78,16 @@ def tiny_target(tmp_path_factory):
     folder = converted_tiny(root / "model", block_size=8)
     tok = AutoTokenizer.from_pretrained(folder)
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    # Training data are chat text, tokenised again: a random model's byte soup would not come back as
+    # the same ids. Its LM head keeps only whole words (" the", " fox"; zero rows are never the argmax),
+    # whose texts tokenise back to the ids the model produced.
+    words = [t for t in range(len(tok)) if re.fullmatch(r" [a-z]+", tok.decode([t]))
+             and tok(tok.decode([t]), add_special_tokens=False)["input_ids"] == [t]]
+    keep = torch.zeros(len(tok), dtype=torch.bool)
+    keep[words + [tok.eos_token_id]] = True
+    with torch.no_grad():
+        model.lm_head.weight[~keep] = 0.0
+    model.save_pretrained(folder)
     g = torch.Generator().manual_seed(0)
     records = []
     for _ in range(48):
@@ -175,3 +186,28 @@ def test_drafter_recipe_refuses_lora_and_block_one(tiny_target, tmp_path):
         drafter_config(folder, data, tmp_path / "x", block_size=1, seq_len=128)
     with pytest.raises(NBDiffError, match="drafter-target-layers"):
         adapt(drafter_config(folder, data, tmp_path / "y", drafter_target_layers="7"))
+
+
+def test_a_drafter_trained_on_the_targets_own_replies_raises_tokens_per_verify(tiny_target, tmp_path):
+    """A few hundred steps on a tiny target's greedy replies: real exact-mode decoding keeps well over
+    one token per verify, and the output stays the AR output."""
+    import nbdiff
+
+    folder, data, model, tok, records = tiny_target
+    run = tmp_path / "run"
+    result = adapt(drafter_config(folder, data, run, steps=300, batch_size=4, drafter_layers=2, drafter_anchors=16,
+                                  lr=3e-3, eval_fraction=0.1, eval_every=0))
+    assert result.status == "completed" and (run / "model.safetensors").is_file()
+    assert result.evals[-1]["tokens_per_verify"]["8"] > result.evals[0]["tokens_per_verify"]["8"]
+    prompts = [r["messages"][:1] for r in records[:8]]
+    plain, _ = nbdiff.generate(model, tok, prompts, block_size=1, max_new_tokens=40)
+    untrained = tmp_path / "untrained"
+    adapt(drafter_config(folder, data, untrained, steps=1, lr=1e-9))
+    per_verify = {}
+    for name, drafter in (("untrained", untrained), ("trained", run)):
+        text, final = nbdiff.generate(model, tok, prompts, block_size=8, exact=True, drafter=str(drafter),
+                                      max_new_tokens=40)
+        assert text == plain
+        per_verify[name] = final.accepted_length
+    assert per_verify["untrained"] < 1.2
+    assert per_verify["trained"] > 1.8, per_verify
