@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 from nbdiff.loading import context_length, load_model, model_settings
-from nbdiff.decode.options import AUTO, TRAINED, DecodeOptions
+from nbdiff.decode.options import AUTO, LOOKUP_BLOCK_SIZE, TRAINED, DecodeOptions, auto_drafting
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -55,6 +55,8 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
             from nbdiff.drafter.decoding import drafter_block_size
 
             options = options.with_(block_size=drafter_block_size(model, trained))
+        elif settings is not None and options.exact and auto_drafting(options, model).drafter == "ngram":
+            options = options.with_(block_size=LOOKUP_BLOCK_SIZE)  # lookup drafts: not the diffusion's block size
         elif settings is None:
             options = options.with_(block_size=1)
             notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")

@@ -138,3 +138,10 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
         if bundled_drafter(model) is not None:
             return options.with_(drafter=TRAINED)
     return options.with_(drafter="diffusion" if options.draft_steps is not None else "ngram")
+
+
+LOOKUP_BLOCK_SIZE = 2
+"""Block size of exact mode with n-gram drafts when none is given (the folder's is the diffusion's): a
+draft of one token. Wider verification passes cost more on a CPU than their extra accepted tokens give
+back: 1.09x block size 1 at 2, 0.99x at 4, 0.95x at 8 (docs/BENCHMARKS.md, "Exact mode's default
+drafter"); on a GPU, where a pass of 8 tokens costs about what one does, pass --block-size 8."""
