@@ -1,0 +1,203 @@
+"""Load on a local OpenAI-compatible server: N clients x M requests, batching on and off, beside `transformers serve`.
+
+    python benchmarks/serve_load.py MODEL_DIR --clients 1,2,4,8 --requests 2 --max-tokens 32 \\
+        --dtype fp32 --transformers --json serve_load.json
+
+Each configuration starts its server as a subprocess on a free localhost port, waits for /health,
+then runs every client count: N threads, each sending M streamed chat requests one after another
+(greedy, `max_tokens` tokens, distinct prompts from assets/prompts/distill.jsonl), and stops the
+server. Per client count: total completion tokens / wall time, p50/p95 time to first token (the
+first non-empty text chunk) and request latency. Configurations:
+- `nbdiff serve --max-batch 8` (batching on) and `--max-batch 1` (one request at a time), block size 1;
+- `transformers serve --continuous-batching` on the same folder (`--transformers`), if installed.
+Every reply is compared with the same prompt's reply with batching off, where each request runs
+alone ("same" counts the equal ones).
+Bounded: localhost only, at most --clients x --requests requests per row, --time-limit per row.
+
+Feeds docs/BENCHMARKS.md, section "Serving (issue 21)".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _prompts(n: int) -> list[str]:
+    from nbdiff.resources import distill_prompts
+
+    lines = distill_prompts().read_text(encoding="utf-8").splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:n]]
+
+
+class Server:
+    """A server subprocess on a free port; `model` is the id its requests name."""
+
+    def __init__(self, name: str, argv: list[str], port: int, model: str, env: dict[str, str]):
+        self.name, self.port, self.model = name, port, model
+        self.log = open(f"/tmp/serve_load_{re.sub(r'[^a-z0-9]+', '_', name.lower())}.log", "w")
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; see {self.log.name}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"{self.name} did not answer /health within {timeout:.0f} s; see {self.log.name}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+
+
+def _one(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dict:
+    start = time.perf_counter()
+    first, text, usage = None, [], None
+    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": prompt}],
+                                            max_tokens=max_tokens, temperature=0.0, stream=True,
+                                            stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage.completion_tokens
+        for choice in chunk.choices:
+            if choice.delta.content:
+                first = first or time.perf_counter()
+                text.append(choice.delta.content)
+    end = time.perf_counter()
+    return {"prompt": prompt, "text": "".join(text), "tokens": usage, "ttft": (first or end) - start,
+            "latency": end - start}
+
+
+def _load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int, limit: float) -> dict:
+    """`clients` threads, each sending `requests` requests in turn; the row's figures."""
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=limit)
+    results: list[dict] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def run(c: int) -> None:
+        for r in range(requests):
+            try:
+                out = _one(client, server.model, prompts[(c * requests + r) % len(prompts)], max_tokens)
+            except Exception as exc:  # noqa: BLE001 - reported in the row
+                with lock:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                return
+            with lock:
+                results.append(out)
+
+    start = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(c,), daemon=True) for c in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(max(0.0, limit - (time.perf_counter() - start)))
+    wall = time.perf_counter() - start
+    tokens = sum(r["tokens"] or 0 for r in results)
+    q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)  # noqa: E731
+    ttft, lat = [r["ttft"] for r in results], [r["latency"] for r in results]
+    return {"server": server.name, "clients": clients, "requests": len(results), "errors": errors[:3],
+            "tokens": tokens, "seconds": round(wall, 3), "tokens_per_s": round(tokens / wall, 2),
+            "ttft_p50": round(q(ttft, 50), 3), "ttft_p95": round(q(ttft, 95), 3),
+            "latency_p50": round(q(lat, 50), 3), "latency_p95": round(q(lat, 95), 3),
+            "replies": {r["prompt"]: r["text"] for r in results}}
+
+
+def _servers(args, env) -> list[tuple[str, list[str], str]]:
+    """(name, argv without --port, model id) per configuration."""
+    nbdiff = [sys.executable, "-m", "nbdiff_cli.app", "serve", args.model, "--model-name", "bench", "--block-size", "1",
+              "--dtype", args.dtype, "--max-queue", "256", "--request-timeout", str(args.time_limit)]
+    # batching off first: its replies are every prompt's lone reply, the reference of the "same" column
+    rows = [("nbdiff serve, batching off (--max-batch 1)", nbdiff + ["--max-batch", "1"], "bench"),
+            ("nbdiff serve, batching on (--max-batch 8)", nbdiff + ["--max-batch", "8"], "bench")]
+    if args.transformers:
+        exe = shutil.which("transformers")
+        if exe is None:
+            print("transformers serve: the `transformers` command is not installed", file=sys.stderr)
+        else:
+            dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, "auto")
+            rows.append(("transformers serve --continuous-batching",
+                         [exe, "serve", "--continuous-batching", "--dtype", dtype, "--device", "cpu", args.model],
+                         args.model))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model", help="a converted model folder (a plain transformers checkpoint)")
+    parser.add_argument("--clients", default="1,2,4,8")
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve --continuous-batching`")
+    parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
+    parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per row at most")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",")]
+    prompts = _prompts(max(counts) * args.requests)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    rows, reference = [], {}
+    for name, argv, model in _servers(args, env):
+        if args.only and args.only not in name:
+            continue
+        port = _free_port()
+        argv = argv[:2] + ["--port", str(port)] + argv[2:] if "transformers" in argv[0] else argv + ["--port", str(port)]
+        server = Server(name, argv, port, model, env)
+        try:
+            server.wait(300)
+            _one(openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0), model, prompts[0], 4)  # warm up
+            for n in counts:
+                row = _load(server, prompts, n, args.requests, args.max_tokens, args.time_limit)
+                for prompt, text in row["replies"].items():
+                    reference.setdefault(prompt, text)
+                row["same"] = sum(reference[p] == t for p, t in row["replies"].items())
+                rows.append(row)
+                print(f"{name:45s} clients={n} requests={row['requests']} same={row['same']} "
+                      f"tokens/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50']:.2f}/{row['ttft_p95']:.2f} s "
+                      f"latency p50/p95={row['latency_p50']:.2f}/{row['latency_p95']:.2f} s"
+                      + (f" errors={row['errors']}" if row["errors"] else ""), flush=True)
+        except RuntimeError as exc:
+            print(f"{name}: {exc}", file=sys.stderr)
+            rows.append({"server": name, "error": str(exc)})
+        finally:
+            server.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
