@@ -164,12 +164,15 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve --continuous-batching`")
     parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: torch's choice)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per row at most")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     prompts = _prompts(max(counts) * args.requests)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
     rows, reference = [], {}
     for name, argv, model in _servers(args, env):
         if args.only and args.only not in name:

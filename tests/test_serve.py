@@ -283,16 +283,17 @@ def _collect(engine, job):
             return text, item
 
 
-def test_requests_joining_mid_flight_at_another_block_size_and_exact_mode_equal_their_lone_replies(served, tiny_converted):
+def test_requests_joining_mid_flight_with_other_settings_or_seeded_sampling_equal_their_lone_replies(served, tiny_converted):
     tok = served[2]
     model, _ = api.load(tiny_converted, dtype="fp32")
     engine = Engine(model, tok, max_batch=8).start()
     try:
         settings = [dict(block_size=8, threshold=0.5, max_new_tokens=13), dict(block_size=4, exact=True, max_new_tokens=11),
-                    dict(block_size=8, sub_blocks=2, threshold=0.05, max_new_tokens=20)]
+                    dict(block_size=8, sub_blocks=2, threshold=0.05, max_new_tokens=20),
+                    dict(block_size=8, threshold=0.5, max_new_tokens=13, temperature=1.0, top_p=0.9)]  # seeded sampling
         jobs, alone = [], []
         for k, prompt in enumerate(PROMPTS):
-            options, _ = api.resolve_options(model, DecodeOptions(**settings[k % 3]))
+            options, _ = api.resolve_options(model, DecodeOptions(**settings[k % 4], seed=k))
             jobs.append(Job(api.encode(tok, prompt), options))
             alone.append(api.generate(model, tok, prompt, options)[0])
         results = [None] * len(jobs)
