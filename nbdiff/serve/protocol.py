@@ -177,8 +177,12 @@ def _model(body: dict, settings: ServerSettings) -> None:
     if not isinstance(name, str):
         raise APIError(400, f"invalid type for 'model': expected a string, got {_type_name(name)}", "model", "invalid_type")
     if name != settings.model_id:
-        raise APIError(404, f"the model '{name}' does not exist here; this server serves '{settings.model_id}'",
-                       "model", "model_not_found")
+        raise unknown_model(name, settings)
+
+
+def unknown_model(name: str, settings: ServerSettings) -> APIError:
+    return APIError(404, f"the model '{name}' does not exist here; this server serves '{settings.model_id}'",
+                    "model", "model_not_found")
 
 
 def _stop(body: dict) -> tuple[str, ...]:

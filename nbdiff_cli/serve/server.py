@@ -23,6 +23,7 @@ import asyncio
 import hmac
 import json
 import logging
+from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -131,16 +132,55 @@ async def _stream(call: _Call, parsed: protocol.Request, settings: ServerSetting
         call.ticket.cancel()  # no-op once done; frees the row when the client left mid-stream
 
 
-def make_app(engine: Engine, settings: ServerSettings, model, tokenizer, *, api_key: str | None = None,
-             cors: list[str] | None = None, log_prompts: bool = False, max_body: int = MAX_BODY) -> FastAPI:
-    """The FastAPI app of one engine."""
-    app = FastAPI(title="nbdiff serve", docs_url=None, redoc_url=None, openapi_url=None)
-    if cors:
-        from fastapi.middleware.cors import CORSMiddleware
+@dataclass
+class _Service:
+    """What every route needs: the engine, the server's settings, the model and the policies."""
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+    engine: Engine
+    settings: ServerSettings
+    model: Any
+    tokenizer: Any
+    api_key: str | None
+    log_prompts: bool
+    max_body: int
 
+    def finished(self, parsed: protocol.Request, text: str, done: Done) -> None:
+        log.info("%s %s prompt=%d completion=%d finish=%s %.2fs queued=%.2fs tokens/forward=%.2f%s",
+                 parsed.id, parsed.kind, done.prompt_tokens, done.completion_tokens, done.finish_reason,
+                 done.seconds, done.queued_seconds, done.tokens_per_forward, " timed-out" if done.timed_out else "")
+        if self.log_prompts:
+            log.info("%s reply: %r", parsed.id, text)
+
+    async def complete(self, request: Request, parse) -> Any:
+        """One chat or text completion: parse, submit, then stream or collect the reply."""
+        _check_key(request, self.api_key)
+        body = protocol.parse_json(await _read_body(request, self.max_body))
+        parsed = parse(body, self.settings, self.model, self.tokenizer)
+        if self.log_prompts:
+            log.info("%s prompt: %r", parsed.id, self.tokenizer.decode(parsed.job.prompt))
+        call = _Call(self.engine, parsed, request)
+        try:
+            first = await call.next()
+            if isinstance(first, Done) and first.error:
+                raise _failed(first)
+            if parsed.stream:
+                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+                return StreamingResponse(_stream(call, parsed, self.settings, first, self.finished),
+                                         media_type="text/event-stream", headers=headers)
+            item, text = first, []
+            while isinstance(item, Delta):
+                text.append(item.text)
+                item = await call.next()
+            if item.error:
+                raise _failed(item)
+            self.finished(parsed, "".join(text), item)
+            return protocol.reply(parsed, self.settings, "".join(text), item)
+        except _Gone:
+            log.info("%s client went away; its row is freed", parsed.id)
+            return JSONResponse(protocol.error_body("client closed the request", code="client_closed"), status_code=499)
+
+
+def _errors_in_openai_shape(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def refused(request: Request, exc: APIError):
         return _error(exc)
@@ -156,47 +196,26 @@ def make_app(engine: Engine, settings: ServerSettings, model, tokenizer, *, api_
         return _error(APIError(500, "the server failed on this request; it keeps serving", None, "internal_error",
                                kind="server_error"))
 
-    def finished(parsed: protocol.Request, text: str, done: Done) -> None:
-        log.info("%s %s prompt=%d completion=%d finish=%s %.2fs queued=%.2fs tokens/forward=%.2f%s",
-                 parsed.id, parsed.kind, done.prompt_tokens, done.completion_tokens, done.finish_reason,
-                 done.seconds, done.queued_seconds, done.tokens_per_forward, " timed-out" if done.timed_out else "")
-        if log_prompts:
-            log.info("%s reply: %r", parsed.id, text)
 
-    async def complete(request: Request, parse) -> Any:
-        _check_key(request, api_key)
-        body = protocol.parse_json(await _read_body(request, max_body))
-        parsed = parse(body, settings, model, tokenizer)
-        if log_prompts:
-            log.info("%s prompt: %r", parsed.id, tokenizer.decode(parsed.job.prompt))
-        call = _Call(engine, parsed, request)
-        try:
-            first = await call.next()
-            if isinstance(first, Done) and first.error:
-                raise _failed(first)
-            if parsed.stream:
-                headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-                return StreamingResponse(_stream(call, parsed, settings, first, finished),
-                                         media_type="text/event-stream", headers=headers)
-            item, text = first, []
-            while isinstance(item, Delta):
-                text.append(item.text)
-                item = await call.next()
-            if item.error:
-                raise _failed(item)
-            finished(parsed, "".join(text), item)
-            return protocol.reply(parsed, settings, "".join(text), item)
-        except _Gone:
-            log.info("%s client went away; its row is freed", parsed.id)
-            return JSONResponse(protocol.error_body("client closed the request", code="client_closed"), status_code=499)
+def make_app(engine: Engine, settings: ServerSettings, model, tokenizer, *, api_key: str | None = None,
+             cors: list[str] | None = None, log_prompts: bool = False, max_body: int = MAX_BODY) -> FastAPI:
+    """The FastAPI app of one engine."""
+    app = FastAPI(title="nbdiff serve", docs_url=None, redoc_url=None, openapi_url=None)
+    if cors:
+        from fastapi.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=cors, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
+    _errors_in_openai_shape(app)
+    service = _Service(engine, settings, model, tokenizer, api_key, log_prompts, max_body)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await complete(request, protocol.chat_request)
+        return await service.complete(request, protocol.chat_request)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await complete(request, protocol.completion_request)
+        return await service.complete(request, protocol.completion_request)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
@@ -207,8 +226,7 @@ def make_app(engine: Engine, settings: ServerSettings, model, tokenizer, *, api_
     async def one_model(request: Request, name: str):
         _check_key(request, api_key)
         if name != settings.model_id:
-            raise APIError(404, f"the model '{name}' does not exist here; this server serves '{settings.model_id}'",
-                           "model", "model_not_found")
+            raise protocol.unknown_model(name, settings)
         return protocol.model_card(settings)
 
     @app.get("/health")
