@@ -78,8 +78,8 @@ def bench(
     draft_steps: DraftSteps = None,
     drafter: Annotated[Optional[str], typer.Option("--drafter", help="Trained drafter folder of the exact-drafter rows (adds them); default: the model folder's drafter/.",
                                                    rich_help_panel=BENCH)] = None,
-    draft_thresholds: Annotated[str, typer.Option("--draft-thresholds", help="Verify-width thresholds of the exact-drafter rows (0 = the whole block).",
-                                                  rich_help_panel=BENCH)] = "0",
+    draft_thresholds: Annotated[Optional[str], typer.Option("--draft-thresholds", help="Verify-width thresholds of the exact-drafter rows (0 = the whole block). [default: --draft-threshold's]",
+                                                            show_default=False, rich_help_panel=BENCH)] = None,
     lookup_tokens: Annotated[int, typer.Option("--lookup-tokens", help="Draft tokens of the lookup row (transformers' prompt_lookup_num_tokens).",
                                                rich_help_panel=BENCH)] = 10,
     max_new_tokens: MaxNewTokens = 64,
@@ -124,9 +124,9 @@ def bench(
         sub_blocks=sub_blocks,
         draft_steps=draft_steps,
         drafter=drafter,
-        draft_thresholds=_split(draft_thresholds, float, "--draft-thresholds"),
         lookup_tokens=lookup_tokens,
         warmup=warmup,
+        **({"draft_thresholds": _split(draft_thresholds, float, "--draft-thresholds")} if draft_thresholds else {}),
     )
     if prompts is not None and suite:
         raise NBDiffError("--suite and --prompts do not mix", "pick shipped suites with --suite, or your own with --prompts")

@@ -58,7 +58,7 @@ def oracle(monkeypatch, truths, wrong_at=None, rows=None):
             ids[i] = torch.tensor((truth[done: done + width - 1] + [0] * width)[: width - 1])
             if wrong_at is not None and wrong_at < width and (rows is None or i in rows):
                 ids[i, wrong_at - 1] = (ids[i, wrong_at - 1] + 1) % 300
-        return ids, conf
+        return ids, torch.ones_like(conf)  # sure of every draft: the whole block is verified
 
     monkeypatch.setattr(glue.TrainedDrafting, "model_drafts", drafts)
 
@@ -69,8 +69,9 @@ def oracle(monkeypatch, truths, wrong_at=None, rows=None):
 @pytest.mark.parametrize("b", [2, 8, 16])
 def test_greedy_equals_generate_with_an_untrained_drafter(pair, b):
     model, drafter = pair
-    final = run(model, [PROMPTS[0]], block_size=b, drafter=drafter, max_new_tokens=20)[-1]
+    final = run(model, [PROMPTS[0]], block_size=b, drafter=drafter, max_new_tokens=20, draft_threshold=0.0)[-1]
     assert final.tokens[0] == reference(model, PROMPTS[0], 20)
+    assert final.drafted > 0  # every block's draft went to the verify pass whole
     # prefill, then per block one drafter forward and one verify (a last block of one token needs neither)
     assert final.forwards == 1 + final.drafter_forwards and final.drafter_forwards >= 20 / b - 1
     assert final.steps == 0 and final.verified_blocks >= 20 / b
@@ -80,7 +81,7 @@ def test_uneven_batch_with_left_padding_and_eos(pair):
     model, drafter = pair
     free = [reference(model, p, 14) for p in PROMPTS]
     eos = free[0][4]
-    events = run(model, PROMPTS, eos=[eos], block_size=8, drafter=drafter, max_new_tokens=14)
+    events = run(model, PROMPTS, eos=[eos], block_size=8, drafter=drafter, max_new_tokens=14, draft_threshold=0.0)
     final = events[-1]
     for i, prompt in enumerate(PROMPTS):
         assert final.tokens[i] == reference(model, prompt, 14, eos=eos), i
@@ -143,10 +144,11 @@ def test_max_new_tokens_boundaries(n):
 def test_draft_threshold_verifies_fewer_tokens_and_stays_exact(monkeypatch):
     model = tiny_model("qwen2")
     drafter = random_drafter(model)
-    whole = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12)[-1]
+    whole = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12, draft_threshold=0.0)[-1]
     trimmed = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12, draft_threshold=0.5)[-1]
-    assert trimmed.tokens == whole.tokens == [reference(model, p, 12) for p in PROMPTS]
-    assert trimmed.drafted < whole.drafted
+    default = run(model, PROMPTS, block_size=8, drafter=drafter, max_new_tokens=12)[-1]
+    assert trimmed.tokens == whole.tokens == default.tokens == [reference(model, p, 12) for p in PROMPTS]
+    assert trimmed.drafted <= default.drafted <= whole.drafted and trimmed.drafted < whole.drafted
 
 
 def test_lookup_first_then_the_trained_drafter(tmp_path):
@@ -180,7 +182,7 @@ def test_sampled_drafts_keep_the_ar_distribution(monkeypatch):
             if (text, width) not in continuations:
                 continuations[text, width] = reference(model, list(text), width - 1)
             ids[i] = torch.tensor(continuations[text, width])
-        return ids, conf
+        return ids, torch.ones_like(conf)
 
     real = glue.TrainedDrafting.model_drafts
     monkeypatch.setattr(glue.TrainedDrafting, "model_drafts", greedy_drafts)

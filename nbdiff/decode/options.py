@@ -52,8 +52,10 @@ class DecodeOptions:
     """Exact mode: 'auto' (`auto_drafting`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in
     prompt and reply), a trained drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
     exact mode on), or 'lookup+' before one of those: lookup when it finds a match, the drafter otherwise."""
-    draft_threshold: float = 0.0
-    """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all)."""
+    draft_threshold: float = 0.05
+    """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all).
+    On a CPU a verify of 8 tokens costs about 2x one; 0.05 cut the tokens checked per verify from 6.4 to 0.75 at
+    the same tokens per verify with a weak drafter (docs/BENCHMARKS.md, "Trained drafter: decoding")."""
 
     def __post_init__(self) -> None:
         if self.block_size is not None:

@@ -161,6 +161,12 @@ def available_modes() -> list[str]:
     return modes + ["lookup"]
 
 
+def _default_draft_threshold() -> float:
+    from nbdiff.decode.options import DecodeOptions
+
+    return DecodeOptions.draft_threshold
+
+
 @dataclass
 class BenchConfig:
     """What `run_bench` decodes and how."""
@@ -186,8 +192,8 @@ class BenchConfig:
     """Draft thresholds of the exact rows (None = `thresholds`); exact output does not depend on them."""
     drafter: str | None = None
     """Trained drafter folder of the exact-drafter rows (None = the model folder's drafter/)."""
-    draft_thresholds: tuple[float, ...] = (0.0,)
-    """Verify-width thresholds of the exact-drafter rows (0 = verify the whole block; see DecodeOptions)."""
+    draft_thresholds: tuple[float, ...] = field(default_factory=lambda: (_default_draft_threshold(),))
+    """Verify-width thresholds of the exact-drafter rows (0 = verify the whole block; default: DecodeOptions')."""
     lookup_tokens: int = 10
     """Tokens the `lookup` row drafts per step (transformers' prompt_lookup_num_tokens)."""
     warmup: bool = True
