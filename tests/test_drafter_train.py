@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -211,3 +212,33 @@ def test_a_drafter_trained_on_the_targets_own_replies_raises_tokens_per_verify(t
         per_verify[name] = final.accepted_length
     assert per_verify["untrained"] < 1.2
     assert per_verify["trained"] > 1.8, per_verify
+
+
+def test_flex_block_mask_gives_the_dense_masks_logits(tiny_target):
+    """The GPU path's BlockMask is built from the same rule: equal logits (flex runs forward-only on CPU)."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    folder, _, model, *_ = tiny_target
+    drafter = build_drafter(model, drafter_config(folder, "x", "y", drafter_layers=2), 384, None)
+    module = DrafterTraining(drafter, model)
+    L, g = 128, torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 380, (2, L), generator=g)
+    pos, doc = torch.arange(L).repeat(2, 1), torch.zeros(2, L, dtype=torch.int64)
+    doc[:, 70:] = 1
+    trainable = torch.ones(2, L, dtype=torch.bool)
+    valid = valid_anchors(doc, trainable)
+    anchors = torch.stack([sample_anchors(valid[r], 16, g) for r in range(2)])
+    batch = build_blocks(ids, pos, doc, trainable, anchors, 8, 384, 4.0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex attention warns that it runs unfused outside torch.compile
+        dense = module(batch)
+        module.use_flex = True
+        flex = module(batch)
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_time_limit_ends_training_as_at_steps(tiny_target, tmp_path):
+    """--time-limit (the GPU script's window): training stops early and the run still evaluates, saves and exports."""
+    folder, data, *_ = tiny_target
+    result = adapt(drafter_config(folder, data, tmp_path / "t", steps=50, time_limit=1e-9))
+    assert result.status == "completed" and result.steps == 1
+    assert (tmp_path / "t" / "model.safetensors").is_file() and result.checkpoint.name == "step-00000001"

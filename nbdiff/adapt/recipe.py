@@ -41,7 +41,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # the schedules keep their length (`schedule_steps` is pinned to the checkpoint's on resume).
 RESUME_SAFE = frozenset(
     {"resume", "force", "eval_every", "save_every", "keep_checkpoints", "log_every", "export", "cache_dir",
-     "steps", "prune_checkpoints", "drafter_eval_data"}
+     "steps", "prune_checkpoints", "drafter_eval_data", "time_limit"}
 )
 
 
@@ -115,6 +115,9 @@ class AdaptConfig:
     """Gradient clipping norm (0 = off)."""
     seed: int = 0
     """Seed of the data order, the noise and the initialisation of LoRA."""
+    time_limit: float = 0.0
+    """Stop training after this many minutes (0 = no limit) and finish as at --steps: evaluate, save,
+    export (for a fixed window, e.g. a GPU lease; --steps still sizes the schedules)."""
 
     # --- Hardware and memory
     device: str = "auto"
@@ -241,7 +244,7 @@ class AdaptConfig:
             if getattr(self, name) is not None:
                 _at_least(getattr(self, name), 1, _flag(name))
         for name in ("eval_every", "save_every", "growth_start", "lora_rank", "eval_max_rows", "growth_steps",
-                     "warmup_steps", "weight_decay", "max_grad_norm", "lora_alpha"):
+                     "warmup_steps", "weight_decay", "max_grad_norm", "lora_alpha", "time_limit"):
             if getattr(self, name) is not None:
                 _at_least(getattr(self, name), 0, _flag(name))
         if not self.lr > 0:

@@ -530,6 +530,8 @@ class AdaptRun:
             self.model.train()
             while self.step < cfg.steps:
                 self.train_step()
+                if cfg.time_limit and self._broadcast(time.perf_counter() - self._loop_start > 60 * cfg.time_limit):
+                    break  # the window is over (rank 0's clock decides): finish as at --steps
                 if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     self.evaluate()
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:

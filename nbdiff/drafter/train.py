@@ -1,8 +1,9 @@
 """Training a drafter: `nbdiff adapt MODEL --data D --out DIR --target drafter`.
 
 The adapt run (nbdiff.adapt.trainer.AdaptRun) stays the loop, the run folder, the resume, the
-checkpoints and the metrics; a drafter run swaps four parts through `DrafterPlan`:
-- the trained module (`DrafterTraining`): the new drafter (nbdiff.drafter.model.Drafter) sharing
+checkpoints and the metrics; a drafter run swaps four parts (the trainer asks for them when
+`--target drafter`):
+- the trained module (`training_module` -> `DrafterTraining`): the new drafter (nbdiff.drafter.model.Drafter) sharing
   the AR model's embeddings and LM head (frozen), with the frozen AR model held beside it, never
   saved and never wrapped;
 - the micro-batch (`make_draft_batch`): packed rows with random anchors among the reply tokens
@@ -10,7 +11,9 @@ checkpoints and the metrics; a drafter run swaps four parts through `DrafterPlan
 - the loss (`drafter_loss`): one AR forward per batch without gradients (output_hidden_states; or
   the features read back from the on-disk cache), then one drafter forward over every block of a
   row under one mask, cross-entropy at the masked offsets weighted exp(-(k-1)/gamma);
-- the evaluation (`evaluate_drafter`) and the export (a drafter folder, nbdiff.drafter.folder).
+- the evaluation (`evaluate_drafter`: held-out loss, and tokens per verify of step-by-step simulated
+  greedy decoding along the replies of --drafter-eval-data) and the export (`export_drafter`: the
+  run folder becomes a drafter folder, nbdiff.drafter.folder).
 
 Options measured in docs/BENCHMARKS.md ("Trained drafter (CPU)"): draft layers and their
 initialisation (random, or copied from AR layers), the AR layers read, the block size, a reduced
