@@ -14,10 +14,11 @@ from nbdiff_cli.options import Hardware, ModelArg, decoding_options
 def figures(final) -> str:
     """The figure line under a reply (generate, chat): this call's tokens, tokens per forward, marked
     "slow" below one (block size 1 would have taken fewer forwards), tokens per verified block in
-    exact mode, tokens per second."""
+    exact mode (and a trained drafter's forwards: tokens/forward counts the model's), tokens per second."""
     slow = final.tokens_per_forward < 1 and final.new_tokens > 0 and final.finish_reason != "cancelled"
     return (f"{final.new_tokens} tokens, {final.tokens_per_forward:.2f} tokens/forward" + (" (slow)" if slow else "")
             + (f", {final.accepted_length:.2f} tokens/block accepted" if final.verified_blocks else "")
+            + (f", {final.drafter_forwards} drafter forwards" if getattr(final, "drafter_forwards", 0) else "")
             + f", {final.tokens_per_second:.1f} tokens/s")
 
 

@@ -232,6 +232,11 @@ def test_a_plain_model_with_a_drafter_folder_decodes_exactly_at_the_drafters_blo
     prompt = tok("hello there")["input_ids"]
     assert final.tokens[0] == reference(model, prompt, 12, eos=tok.eos_token_id)[: len(final.tokens[0])]
     assert final.block_size == 4 and final.drafter_forwards > 0
+    from nbdiff.drafter import load_drafter
+
+    loaded = load_drafter(tmp_path / "d", model)  # a loaded Drafter serves the API as well
+    _, again = nbdiff.generate(model, tok, "hello there", raw=True, drafter=loaded, max_new_tokens=12)
+    assert again.tokens == final.tokens and again.drafter_forwards == final.drafter_forwards
     with pytest.raises(NBDiffError, match="neither"):
         nbdiff.generate(model, tok, "hello", drafter=str(tmp_path / "missing"))
     with pytest.raises(NBDiffError, match="no trained drafter"):
@@ -348,6 +353,8 @@ def test_generate_cli_with_a_drafter_folder_and_its_errors(tmp_path):
     a, b = json.loads(plain.stdout), json.loads(drafted.stdout)
     assert b["text"] == a["text"] and b["block_size"] == 4 and b["drafter_forwards"] > 0
     assert b["drafter"] == str(tmp_path / "d")
+    line = CliRunner().invoke(app, base[:-1] + ["--drafter", str(tmp_path / "d")])
+    assert line.exit_code == 0 and f"{b['drafter_forwards']} drafter forwards" in line.output
     missing = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "drafter folder" in missing.output and "Traceback" not in missing.output
     other = tmp_path / "other"
