@@ -422,3 +422,38 @@ def test_smollm2_with_an_untrained_drafter_equals_generate(tmp_path):
         _, final = nbdiff.generate(model, tok, prompt, block_size=b, exact=True, drafter=spec, max_new_tokens=40)
         assert final.tokens[0] == ref[: len(final.tokens[0])] and (final.new_tokens == 40 or final.finish_reason == "eos")
         assert final.drafter_forwards > 0
+
+
+@pytest.mark.anyio
+async def test_visualize_live_run_with_a_drafter_records_and_replays(tmp_path):
+    """`nbdiff visualize --drafter DIR`: the live view runs the drafter and its trace replays."""
+    import time
+
+    from nbdiff_cli.visualize.app import make_app
+    from nbdiff_cli.visualize.backends import LiveBackend, ReplayBackend
+    from nbdiff_cli.visualize.trace import read_trace
+    from textual.widgets import Input
+
+    _folder_with_drafter(tmp_path, bundled=False)
+    trace = tmp_path / "run.jsonl"
+    options = DecodeOptions(drafter=str(tmp_path / "d"), draft_threshold=0.0, max_new_tokens=16)
+    app = make_app(LiveBackend(str(tmp_path / "plain"), device="cpu"), options=options, speed=0, record=trace)
+
+    async def until(pilot, done):
+        deadline = time.monotonic() + 60
+        while not done():
+            assert time.monotonic() < deadline, "timed out waiting for the app"
+            await pilot.pause(0.02)
+
+    async with app.run_test() as pilot:
+        app.query_one("#prompt", Input).focus()
+        await pilot.press(*"Hello there", "enter")
+        await until(pilot, lambda: app.finished and app.view.done)
+        final = app.view.final
+        assert final.drafter_forwards > 0 and app.view.accepted_length == final.accepted_length
+    header, events = read_trace(trace)
+    assert header.options["drafter"] == str(tmp_path / "d")
+    replay = make_app(ReplayBackend(trace), speed=0)
+    async with replay.run_test() as pilot:
+        await until(pilot, lambda: replay.finished and replay.view.done)
+        assert replay.view.final == final
