@@ -142,3 +142,23 @@ def test_the_feature_cache_equals_features_passed_whole(ar, drafter):
         torch.testing.assert_close(drafter(block, block_pos, cache=cache), drafter(block, block_pos, feats, pos))
     cache.crop(4)
     assert cache.length == 4 and len(cache.keys) == drafter.config.num_hidden_layers
+
+
+def test_a_dflash_checkpoint_loads_for_its_ar_model(ar, drafter, tmp_path):
+    """DFlash's published layout: config.json without our section (Qwen3-style + dflash_config), same tensors."""
+    save_drafter(drafter, tmp_path / "d")
+    config = json.loads((tmp_path / "d" / "config.json").read_text())
+    del config["nbdiff_drafter"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    loaded = load_drafter(tmp_path / "d", ar)
+    assert loaded.config.target_layer_ids == drafter.config.target_layer_ids and loaded.config.target_fingerprint == ""
+    feats = features(ar, drafter, [[5, 6, 7]])
+    args = (torch.tensor([[7, MASK]]), torch.tensor([[3, 4]]), feats, torch.arange(3)[None])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*args), drafter(*args), rtol=0, atol=0)
+    with pytest.raises(NBDiffError, match="layers"):
+        load_drafter(tmp_path / "d", tiny_model("qwen3", num_hidden_layers=3))
+    config["layer_types"] = ["sliding_attention", "full_attention"]
+    (tmp_path / "d" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(NBDiffError, match="cannot run"):
+        load_drafter(tmp_path / "d", ar)

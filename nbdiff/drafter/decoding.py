@@ -41,7 +41,7 @@ import torch
 
 from nbdiff.decode.drafters import ngram_match
 from nbdiff.decode.options import LOOKUP, TRAINED
-from nbdiff.drafter.folder import bundled_drafter, load_drafter, read_drafter_config
+from nbdiff.drafter.folder import bundled_drafter, folder_block_size, load_drafter
 from nbdiff.drafter.model import Drafter, FeatureCache
 from nbdiff.errors import NBDiffError
 
@@ -86,7 +86,7 @@ def drafter_block_size(model, spec: Any) -> int:
     _, part = split_spec(spec)
     if isinstance(part, Drafter):
         return part.config.block_size
-    return read_drafter_config(drafter_path(model, part)).block_size
+    return folder_block_size(drafter_path(model, part))
 
 
 @dataclass

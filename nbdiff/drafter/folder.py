@@ -4,6 +4,9 @@ config.json is a Qwen3-style config as DFlash's published drafters carry it (`ar
 ["DFlashDraftModel"]`, the layer shape, `block_size`, `num_target_layers`, `dflash_config:
 {target_layer_ids, mask_token_id}`) plus an `nbdiff_drafter` section, the `DrafterConfig`, which
 names the AR model. A model folder that holds a `drafter/` subfolder brings its drafter along.
+A DFlash checkpoint (its config.json without our section) loads too, for the AR model it drafts
+for (`from_dflash`): plain DFlashDraftModel drafters (full attention, unscaled RoPE); its AR model
+is not named there, so only the width and the layer count are checked.
 
 Tensor names are DFlash's (`dflash/model.py`, `DFlashDraftModel.state_dict()`), one to one:
 
@@ -34,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from nbdiff.drafter.config import DrafterConfig, fingerprint
+from nbdiff.drafter.config import DrafterConfig, fingerprint, target_hidden_layers
 from nbdiff.drafter.model import Drafter
 from nbdiff.errors import NBDiffError
 from nbdiff.fsutil import atomic_dir
@@ -73,13 +76,15 @@ def save_drafter(drafter: Drafter, out_dir, *, replace: bool = True) -> Path:
 
 
 def is_drafter_folder(path) -> bool:
+    """config.json with an `nbdiff_drafter` (or DFlash's `dflash_config`) section, and model.safetensors."""
     folder = Path(path)
     if not (folder / "config.json").is_file() or not (folder / WEIGHTS).is_file():
         return False
     try:
-        return SECTION in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    return isinstance(data, dict) and (SECTION in data or "dflash_config" in data)
 
 
 def find_drafter(folder) -> Path | None:
@@ -101,15 +106,55 @@ def bundled_drafter(model) -> Path | None:
     return find_drafter(model_folder(model))
 
 
-def read_drafter_config(path) -> DrafterConfig:
+def _read_config_json(path) -> dict:
     folder = Path(path).expanduser()
     if not folder.is_dir():
         raise NBDiffError(f"drafter folder {path} does not exist", TRAIN_HINT)
     if not is_drafter_folder(folder):
         raise NBDiffError(f"{path} is not a drafter folder (config.json with an `{SECTION}` section and {WEIGHTS})",
                           TRAIN_HINT)
-    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    return DrafterConfig.from_dict(data[SECTION])
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+
+
+def read_drafter_config(path, ar_model=None) -> DrafterConfig:
+    """The folder's DrafterConfig; a DFlash checkpoint (no `nbdiff_drafter` section) is read for `ar_model`."""
+    data = _read_config_json(path)
+    if SECTION in data:
+        return DrafterConfig.from_dict(data[SECTION])
+    if ar_model is None:
+        raise NBDiffError(f"{path} is a DFlash checkpoint: it is read together with its AR model", "load it with load_drafter")
+    return from_dflash(data, ar_model, str(path))
+
+
+def folder_block_size(path) -> int:
+    """The block size a drafter folder was trained for (DFlash's and ours sit at the top of config.json)."""
+    return int(_read_config_json(path).get("block_size", 16))
+
+
+def from_dflash(data: dict, ar_model, where: str = "the checkpoint") -> DrafterConfig:
+    """A DrafterConfig for a DFlash checkpoint's config.json (Qwen3-style, `dflash_config`) and the AR model
+    it drafts for. Its AR model is not named there: only the width and layer count are checked."""
+    arch = (data.get("architectures") or ["?"])[0]
+    rope = data.get("rope_scaling") or (data.get("rope_parameters") or {}).get("rope_type", "default") != "default"
+    dflash = data.get("dflash_config") or {}
+    if (arch != "DFlashDraftModel" or set(data.get("layer_types") or ["full_attention"]) != {"full_attention"}
+            or data.get("attention_bias") or rope or "mask_token_id" not in dflash):
+        raise NBDiffError(f"{where} is a {arch} checkpoint nbdiff cannot run (sliding windows, biases, scaled RoPE "
+                          "or no mask token id)", "nbdiff runs DFlashDraftModel drafters with full attention and plain RoPE")
+    layers, n = int(data["num_target_layers"]), int(data["num_hidden_layers"])
+    heads = int(data["num_attention_heads"])
+    theta = data.get("rope_theta") or (data.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    return DrafterConfig(
+        target_architecture=(getattr(ar_model.config, "architectures", None) or [type(ar_model).__name__])[0],
+        hidden_size=int(data["hidden_size"]), num_attention_heads=heads,
+        num_key_value_heads=int(data.get("num_key_value_heads") or heads),
+        head_dim=int(data.get("head_dim") or int(data["hidden_size"]) // heads),
+        intermediate_size=int(data["intermediate_size"]), num_target_layers=layers,
+        target_layer_ids=list(dflash.get("target_layer_ids") or target_hidden_layers(layers, n)),
+        mask_token_id=int(dflash["mask_token_id"]), vocab_size=int(data["vocab_size"]), num_hidden_layers=n,
+        block_size=int(data.get("block_size", 16)), rms_norm_eps=float(data.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(theta), target_name=f"DFlash checkpoint {where}",
+    )
 
 
 def check_pair(config: DrafterConfig, ar_model, where: str = "the drafter") -> None:
@@ -145,7 +190,7 @@ def load_drafter(path, ar_model) -> Drafter:
     """Load a drafter folder for ar_model (refused with NBDiffError if it was trained for another model)."""
     from safetensors.torch import load_file
 
-    config = read_drafter_config(path)
+    config = read_drafter_config(path, ar_model)
     check_pair(config, ar_model, where=f"drafter {path}")
     drafter = new_drafter(config, ar_model)
     try:
