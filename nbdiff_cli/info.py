@@ -40,6 +40,7 @@ def info(
             "weight_bytes": size,
             "nbdiff": settings.to_dict() if settings else None,
             "auto_dtype": {"device": device, "dtype": auto.name, "reason": auto.reason},
+            "drafter": _drafter(model_dir),
         }
         console.print_json(json.dumps(payload))
         return
@@ -63,4 +64,26 @@ def info(
         table.add_row("source", settings.source or "?")
         for key, value in settings.extra.items():
             table.add_row(key, str(value))
+    drafter = _drafter(model_dir)
+    if drafter is not None:
+        vocab = drafter["draft_vocab"]
+        table.add_row("trained drafter", f"{drafter['folder']}: {drafter['layers']} layers, block {drafter['block_size']}, "
+                      f"reads AR layers {drafter['reads']}, draft vocabulary {vocab if vocab else 'whole'}")
     console.print(table)
+
+
+def _drafter(model_dir: Path) -> dict | None:
+    """The trained drafter this folder is (or brings along in drafter/), in brief; None without one."""
+    from nbdiff.drafter.folder import find_drafter, is_drafter_folder
+
+    folder = model_dir if is_drafter_folder(model_dir) else find_drafter(model_dir)
+    if folder is None:
+        return None
+    import json
+
+    data = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    ours = data.get("nbdiff_drafter") or {}
+    vocab = ours.get("draft_vocab")
+    return {"folder": str(folder), "layers": data.get("num_hidden_layers"), "block_size": data.get("block_size"),
+            "reads": (data.get("dflash_config") or {}).get("target_layer_ids"), "draft_vocab": len(vocab) if vocab else None,
+            "trained_for": ours.get("target_name") or None}

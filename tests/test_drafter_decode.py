@@ -457,3 +457,17 @@ async def test_visualize_live_run_with_a_drafter_records_and_replays(tmp_path):
     async with replay.run_test() as pilot:
         await until(pilot, lambda: replay.finished and replay.view.done)
         assert replay.view.final == final
+
+
+def test_info_shows_the_drafter_a_folder_brings_along(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from nbdiff_cli.app import app
+
+    _folder_with_drafter(tmp_path, bundled=True)
+    shown = CliRunner().invoke(app, ["info", str(tmp_path / "plain")], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0 and "trained drafter" in shown.output and "block 4" in shown.output
+    data = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "plain" / "drafter"), "--json"]).stdout)
+    assert data["drafter"]["layers"] == 2 and data["architecture"] == "DFlashDraftModel"
