@@ -283,7 +283,13 @@ def _collect(engine, job):
             return text, item
 
 
-def test_requests_joining_mid_flight_with_other_settings_or_seeded_sampling_equal_their_lone_replies(served, tiny_converted):
+@pytest.mark.parametrize("mergeable", [True, False], ids=["rows-merged", "lanes-side-by-side"])
+def test_requests_joining_mid_flight_with_other_settings_or_seeded_sampling_equal_their_lone_replies(
+        served, tiny_converted, monkeypatch, mergeable):
+    # not mergeable: what a sliding-window cache or a trained drafter's own cache gets (rows stay in
+    # place until their lane ends; newcomers start lanes of their own)
+    if not mergeable:
+        monkeypatch.setattr("nbdiff.serve.lane.can_merge", lambda ctx: False)
     tok = served[2]
     model, _ = api.load(tiny_converted, dtype="fp32")
     engine = Engine(model, tok, max_batch=8).start()
