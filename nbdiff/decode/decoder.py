@@ -7,7 +7,8 @@
                  masked position of the current sub-block plus every one above the threshold
         commit:  one causal forward of the finished block that stores its keys/values; its last
                  logits give the next block's first token (AR step)
-    exact mode (`options.exact`): the denoising steps (or the n-gram drafter) only draft the block;
+    exact mode (`options.exact`): the denoising steps (or the n-gram drafter, or a trained drafter's one
+        forward: nbdiff.drafter.decoding) only draft the block;
         the commit pass verifies it (`nbdiff.decode.exact`), keeps the longest prefix AR agrees with, and
         AR's token after that prefix starts the next block. The output is the AR output.
 
