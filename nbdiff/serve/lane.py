@@ -14,6 +14,14 @@ What is per row here, and per batch in `decode()`:
   a lane with requests of the same settings (see `lane_key`).
 Everything else (block size, threshold, exact mode, ...) is the lane's: requests that differ there
 run in different lanes.
+
+Notable choices:
+- A row in its last block may have fewer tokens left than the block is wide (the others have
+  more): the offsets past its budget are hidden from its denoising queries, so it sees the block
+  it would have had alone.
+- A lane whose cache cannot be merged (sliding-window layers, a trained drafter's own cache) takes
+  no newcomers and keeps finished rows in place as done rows until all are done; the engine runs
+  such lanes side by side.
 """
 
 from __future__ import annotations
