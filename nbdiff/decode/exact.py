@@ -8,8 +8,8 @@ p_j of the token at offset j + 1. Drafted tokens are checked left to right again
 - sampling: keep draft token x with probability min(1, p_j(x) / q_j(x)) and, at the first
   rejection, sample from the residual max(0, p_j - q_j) renormalised (speculative sampling,
   Leviathan et al. 2023). Drafts here are deterministic given the verified prefix (q_j is one-hot
-  at x: the denoising steps and a trained drafter pick argmax, the n-gram drafter looks tokens up), so the rule reads:
-  keep x with probability p_j(x), else sample from p_j with x removed. A draft *sampled* in the
+  at x: the denoising steps and a trained drafter pick argmax, the n-gram drafter looks tokens
+  up), so the rule reads: keep x with probability p_j(x), else sample from p_j with x removed. A draft *sampled* in the
   diffusion's confidence order would condition on later positions, which breaks the
   independence the rule's proof needs; a deterministic draft is exact for any schedule.
 
