@@ -86,19 +86,26 @@ def cmd_eval(args) -> None:
 
 
 def real_decoding(ar, tok, args, rows) -> None:
-    """Exact mode with the drafter on the first N held-out prompts: tokens per verify from real decoding."""
+    """Exact mode with the drafter (whole blocks verified) on the first N held-out prompts, beside the
+    simulated walk along the same N replies: the two should agree (the AR reply is the greedy one)."""
     import nbdiff
+    from nbdiff.drafter.folder import load_drafter
+    from nbdiff.drafter.train import DrafterTraining, accepted_drafts, simulated_tokens_per_verify
 
     records = [json.loads(line) for line in Path(args.heldout).read_text(encoding="utf-8").splitlines()[: args.real]]
+    first = type(rows)(*(getattr(rows, f)[: args.real] for f in ("input_ids", "position_ids", "doc_ids", "trainable")))
+    module = DrafterTraining(load_drafter(args.drafter, ar), ar)
     for b in args.block_sizes:
         tokens = verifies = 0
         for rec in records:
             _, final = nbdiff.generate(ar, tok, rec["messages"][:-1], block_size=b, exact=True, drafter=str(args.drafter),
-                                       max_new_tokens=args.max_new_tokens)
+                                       draft_threshold=0.0, max_new_tokens=args.max_new_tokens)
             tokens += final.accepted_length * final.verified_blocks  # per block: its first token + accepted drafts
             verifies += final.verified_blocks
-        print(json.dumps({"drafter": str(args.drafter), "block_size": b, "real_decoding_prompts": len(records),
-                          "tokens_per_verify": round(tokens / max(verifies, 1), 3), "verifies": verifies}))
+        simulated, _, _ = simulated_tokens_per_verify(accepted_drafts(module, first, b), first)
+        print(json.dumps({"drafter": str(args.drafter), "block_size": b, "prompts": len(records),
+                          "real_tokens_per_verify": round(tokens / max(verifies, 1), 3), "real_verifies": verifies,
+                          "simulated_tokens_per_verify": round(simulated, 3)}))
 
 
 def cmd_table(args) -> None:

