@@ -195,6 +195,7 @@ BAD = [
     ("chat", {**GOOD, "seed": "7"}, 400),
     ("chat", {**GOOD, "stop": [1, 2]}, 400),
     ("chat", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400),
+    ("chat", {**GOOD, "stop": "x" * 5000}, 400),
     ("chat", {**GOOD, "stream": "yes"}, 400),
     ("chat", {**GOOD, "stream_options": {"include_usage": True}}, 400),  # without stream
     ("chat", {**GOOD, "n": 2}, 400),

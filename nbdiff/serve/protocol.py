@@ -33,6 +33,7 @@ from nbdiff.errors import NBDiffError
 from nbdiff.serve.engine import Done, Job
 
 MAX_STOPS = 4
+MAX_STOP_CHARS = 1000
 SEED_RANGE = (-(2**63), 2**64 - 1)
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "seed", "stop", "stream", "stream_options", "nbdiff"}
@@ -192,8 +193,9 @@ def _stop(body: dict) -> tuple[str, ...]:
     stops = [stop] if isinstance(stop, str) else stop
     if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
         raise APIError(400, "'stop' must be a string or an array of strings", "stop", "invalid_type")
-    if len(stops) > MAX_STOPS or any(not s for s in stops):
-        raise APIError(400, f"'stop' takes 1 to {MAX_STOPS} non-empty strings", "stop", "invalid_value")
+    if len(stops) > MAX_STOPS or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise APIError(400, f"'stop' takes 1 to {MAX_STOPS} non-empty strings of at most {MAX_STOP_CHARS} characters",
+                       "stop", "invalid_value")
     return tuple(stops)
 
 

@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nbdiff.errors import NBDiffError
@@ -155,7 +156,8 @@ class _Service:
         """One chat or text completion: parse, submit, then stream or collect the reply."""
         _check_key(request, self.api_key)
         body = protocol.parse_json(await _read_body(request, self.max_body))
-        parsed = parse(body, self.settings, self.model, self.tokenizer)
+        # the chat template and the tokenizer run off the event loop: a long prompt must not stall other clients
+        parsed = await run_in_threadpool(parse, body, self.settings, self.model, self.tokenizer)
         if self.log_prompts:
             log.info("%s prompt: %r", parsed.id, self.tokenizer.decode(parsed.job.prompt))
         call = _Call(self.engine, parsed, request)
