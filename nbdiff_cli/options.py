@@ -82,7 +82,7 @@ Exact = Annotated[bool, typer.Option("--exact", help="Verify every drafted block
                                      rich_help_panel=DECODING)]
 DraftSteps = Annotated[Optional[int], typer.Option("--draft-steps", help="Exact mode: diffusion drafts of at most this many denoising forwards (1 = one-shot).",
                                                    rich_help_panel=DECODING)]
-DrafterOpt = Annotated[str, typer.Option("--drafter", help="Exact mode: auto (the model folder's trained drafter if it has one, else n-gram lookup, in blocks of 2 unless --block-size; diffusion when --draft-steps is given), diffusion (denoising steps, until the block is filled unless --draft-steps), ngram (lookup in the prompt and reply), or a trained drafter's folder (DIR; turns --exact on; lookup+DIR: prompt lookup when it matches, the drafter otherwise).",
+DrafterOpt = Annotated[str, typer.Option("--drafter", help="Exact mode: auto (prompt lookup, then the model folder's trained drafter if it has one; else n-gram lookup, in blocks of 2 unless --block-size; diffusion when --draft-steps is given), diffusion (denoising steps, until the block is filled unless --draft-steps), ngram (lookup in the prompt and reply), or a trained drafter's folder (DIR; turns --exact on; lookup+DIR: prompt lookup when it matches, the drafter otherwise).",
                                          rich_help_panel=DECODING)]
 DraftThreshold = Annotated[float, typer.Option("--draft-threshold", help="Trained drafter: verify drafted tokens while the product of their draft probabilities exceeds this (0 = the whole block).",
                                                rich_help_panel=DECODING)]
