@@ -63,7 +63,7 @@ case "$SIZE" in
   # SEED: CPU replies to start from; CACHE: features on disk (pays on a CPU, where the AR forward dominates;
   # on a GPU the AR forward costs less than reading its features back)
   gpu)  DEVICE=cuda; SEED=1000000; LIMIT=12000; NEW=128; DBATCH=384; STEPS=4000; MINUTES=4; SEQ=512; BATCH=16
-        ANCHORS=64; LAYERS=3; VOCAB=8192; CACHE=(); EVAL=500; HELDOUT=64; REAL=16; BLIMIT=4; BNEW=128 ;;
+        ANCHORS=64; LAYERS=3; VOCAB=8192; CACHE=(); EVAL=500; HELDOUT=64; REAL=8; BLIMIT=2; BNEW=128 ;;
   tiny) DEVICE=cpu;  SEED=16;      LIMIT=24;    NEW=16;  DBATCH=8;   STEPS=4;    MINUTES=0; SEQ=256; BATCH=2
         ANCHORS=8; LAYERS=1; VOCAB=512; CACHE=(--drafter-cache-features); EVAL=0; HELDOUT=4; REAL=2; BLIMIT=1; BNEW=16 ;;
   *) echo "--size must be gpu or tiny" >&2; exit 2 ;;
