@@ -35,22 +35,24 @@ def heldout_rows(tokenizer, path: str, max_len: int = 512):
     return document_rows(load_corpus([path], tokenizer), pad, max_len=max_len)
 
 
-def lookup_accepts(rows, block_size: int, max_ngram: int = 3) -> torch.Tensor:
-    """[R, L] drafted tokens prompt lookup gets right when anchored at each reply index (-1 elsewhere)."""
-    from nbdiff.decode.drafters import ngram_draft
+def lookup_accepts(rows, block_size: int, max_ngram: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, L] drafted tokens prompt lookup gets right when anchored at each reply index (-1 elsewhere),
+    and [R, L] the length of the n-gram it matched there (0 = no match)."""
+    from nbdiff.decode.drafters import ngram_match
     from nbdiff.drafter.data import valid_anchors
 
     out = torch.full(rows.input_ids.shape, -1, dtype=torch.int64)
+    matched = torch.zeros(rows.input_ids.shape, dtype=torch.int64)
     valid = valid_anchors(rows.doc_ids, rows.trainable)
     for r in range(len(rows)):
         ids = rows.input_ids[r].tolist()
         for a in valid[r].nonzero().flatten().tolist():
-            draft = ngram_draft(ids[: a + 1], block_size - 1, max_ngram)
+            draft, matched[r, a] = ngram_match(ids[: a + 1], block_size - 1, max_ngram)
             n = 0
             while n < len(draft) and a + 1 + n < len(ids) and rows.trainable[r, a + 1 + n] and draft[n] == ids[a + 1 + n]:
                 n += 1
             out[r, a] = n
-    return out
+    return out, matched
 
 
 def cmd_lookup(args) -> None:
@@ -60,7 +62,7 @@ def cmd_lookup(args) -> None:
 
     rows = heldout_rows(AutoTokenizer.from_pretrained(args.model), args.heldout)
     for b in args.block_sizes:
-        tpv, tokens, verifies = simulated_tokens_per_verify(lookup_accepts(rows, b), rows)
+        tpv, tokens, verifies = simulated_tokens_per_verify(lookup_accepts(rows, b)[0], rows)
         print(json.dumps({"drafter": "prompt lookup (n<=3)", "block_size": b, "tokens_per_verify": round(tpv, 3),
                           "tokens": tokens, "verifies": verifies, "replies": len(rows)}))
 
@@ -75,12 +77,18 @@ def cmd_eval(args) -> None:
     ar = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     module = DrafterTraining(load_drafter(args.drafter, ar), ar)
     rows = heldout_rows(tok, args.heldout)
+    from nbdiff.drafter.decoding import LOOKUP_MIN_MATCH
+
     for b in args.block_sizes:
         t0 = time.perf_counter()
-        tpv, tokens, verifies = simulated_tokens_per_verify(accepted_drafts(module, rows, b), rows)
+        drafts = accepted_drafts(module, rows, b)
+        tpv, tokens, verifies = simulated_tokens_per_verify(drafts, rows)
+        lookup, matched = lookup_accepts(rows, b)
+        both = torch.where(matched >= LOOKUP_MIN_MATCH, lookup, drafts)  # what --drafter lookup+DIR drafts
+        combined, _, _ = simulated_tokens_per_verify(both, rows)
         print(json.dumps({"drafter": str(args.drafter), "block_size": b, "tokens_per_verify": round(tpv, 3),
-                          "tokens": tokens, "verifies": verifies, "replies": len(rows),
-                          "seconds": round(time.perf_counter() - t0, 1)}))
+                          "lookup_first_tokens_per_verify": round(combined, 3), "tokens": tokens,
+                          "verifies": verifies, "replies": len(rows), "seconds": round(time.perf_counter() - t0, 1)}))
     if args.real:
         real_decoding(ar, tok, args, rows)
 
