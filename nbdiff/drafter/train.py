@@ -276,7 +276,7 @@ def accepted_drafts(module: DrafterTraining, rows, block_size: int, chunk: int =
         for s in range(0, where.numel(), chunk):
             anchors = where[s:s + chunk][None]
             batch = build_blocks(ids[r:r + 1], pos[r:r + 1], docs[r:r + 1], trainable[r:r + 1], anchors, block_size,
-                                 drafter.config.mask_token_id, 1.0)
+                                 drafter.config.mask_token_id, 1.0).to(hidden.device)
             logits = module(batch, hidden[r:r + 1])  # [1, n*b, Vd]
             pred = drafter.to_full_vocab(logits.argmax(-1)).view(1, -1, block_size)
             out[r, anchors[0]] = leading_matches(pred, batch.targets.view(1, -1, block_size))[0].cpu()
@@ -289,9 +289,11 @@ def eval_features(module: DrafterTraining, rows) -> torch.Tensor:
     store = module.__dict__.setdefault("_eval_features", {})
     if key not in store:
         store.clear()
-        store[key] = torch.cat([ar_hidden_states(module.ar, rows.input_ids[r:r + 8], rows.position_ids[r:r + 8],
-                                                 rows.doc_ids[r:r + 8], module.drafter.config.target_layer_ids)
-                                for r in range(0, len(rows), 8)])
+        device = module.drafter.fc.weight.device
+        parts = [[t[r:r + 8].to(device) for t in (rows.input_ids, rows.position_ids, rows.doc_ids)]
+                 for r in range(0, len(rows), 8)]
+        store[key] = torch.cat([ar_hidden_states(module.ar, *part, module.drafter.config.target_layer_ids)
+                                for part in parts])
     return store[key]
 
 
@@ -323,15 +325,22 @@ def simulated_tokens_per_verify(accepts: torch.Tensor, rows) -> tuple[float, int
 @torch.no_grad()
 def drafter_eval_loss(module: DrafterTraining, rows, block_size: int, anchors: int, mask_token_id: int,
                       gamma: float, seed: int = 0) -> tuple[float, float, int]:
-    """(weighted loss, accuracy, targets) of the held-out rows at fixed random anchors."""
+    """(weighted loss, accuracy, targets) of the held-out rows at fixed random anchors, 8 rows a forward."""
     g = torch.Generator().manual_seed(seed)
     hidden = eval_features(module, rows)
     valid = valid_anchors(rows.doc_ids, rows.trainable)
     a = torch.stack([sample_anchors(valid[r], anchors, g) for r in range(len(rows))])
-    batch = build_blocks(rows.input_ids, rows.position_ids, rows.doc_ids, rows.trainable, a, block_size,
-                         mask_token_id, gamma)
-    parts = drafter_loss(module, batch, hidden=hidden)
-    return float(parts.mdm), parts.mdm_correct / max(parts.mdm_tokens, 1), parts.mdm_tokens
+    loss = weight = 0.0
+    correct = targets = 0
+    for r in range(0, len(rows), 8):
+        cut = slice(r, r + 8)
+        batch = build_blocks(rows.input_ids[cut], rows.position_ids[cut], rows.doc_ids[cut], rows.trainable[cut],
+                             a[cut], block_size, mask_token_id, gamma).to(hidden.device)
+        parts = drafter_loss(module, batch, hidden=hidden[cut])  # the weighted mean over these rows
+        w = float(batch.weights.sum())
+        loss, weight = loss + float(parts.mdm) * w, weight + w
+        correct, targets = correct + parts.mdm_correct, targets + parts.mdm_tokens
+    return loss / max(weight, 1e-9), correct / max(targets, 1), targets
 
 
 def evaluate_drafter(module: DrafterTraining, rows, config, autocast, block_sizes: list[int] | None = None) -> dict:
