@@ -464,6 +464,11 @@ def build_dataset(paths: list[str | Path], tokenizer, seq_len: int, seed: int, e
     return Dataset(train=train, eval=ev, stats=corpus.stats, seq_len=seq_len)
 
 
+def slot_generator(seed: int, slot: int) -> torch.Generator:
+    """The noise generator of one row slot of the training stream (independent of process layout)."""
+    return torch.Generator().manual_seed((seed * 6364136223846793005 + slot * 1442695040888963407 + 1) % 2**63)
+
+
 def row_index(slot: int, num_rows: int, seed: int) -> int:
     """Row of the infinite training stream at position `slot`: a fresh seeded permutation per epoch."""
     epoch, k = divmod(slot, num_rows)

@@ -47,7 +47,7 @@ import torch
 
 from nbdiff.adapt.checkpoint import (Checkpoint, finish_checkpoint, folder_bytes, latest_checkpoint, remove_checkpoints,
                          staging_dir, write_optimizer)
-from nbdiff.adapt.data import Dataset, PackedRows, build_dataset, row_index
+from nbdiff.adapt.data import Dataset, PackedRows, build_dataset, row_index, slot_generator
 from nbdiff.errors import NBDiffError
 from nbdiff.adapt.evaluation import eval_block_sizes, evaluate
 from nbdiff.method.layout import parallel_forward, parallel_losses
@@ -99,11 +99,6 @@ def lr_at(config: AdaptConfig, step: int) -> float:
     progress = (step - warm) / max(1, config.effective_schedule_steps - warm)
     cosine = 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine)
-
-
-def slot_generator(seed: int, slot: int) -> torch.Generator:
-    """The noise generator of one row slot of the training stream (independent of process layout)."""
-    return torch.Generator().manual_seed((seed * 6364136223846793005 + slot * 1442695040888963407 + 1) % 2**63)
 
 
 def peak_memory_bytes(device: torch.device) -> int:

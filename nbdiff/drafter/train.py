@@ -176,8 +176,7 @@ def gamma_of(config) -> float:
 
 def make_draft_batch(rows, slots: list[int], config, block_size: int, mask_token_id: int) -> DraftBatch:
     """Rows of the given stream slots, each with `drafter_anchors` random anchors from its slot's generator."""
-    from nbdiff.adapt.data import row_index
-    from nbdiff.adapt.trainer import slot_generator
+    from nbdiff.adapt.data import row_index, slot_generator
 
     idx = [row_index(s, len(rows), config.seed) for s in slots]
     ids, pos, docs, trainable = rows.input_ids[idx], rows.position_ids[idx], rows.doc_ids[idx], rows.trainable[idx]
