@@ -14,16 +14,8 @@ import typer
 
 from nbdiff_cli.console import console, err_console
 from nbdiff_cli.options import (
-    Device,
-    DraftSteps,
-    DeviceChoice,
-    Dtype,
-    DtypeChoice,
-    MaxNewTokens,
-    ModelArg,
-    Quantize,
-    QuantizeChoice,
-    SubBlocks,
+    Device, DraftSteps, DeviceChoice, Dtype, DtypeChoice, MaxNewTokens, ModelArg, Quantize,
+    QuantizeChoice, SubBlocks
 )
 
 if TYPE_CHECKING:

@@ -15,25 +15,9 @@ from rich.text import Text
 from nbdiff_cli.console import console, err_console
 from nbdiff_cli.models import load_for_decoding
 from nbdiff_cli.options import (
-    DECODING,
-    BlockSize,
-    Confidence,
-    ConfidenceOpt,
-    Device,
-    DeviceChoice,
-    Dtype,
-    DtypeChoice,
-    MaxNewTokens,
-    ModelArg,
-    Quantize,
-    QuantizeChoice,
-    Seed,
-    SubBlocks,
-    Temperature,
-    Threshold,
-    TopK,
-    TopP,
-    make_options,
+    DECODING, BlockSize, Confidence, ConfidenceOpt, Device, DeviceChoice, Dtype, DtypeChoice,
+    MaxNewTokens, ModelArg, Quantize, QuantizeChoice, Seed, SubBlocks, Temperature, Threshold,
+    TopK, TopP, make_options
 )
 
 EVAL = "Evaluation"
