@@ -113,7 +113,8 @@ def test_wheel_installs_and_finds_its_assets_outside_the_checkout(tmp_path):
                                check=True, capture_output=True, text=True).stdout.strip())
     # torch, transformers and the rest come from the test environment; a plain path line (not a site
     # folder) keeps that environment's editable install of nbdiff out of the new one
-    (site / "test-env.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    ours = [p for p in sys.path if p.endswith(("site-packages", "dist-packages")) and Path(p).is_dir()]
+    (site / "test-env.pth").write_text("\n".join(ours or [sysconfig.get_paths()["purelib"]]) + "\n")
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, text=True)
     outside = tmp_path / "elsewhere"
