@@ -1,7 +1,6 @@
 """Exact mode with a trained drafter: the AR output token for token, the AR distribution when sampling."""
 
 import importlib.util
-import math
 
 import pytest
 import torch
@@ -10,10 +9,11 @@ import nbdiff.drafter.decoding as glue
 from nbdiff.decode.decoder import decode
 from nbdiff.decode.events import BlockEvent, FinalEvent
 from nbdiff.decode.options import DecodeOptions
-from nbdiff.decode.sampling import filtered_probs
 from nbdiff.drafter import DrafterConfig, new_drafter, save_drafter
 from nbdiff.errors import NBDiffError
 from nbdiff.testing import ARCHITECTURES, tiny_model
+
+from decode_helpers import assert_top2_ar_distribution
 
 MASK = 383
 PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
@@ -190,24 +190,7 @@ def test_sampled_drafts_keep_the_ar_distribution(monkeypatch):
     final = list(decode(model, [prompt] * N, opts, mask_token_id=-1))[-1]
     assert 0 < final.accepted < final.drafted
 
-    def probs(ctx):
-        with torch.no_grad():
-            return filtered_probs(model(torch.tensor([ctx])).logits[0, -1:], 1.0, top_k=2)[0]
-
-    expected = {}
-    p0 = probs(prompt)
-    for t0 in p0.nonzero()[:, 0].tolist():
-        p1 = probs(prompt + [t0])
-        for t1 in p1.nonzero()[:, 0].tolist():
-            p2 = probs(prompt + [t0, t1])
-            for t2 in p2.nonzero()[:, 0].tolist():
-                expected[(t0, t1, t2)] = float(p0[t0] * p1[t1] * p2[t2])
-    counts: dict = {}
-    for row in final.tokens:
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    assert set(counts) <= set(expected)
-    for cell, p in expected.items():
-        assert abs(counts.get(cell, 0) - N * p) <= 5 * math.sqrt(N * p * (1 - p)) + 1, (cell, counts.get(cell, 0), N * p)
+    assert_top2_ar_distribution(model, prompt, final.tokens)
 
 
 # the API: a plain AR folder with a drafter, the drafter a folder brings along, chat turns ------------

@@ -10,8 +10,9 @@ import nbdiff.decode.decoder as decoder_mod
 from nbdiff.decode.decoder import decode
 from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent
 from nbdiff.decode.options import DecodeOptions
-from nbdiff.decode.sampling import filtered_probs
 from nbdiff.testing import ARCHITECTURES, tiny_model
+
+from decode_helpers import assert_top2_ar_distribution
 
 MASK = 383
 PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
@@ -185,26 +186,7 @@ def test_sampled_exact_keeps_the_ar_distribution():
     final = list(decode(model, [prompt] * N, opts, mask_token_id=MASK))[-1]
     assert 0 < final.accepted < final.drafted  # both branches of the rule were taken
 
-    def probs(ctx):
-        with torch.no_grad():
-            logits = model(torch.tensor([ctx])).logits[0, -1:]
-        return filtered_probs(logits, 1.0, top_k=2)[0]
-
-    expected = {}
-    p0 = probs(prompt)
-    for t0 in p0.nonzero()[:, 0].tolist():
-        p1 = probs(prompt + [t0])
-        for t1 in p1.nonzero()[:, 0].tolist():
-            p2 = probs(prompt + [t0, t1])
-            for t2 in p2.nonzero()[:, 0].tolist():
-                expected[(t0, t1, t2)] = float(p0[t0] * p1[t1] * p2[t2])
-    counts: dict = {}
-    for row in final.tokens:
-        counts[tuple(row)] = counts.get(tuple(row), 0) + 1
-    assert set(counts) <= set(expected)
-    for cell, p in expected.items():
-        sd = math.sqrt(N * p * (1 - p))
-        assert abs(counts.get(cell, 0) - N * p) <= 5 * sd + 1, (cell, counts.get(cell, 0), N * p)
+    expected = assert_top2_ar_distribution(model, prompt, final.tokens)
     # power: every cell is expected well inside the band's reach, so a rule that empties a cell (keeping
     # every greedy draft makes t1 a function of t0, emptying half the cells) fails the check above
     assert all(N * p - 5 * math.sqrt(N * p * (1 - p)) - 1 > 0 for p in expected.values())
