@@ -8,7 +8,8 @@ then runs every client count: N threads, each sending M streamed chat requests o
 (greedy, `max_tokens` tokens, distinct prompts from assets/prompts/distill.jsonl), and stops the
 server. Per client count: total completion tokens / wall time, p50/p95 time to first token (the
 first non-empty text chunk) and request latency. Configurations:
-- `nbdiff serve --max-batch 8` (batching on) and `--max-batch 1` (one request at a time), block size 1;
+- `nbdiff serve --max-batch 8` (batching on) and `--max-batch 1` (one request at a time), block size 1
+  (packed lanes: nbdiff.serve.packed); with `--ablation` also batching on with `--prefix-cache 0`;
 - `transformers serve --continuous-batching` on the same folder (`--transformers`), if installed.
 Every reply is compared with the same prompt's reply with batching off, where each request runs
 alone ("same" counts the equal ones).
@@ -143,6 +144,9 @@ def _servers(args, env) -> list[tuple[str, list[str], str]]:
     # batching off first: its replies are every prompt's lone reply, the reference of the "same" column
     rows = [("nbdiff serve, batching off (--max-batch 1)", nbdiff + ["--max-batch", "1"], "bench"),
             ("nbdiff serve, batching on (--max-batch 8)", nbdiff + ["--max-batch", "8"], "bench")]
+    if args.ablation:
+        rows.append(("nbdiff serve, batching on, no prefix cache (--prefix-cache 0)",
+                     nbdiff + ["--max-batch", "8", "--prefix-cache", "0"], "bench"))
     if args.transformers:
         exe = shutil.which("transformers")
         if exe is None:
@@ -163,6 +167,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve --continuous-batching`")
+    parser.add_argument("--ablation", action="store_true", help="also batching on without the prefix cache")
     parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: torch's choice)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per row at most")

@@ -5,7 +5,9 @@ import threading
 import pytest
 import torch
 
+from nbdiff.decode.context import Prefix
 from nbdiff.decode.decoder import CachedContext, decode
+from nbdiff.errors import NBDiffError
 from nbdiff.decode.options import DecodeOptions
 from nbdiff.decode.events import BlockEvent, FinalEvent, StepEvent
 from nbdiff.method.layout import parallel_forward
@@ -81,6 +83,29 @@ def test_cached_block_logits_with_left_padding_match_unpadded(model):
         alone = CachedContext(model, [prompt])
         torch.testing.assert_close(alone.prefill(), first[i : i + 1], atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(alone.block_logits(block[i : i + 1]), batched[i : i + 1], atol=2e-5, rtol=1e-4)
+
+
+def test_a_cached_prefix_seeds_every_row_and_the_rest_matches_a_full_prefill(model):
+    # rows share the prefix [5, 17, 33, 80]; their rests differ in length (padding sits after the prefix)
+    prompts = [[5, 17, 33, 80, 12, 7, 99], [5, 17, 33, 80, 41], [5, 17, 33, 80, 9, 9, 61, 3]]
+    block = torch.tensor([[21, MASK, 77, MASK], [4, MASK, MASK, MASK], [50, 51, MASK, MASK]])
+    donor = CachedContext(model, [prompts[0]])
+    donor.prefill()
+    layers = [(layer.keys[:, :, :4], layer.values[:, :, :4]) for layer in donor.cache.layers]
+    ctx = CachedContext(model, prompts, prefix=Prefix((5, 17, 33, 80), layers))
+    assert ctx.length == 4 and ctx.gap == 4 and ctx.pad.tolist() == [1, 3, 0]
+    first = ctx.prefill()
+    assert ctx.forwards == 1 and ctx.length == 4 + 4 and ctx.next_pos.tolist() == [7, 5, 8]
+    assert ctx.hidden.tolist()[1] == [False] * 4 + [True] * 3 + [False]  # its padding: after the prefix
+    batched = ctx.block_logits(block)
+    committed = ctx.commit(block.clamp(max=300))
+    for i, prompt in enumerate(prompts):
+        alone = CachedContext(model, [prompt])
+        torch.testing.assert_close(alone.prefill(), first[i : i + 1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.block_logits(block[i : i + 1]), batched[i : i + 1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(alone.commit(block[i : i + 1].clamp(max=300)), committed[i : i + 1], atol=2e-5, rtol=1e-4)
+    with pytest.raises(NBDiffError, match="prefix must begin every prompt"):
+        CachedContext(model, [[5, 17, 33, 80], [5, 17]], prefix=Prefix((5, 17, 33, 80), layers))
 
 
 # c. train/inference consistency -------------------------------------------------------------------

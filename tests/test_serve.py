@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -316,6 +317,96 @@ def test_requests_joining_mid_flight_with_other_settings_or_seeded_sampling_equa
         assert all(r[1].finish_reason in ("stop", "length") for r in results)
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("prefix_cache", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_packed_block_size_one_requests_join_in_the_running_forward_and_equal_their_lone_replies(
+        served, tiny_converted, prefix_cache):
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    engine = Engine(model, tok, max_batch=8, prefix_cache_bytes=(64 << 20) if prefix_cache else 0).start()
+    try:
+        jobs, alone = [], []
+        for k, prompt in enumerate(PROMPTS):
+            sampled = dict(temperature=1.0, top_p=0.9, seed=k) if k % 3 == 2 else {}  # seeded sampling rows too
+            options, _ = api.resolve_options(model, DecodeOptions(block_size=1, max_new_tokens=9 + 3 * k, **sampled))
+            jobs.append(Job(api.encode(tok, prompt), options))
+            alone.append(api.generate(model, tok, prompt, options)[0])
+        results = [None] * len(jobs)
+
+        def run(k):
+            time.sleep(0.003 * k)  # arrive while the others decode; rows leave at different steps
+            results[k] = _collect(engine, jobs[k])
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(len(jobs))]
+        [t.start() for t in threads]
+        [t.join(60) for t in threads]
+        assert [r[0] for r in results] == alone
+        for _, done in results:  # a joining prompt rides in a running forward: one forward per token, no prefill of its own
+            assert done.block_size == 1 and done.forwards == done.completion_tokens
+        assert engine.stats()["peak_active"] >= 2
+        assert ("prefix_cache_hits" in engine.stats()) == prefix_cache
+    finally:
+        engine.close()
+
+
+def test_the_prefix_cache_reuses_shared_starts_and_whole_conversations(served, tiny_converted):
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    system = [{"role": "system", "content": "You answer in one short sentence about tea, trains or the sea."}]
+    questions = ["Why is the sea salty?", "What is a train?", "Is green tea bitter?"]
+    for block_size in (1, 8):  # a packed lane and a lane of batch rows
+        engine = Engine(model, tok, max_batch=8, prefix_cache_bytes=64 << 20).start()
+        try:
+            options, _ = api.resolve_options(model, DecodeOptions(block_size=block_size, max_new_tokens=12))
+            first = [api.encode(tok, system + [{"role": "user", "content": q}]) for q in questions]
+            shared = len(os.path.commonprefix(first))
+            replies = [_collect(engine, Job(ids, options))[0] for ids in first]
+            stats = engine.stats()
+            assert stats["prefix_cache_hits"] == 2 and stats["prefix_cache_reused_tokens"] >= 2 * (shared - 1)
+            assert replies == [api.generate(model, tok, system + [{"role": "user", "content": q}], options)[0] for q in questions]
+            # the next turn of the first conversation starts with all of its first turn
+            turn = system + [{"role": "user", "content": questions[0]}, {"role": "assistant", "content": replies[0]},
+                             {"role": "user", "content": "And the rivers?"}]
+            before = engine.stats()["prefix_cache_reused_tokens"]
+            again = _collect(engine, Job(api.encode(tok, turn), options))[0]
+            assert engine.stats()["prefix_cache_reused_tokens"] - before > len(first[0]) - 1
+            assert again == api.generate(model, tok, turn, options)[0]
+        finally:
+            engine.close()
+
+
+def test_prefix_cache_entries_keep_the_longest_and_stay_within_the_budget():
+    from nbdiff.serve.prefixes import PrefixCache
+
+    def kv(n, layers=2):
+        return [(torch.randn(1, 2, n, 4), torch.randn(1, 2, n, 4)) for _ in range(layers)]
+
+    one = kv(10)[0][0].numel() * 4 * 2 * 2  # bytes of a 10-token entry
+    cache = PrefixCache(max_bytes=3 * one, min_tokens=4)
+    cache.store(tuple(range(6)), kv(6))
+    cache.store(tuple(range(10)), kv(10))  # the longer one replaces its start
+    assert list(cache.entries) == [tuple(range(10))]
+    cache.store(tuple(range(8)), kv(8))  # already held inside the longer one
+    assert len(cache.entries) == 1
+    hit = cache.lookup([0, 1, 2, 3, 4, 5, 99])
+    assert hit.tokens == (0, 1, 2, 3, 4, 5) and hit.layers[0][0].shape == (1, 2, 6, 4)
+    assert cache.lookup(list(range(10))).tokens == tuple(range(9))  # one prompt token is always left to forward
+    assert cache.lookup([0, 1, 2, 7]) is None  # shorter than min_tokens
+    for start in (100, 200, 300):
+        cache.store(tuple(range(start, start + 10)), kv(10))
+    assert cache.bytes <= 3 * one and tuple(range(10)) not in cache.entries  # least recently used went first
+
+
+def test_grouped_heads_under_a_mask_match_repeated_heads():
+    # what `nbdiff serve` relies on when it sets TRANSFORMERS_SDPA_FORCE_GQA on the CPU
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(1, 6, 9, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g), torch.randn(1, 2, 30, 8, generator=g)
+    mask = torch.rand(1, 1, 9, 30, generator=g) > 0.4
+    mask[..., 0] = True
+    grouped = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    repeated = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), attn_mask=mask)
+    torch.testing.assert_close(grouped, repeated)
 
 
 def test_full_queue_and_time_limit(served, tiny_converted):

@@ -14,6 +14,9 @@ Notable choices:
   part of a block continues exactly where its accepted tokens end.
 - The same context can serve the next prompt (chat): `restart` keeps the longest cached prefix
   the new prompt shares and `prefill` forwards only the rest (batch size 1).
+- A batch whose prompts all begin with the same tokens can start from their keys/values computed
+  earlier (`Prefix`, the server's prefix cache): those columns come first, shared by every row, and
+  each row's padding sits between them and the rest of its prompt (`gap`).
 - A trained drafter (nbdiff.drafter.decoding) sets `keep_hidden_states`: every pass then keeps the
   AR hidden states and positions of its columns, and the drafter's own cache, one column per column
   here, is a `follower` cropped whenever this cache is.
@@ -22,6 +25,7 @@ Notable choices:
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -30,10 +34,27 @@ from nbdiff.errors import NBDiffError
 from nbdiff.method.masks import cached_rows, to_model_mask
 
 
+def cache_kwarg(model) -> str:
+    """The name of the model's cache argument: transformers renamed `past_key_values` to `cache` in 5.x."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class Prefix:
+    """Keys/values of the first tokens of a prompt, computed earlier: one [1, heads, n, dim] pair per layer."""
+
+    tokens: tuple[int, ...]
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.layers)
+
+
 class CachedContext:
     """A DynamicCache plus the bookkeeping for left padding, hidden columns and per-row positions."""
 
-    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int = 0):
+    def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int = 0, prefix: Prefix | None = None):
         from transformers import DynamicCache
 
         self.model = model
@@ -49,20 +70,29 @@ class CachedContext:
         self.hidden_states = None  # the last pass's hidden states (embeddings first), when kept
         self.last_positions: torch.Tensor | None = None  # [B, n] positions of the last pass's columns
         self.followers: dict = {}  # key -> object with .length and .crop(length)
-        # transformers renamed `past_key_values` to `cache` in 5.x; use whichever this model takes
-        params = inspect.signature(model.forward).parameters
-        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self.restart(prompts)
+        self._cache_kwarg = cache_kwarg(model)
+        self.restart(prompts, prefix)
 
-    def restart(self, prompts: Sequence[Sequence[int]]) -> None:
-        """Take new prompts. A single prompt keeps the cached columns it starts with (chat's next turn)."""
+    def restart(self, prompts: Sequence[Sequence[int]], prefix: Prefix | None = None) -> None:
+        """Take new prompts. A single prompt keeps the cached columns it starts with (chat's next turn).
+
+        prefix: keys/values of tokens every prompt begins with (and goes on past); they become the
+        first columns of every row and `prefill` forwards only the rest.
+        """
         if not prompts or any(len(p) == 0 for p in prompts):
             raise NBDiffError("every prompt needs at least one token", "pass a non-empty prompt")
+        gap = len(prefix.tokens) if prefix is not None else 0
+        if gap and any(len(p) <= gap or tuple(p[:gap]) != prefix.tokens for p in prompts):
+            raise NBDiffError("a cached prefix must begin every prompt and leave at least one token after it")
         width = max(len(p) for p in prompts)
         pads = [width - len(p) for p in prompts]
-        rows = [[self.pad_token_id] * pad + list(p) for pad, p in zip(pads, prompts)]
+        rows = [list(p[:gap]) + [self.pad_token_id] * pad + list(p[gap:]) for pad, p in zip(pads, prompts)]
+        self.gap = gap  # pad columns sit after the shared prefix: [gap, gap + pad)
         keep = 0
-        if self.length and len(rows) == 1 and len(self.ids) == 1:
+        if gap:
+            self._load(prefix, len(rows))
+            keep = gap
+        elif self.length and len(rows) == 1 and len(self.ids) == 1:
             old = self.ids[0]
             while keep < min(len(old), width - 1) and old[keep] == rows[0][keep]:
                 keep += 1  # at least one prompt token is forwarded again: its logits start the reply
@@ -72,9 +102,25 @@ class CachedContext:
         self.ids = [row[:keep] for row in rows]
         self.pad = torch.tensor(pads, device=self.device)  # [B]
         self.prompt_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # [B, P]
-        self.hidden = (torch.arange(keep, device=self.device)[None] < self.pad[:, None])  # [B, length]
+        self.hidden = self._pad_columns(torch.arange(keep, device=self.device))  # [B, length]
         self.any_hidden = any(pads)  # known on the host: no device sync to decide the mask path
         self.next_pos = (torch.full_like(self.pad, keep) - self.pad).clamp_(min=0)  # [B] next column's position
+        if gap:
+            self.next_pos = torch.full_like(self.pad, gap)
+
+    def _pad_columns(self, cols: torch.Tensor) -> torch.Tensor:
+        """[B, n]: which of these columns are a row's padding."""
+        return (cols[None] >= self.gap) & (cols[None] < self.gap + self.pad[:, None])
+
+    def _load(self, prefix: Prefix, rows: int) -> None:
+        """Start a new cache from a prefix's keys/values, the same for every row."""
+        from transformers import DynamicCache
+
+        self._crop_to(0)  # followers too
+        self.cache = DynamicCache(config=self.model.config)
+        for i, (k, v) in enumerate(prefix.layers):
+            k, v = k.to(self.device), v.to(self.device)
+            self.cache.update(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous(), i)
 
     def _crop_to(self, length: int) -> None:
         extra = self.cache.get_seq_length() - length
@@ -129,8 +175,9 @@ class CachedContext:
         width = self.prompt_ids.shape[1]
         ids = self.prompt_ids[:, self.length :]  # [B, new]
         cols = torch.arange(self.length, width, device=self.device)
-        positions = (cols[None] - self.pad[:, None]).clamp_(min=0)  # pad columns get position 0
-        hidden_new = cols[None] < self.pad[:, None]  # [B, new]
+        past_pad = cols[None] >= self.gap + self.pad[:, None]  # [B, new]
+        positions = torch.where(past_pad, cols[None] - self.pad[:, None], cols[None] * (cols[None] < self.gap))  # pad: 0
+        hidden_new = self._pad_columns(cols)  # [B, new]
         logits = self._forward(ids, positions, self._mask(ids.shape[1], True, hidden_new), 1)  # [B, 1, V]
         self._append(ids, hidden_new)
         self.next_pos = width - self.pad

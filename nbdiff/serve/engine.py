@@ -16,6 +16,8 @@ Notable choices:
 - A full queue refuses at once (`QueueFull`, with a retry estimate); a request that waits in the
   queue past its time limit gets an error; one that decodes past it ends with what it has
   (finish reason "length", `timed_out`).
+- Prompts that begin like a recent prompt or conversation (nbdiff.serve.prefixes) start from its
+  cached keys/values and prefill only the rest; `prefix_cache_bytes=0` turns that off.
 - Sinks are called from the engine thread and must not block (the web layer hands items to its
   event loop). The library never prints: everything leaves through the sinks and `stats()`.
 """
@@ -35,6 +37,8 @@ from nbdiff.errors import NBDiffError
 from nbdiff.loading import model_settings
 
 from nbdiff.serve.lane import Lane, lane_key
+from nbdiff.serve.packed import PackedLane, packs
+from nbdiff.serve.prefixes import PrefixCache, group_by_prefix, usable
 
 
 @dataclass
@@ -111,6 +115,9 @@ class _Request:
     admitted: float = 0.0
     sent: int = 0
     tokens: list[int] = field(default_factory=list)
+    remember: bool = False
+    """Put its prompt in the prefix cache after its first step, and its conversation when it ends."""
+    stored: bool = False
 
     def expired(self, now: float) -> bool:
         return self.job.time_limit is not None and now - self.submitted > self.job.time_limit
@@ -136,9 +143,13 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 class Engine:
     """Continuous batching over the block decoder. Thread-safe `submit`; decoding on its own thread."""
 
-    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64):
-        if max_batch < 1 or max_queue < 0:
-            raise NBDiffError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+    def __init__(self, model, tokenizer, *, max_batch: int = 8, max_queue: int = 64, prefix_cache_bytes: int = 512 << 20):
+        if max_batch < 1 or max_queue < 0 or prefix_cache_bytes < 0:
+            raise NBDiffError(f"max_batch must be >= 1 and max_queue, prefix_cache_bytes >= 0, got {max_batch}, "
+                              f"{max_queue} and {prefix_cache_bytes}")
+        plain = usable(model)  # full-attention cache layers: prefixes can seed them, requests can be packed
+        self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and plain else None
+        self.packing = plain
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         settings = model_settings(model)
@@ -188,9 +199,11 @@ class Engine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
+            cached = self.prefixes.stats() if self.prefixes is not None else {}
             return {"active": self._active, "queued": len(self._queue), "lanes": len(self._lanes),
                     "served": self._served, "cancelled": self._cancelled, "peak_active": self._peak,
-                    "max_batch": self.max_batch, "max_queue": self.max_queue}
+                    "max_batch": self.max_batch, "max_queue": self.max_queue,
+                    **{f"prefix_cache_{k}": v for k, v in cached.items()}}
 
     def retry_after(self) -> int:
         """Seconds until a queue place is likely free: the mean request time, at least 1."""
@@ -247,20 +260,32 @@ class Engine:
             now = time.monotonic()
             for request in group:
                 request.admitted = now
-            lane = next((l for l in self._lanes if l.key == key and l.mergeable), None)
-            try:
-                if lane is None:
-                    self._lanes.append(self._new_lane(group))
-                else:
-                    lane.admit([r.job.prompt for r in group], [r.job.options for r in group], group)
-            except Exception as exc:  # noqa: BLE001 - the server keeps serving; the requests get the reason
-                self._fail(group + ([r for r in lane.owners if r is not None] if lane is not None else []), exc)
-                if lane is not None:
-                    self._lanes.remove(lane)
+            cache = None if group[0].job.options.trained_drafter else self.prefixes  # a drafter reads every column
+            for prefix, rows in group_by_prefix([r.job.prompt for r in group], cache):
+                self._join([group[i] for i in rows], key, prefix)
 
-    def _new_lane(self, group: list[_Request]) -> Lane:
-        return Lane(self.model, [r.job.prompt for r in group], [r.job.options for r in group], list(group),
-                    mask_token_id=self.mask_id, eos_token_ids=self.eos, pad_token_id=self.pad_id)
+    def _join(self, group: list[_Request], key: tuple, prefix) -> None:
+        """Add one group (after its cached prefix) to a lane that takes newcomers, or start a lane."""
+        lane = next((l for l in self._lanes if l.key == key and l.mergeable), None)
+        try:
+            if lane is None:
+                lane = self._new_lane(group, prefix)
+                self._lanes.append(lane)
+            else:
+                lane.admit([r.job.prompt for r in group], [r.job.options for r in group], group, prefix)
+            for request in group:  # later requests may begin like these prompts
+                request.remember = self.prefixes is not None and lane.mergeable
+        except Exception as exc:  # noqa: BLE001 - the server keeps serving; the requests get the reason
+            self._fail(group + ([r for r in lane.owners if r is not None] if lane is not None else []), exc)
+            if lane is not None and lane in self._lanes:
+                self._lanes.remove(lane)
+
+    def _new_lane(self, group: list[_Request], prefix=None) -> Lane | PackedLane:
+        prompts, options = [r.job.prompt for r in group], [r.job.options for r in group]
+        if self.packing and packs(options[0]):
+            return PackedLane(self.model, prompts, options, list(group), eos_token_ids=self.eos, prefix=prefix)
+        return Lane(self.model, prompts, options, list(group), mask_token_id=self.mask_id, eos_token_ids=self.eos,
+                    pad_token_id=self.pad_id, prefix=prefix)
 
     def _turn(self, lane: Lane) -> None:
         """One block of one lane; send the text; drop the rows that are done. A failure fails the lane's requests."""
@@ -273,6 +298,9 @@ class Engine:
                     continue
                 record = records.get(i)
                 done = self._advance(lane, i, request, record.tokens if record else [], now)
+                if request.remember and (done.finish_reason != "cancelled" if done is not None else not request.stored):
+                    self.prefixes.store(*lane.row_kv(i))  # its prompt; at its end, the conversation so far
+                    request.stored = True
                 if done is not None:
                     request.send(done)
                     gone.append(i)

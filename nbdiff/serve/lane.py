@@ -31,7 +31,7 @@ from typing import Any, Sequence
 
 import torch
 
-from nbdiff.decode.context import CachedContext
+from nbdiff.decode.context import CachedContext, Prefix
 from nbdiff.decode.decoder import Decoding
 from nbdiff.decode.events import BlockEvent
 from nbdiff.decode.options import DecodeOptions
@@ -83,9 +83,11 @@ class Lane(Decoding):
     """A batch of rows sharing block columns; `owners[i]` is whatever the caller attached to row i."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], options: Sequence[DecodeOptions], owners: list[Any], *,
-                 mask_token_id: int, eos_token_ids, pad_token_id: int):
+                 mask_token_id: int, eos_token_ids, pad_token_id: int, prefix: Prefix | None = None):
         super().__init__(model, prompts, _lane_options(options[0]), mask_token_id=mask_token_id,
                          eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, cancel=None, context=None)
+        if prefix is not None:  # every prompt begins with these cached tokens: prefill only the rest
+            self.ctx.restart(prompts, prefix)
         self.key = lane_key(options[0])
         self.limits = [o.max_new_tokens for o in options]
         self.samplers = [_sampler(o, self.ctx.device) for o in options]
@@ -157,9 +159,10 @@ class Lane(Decoding):
     def size(self) -> int:
         return len(self.owners)
 
-    def admit(self, prompts: Sequence[Sequence[int]], options: Sequence[DecodeOptions], owners: list[Any]) -> None:
+    def admit(self, prompts: Sequence[Sequence[int]], options: Sequence[DecodeOptions], owners: list[Any],
+              prefix: Prefix | None = None) -> None:
         """Prefill new prompts (one forward for the group) and add them as rows at this block boundary."""
-        group = CachedContext(self.ctx.model, prompts, self.pad_id)
+        group = CachedContext(self.ctx.model, prompts, self.pad_id, prefix)
         logits = group.prefill()  # [k, V]
         before = self.ctx.forwards
         k = len(owners)
@@ -215,6 +218,14 @@ class Lane(Decoding):
         for name in ("prompts", "produced", "reasons", "step_count", "limits", "samplers", "owners", "joined"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
+
+    def row_kv(self, i: int) -> tuple[tuple[int, ...], list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Row i's visible tokens with their keys/values ([1, heads, n, dim] per layer): for the prefix cache."""
+        ctx = self.ctx
+        cols = (~ctx.hidden[i]).nonzero().squeeze(1)
+        tokens = tuple(ctx.ids[i][c] for c in cols.tolist())
+        return tokens, [(l.keys[i : i + 1].index_select(2, cols), l.values[i : i + 1].index_select(2, cols))
+                        for l in ctx.cache.layers]
 
     @property
     def live(self) -> bool:

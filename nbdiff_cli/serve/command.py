@@ -50,7 +50,7 @@ def bind(host: str, port: int):
 
 
 def build(model: Optional[str], options, hardware: Hardware, *, name: Optional[str], max_batch: int, max_queue: int,
-          request_timeout: float, api_key: Optional[str], cors: list[str], log_prompts: bool):
+          request_timeout: float, api_key: Optional[str], cors: list[str], log_prompts: bool, prefix_cache_mb: int = 512):
     """Load the model, start the engine and make the app. Returns (app, engine, settings, notes)."""
     import time
     from dataclasses import replace
@@ -62,13 +62,18 @@ def build(model: Optional[str], options, hardware: Hardware, *, name: Optional[s
     from nbdiff_cli.serve.server import make_app
 
     mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
+    if mdl.device.type == "cpu":
+        # Packed lanes (nbdiff.serve.packed) attend under a mask with many queries, where transformers
+        # would copy every key/value head once per query head; torch's CPU kernel takes grouped heads
+        # under a mask directly (the same values, checked in tests/test_serve.py).
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     defaults, notes = resolve_options(mdl, options)
     settings = ServerSettings(
         model_id=name or (os.path.basename(os.path.normpath(model)) if model else DEFAULT_NAME),
         defaults=replace(defaults, seed=None), context=context_length(mdl),
         time_limit=request_timeout if request_timeout > 0 else None, created=int(time.time()),
     )
-    engine = Engine(mdl, tok, max_batch=max_batch, max_queue=max_queue).start()
+    engine = Engine(mdl, tok, max_batch=max_batch, max_queue=max_queue, prefix_cache_bytes=prefix_cache_mb << 20).start()
     app = make_app(engine, settings, mdl, tok, api_key=api_key, cors=cors, log_prompts=log_prompts)
     return app, engine, settings, notes
 
@@ -94,6 +99,7 @@ def serve(
                                                    help="Require 'Authorization: Bearer KEY' on every route but /health.", rich_help_panel=SERVER)] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoded together (1 = one request at a time).", rich_help_panel=SERVER)] = 8,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Requests that may wait for a row; more get 429 with Retry-After.", rich_help_panel=SERVER)] = 64,
+    prefix_cache: Annotated[int, typer.Option("--prefix-cache", help="MiB of keys/values kept from recent prompts and replies, so requests that begin the same way (system prompt, next chat turn) prefill only what is new (0 = off).", rich_help_panel=SERVER)] = 512,
     request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take, queue included (0 = no limit).", rich_help_panel=SERVER)] = 300.0,
     cors: Annotated[Optional[str], typer.Option("--cors", help="Comma-separated origins browsers may call from (default: none).", rich_help_panel=SERVER)] = None,
     log_prompts: Annotated[bool, typer.Option("--log-prompts", help="Log prompt and reply text (off: counts and timings only).", rich_help_panel=SERVER)] = False,
@@ -111,11 +117,13 @@ def serve(
     _need_server_packages()
     import uvicorn
 
-    if max_batch < 1 or max_queue < 0:
-        raise NBDiffError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch} and {max_queue}")
+    if max_batch < 1 or max_queue < 0 or prefix_cache < 0:
+        raise NBDiffError(f"--max-batch must be >= 1 and --max-queue, --prefix-cache >= 0, got {max_batch}, {max_queue} "
+                          f"and {prefix_cache}")
     sock = bind(host, port)
     origins = [o.strip() for o in (cors or "").split(",") if o.strip()]
     app, engine, settings, notes = build(model, options, hardware, name=name, max_batch=max_batch, max_queue=max_queue,
+                                         prefix_cache_mb=prefix_cache,
                                          request_timeout=request_timeout, api_key=api_key or None, cors=origins,
                                          log_prompts=log_prompts)
     _log_setup()
