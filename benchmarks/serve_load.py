@@ -5,14 +5,18 @@
 
 Each configuration starts its server as a subprocess on a free localhost port, waits for /health,
 then runs every client count: N threads, each sending M streamed chat requests one after another
-(greedy, `max_tokens` tokens, distinct prompts from assets/prompts/distill.jsonl), and stops the
-server. Per client count: total completion tokens / wall time, p50/p95 time to first token (the
+(greedy, `max_tokens` tokens, prompts from assets/prompts/distill.jsonl, each row its own so no
+request repeats an earlier one), and stops the server. Per client count: total completion tokens / wall time, p50/p95 time to first token (the
 first non-empty text chunk) and request latency. Configurations:
 - `nbdiff serve --max-batch 8` (batching on) and `--max-batch 1` (one request at a time), block size 1
   (packed lanes: nbdiff.serve.packed); with `--ablation` also batching on with `--prefix-cache 0`;
 - `transformers serve --continuous-batching` on the same folder (`--transformers`), if installed.
 Every reply is compared with the same prompt's reply with batching off, where each request runs
-alone ("same" counts the equal ones).
+alone ("same" counts the equal ones). Each row with N > 1 clients is also served one at a time by a
+fresh server of the same configuration: one client sends the same N x M requests in turn, rows in
+the same order, so both servers' prefix caches saw the same prompts ("one at a time" tokens/s, and
+the row's speedup over it). A one-client row with M requests covers other prompts, whose replies
+may be shorter or longer, so it is not the N-client row's baseline.
 Bounded: localhost only, at most --clients x --requests requests per row, --time-limit per row.
 
 Feeds docs/BENCHMARKS.md, section "Serving (issue 21)".
@@ -103,7 +107,7 @@ def _one(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dic
 
 
 def _load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int, limit: float) -> dict:
-    """`clients` threads, each sending `requests` requests in turn; the row's figures."""
+    """`clients` threads, each sending `requests` requests in turn (client c: prompts[c * requests:][:requests])."""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=limit)
     results: list[dict] = []
     errors: list[str] = []
@@ -112,7 +116,7 @@ def _load(server: Server, prompts: list[str], clients: int, requests: int, max_t
     def run(c: int) -> None:
         for r in range(requests):
             try:
-                out = _one(client, server.model, prompts[(c * requests + r) % len(prompts)], max_tokens)
+                out = _one(client, server.model, prompts[c * requests + r], max_tokens)
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -159,6 +163,58 @@ def _servers(args, env) -> list[tuple[str, list[str], str]]:
     return rows
 
 
+def _started(name: str, argv: list[str], model: str, env: dict[str, str], warm_prompt: str) -> Server:
+    """A fresh server of this configuration on a free port, answered /health and warmed up."""
+    port = _free_port()
+    argv = argv[:2] + ["--port", str(port)] + argv[2:] if "transformers" in argv[0] else argv + ["--port", str(port)]
+    server = Server(name, argv, port, model, env)
+    try:
+        server.wait(300)
+        _one(openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0), model, warm_prompt, 4)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _print(name: str, n: int, row: dict) -> None:
+    print(f"{name:45s} clients={n} requests={row['requests']} same={row['same']} tokens/s={row['tokens_per_s']:.1f}"
+          + (f" (one at a time: {row['sequential_tokens_per_s']:.1f}, {row['speedup']:.2f}x)" if "speedup" in row else "")
+          + f" ttft p50/p95={row['ttft_p50']:.2f}/{row['ttft_p95']:.2f} s "
+          f"latency p50/p95={row['latency_p50']:.2f}/{row['latency_p95']:.2f} s"
+          + (f" errors={row['errors']}" if row["errors"] else ""), flush=True)
+
+
+def _configuration(name, argv, model, env, args, slices, reference) -> list[dict]:
+    """Every client count on one server; then each count's requests one at a time on a fresh twin."""
+    rows = []
+    server = _started(name, argv, model, env, WARM)
+    try:
+        for n, prompts in slices:
+            rows.append(_load(server, prompts, n, args.requests, args.max_tokens, args.time_limit))
+    finally:
+        server.stop()
+    if not args.no_sequential and "--max-batch 1" not in name and any(n > 1 for n, _ in slices):
+        twin = _started(name + " (one at a time)", argv, model, env, WARM)
+        try:
+            for row, (n, prompts) in zip(rows, slices):
+                if n > 1:  # the same requests in the same order of rows, so both servers' caches saw the same
+                    alone = _load(twin, prompts, 1, n * args.requests, args.max_tokens, args.time_limit)
+                    row["sequential_tokens_per_s"] = alone["tokens_per_s"]
+                    row["speedup"] = round(row["tokens_per_s"] / alone["tokens_per_s"], 2) if alone["tokens_per_s"] else None
+        finally:
+            twin.stop()
+    for row, (n, _) in zip(rows, slices):
+        for prompt, text in row["replies"].items():
+            reference.setdefault(prompt, text)
+        row["same"] = sum(reference[p] == t for p, t in row["replies"].items())
+        _print(name, n, row)
+    return rows
+
+
+WARM = "Say hello."
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a converted model folder (a plain transformers checkpoint)")
@@ -167,6 +223,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve --continuous-batching`")
+    parser.add_argument("--no-sequential", action="store_true",
+                        help="skip the one-at-a-time runs (1 client sending each row's requests in turn, on a fresh server)")
     parser.add_argument("--ablation", action="store_true", help="also batching on without the prefix cache")
     parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: torch's choice)")
@@ -174,7 +232,11 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
-    prompts = _prompts(max(counts) * args.requests)
+    prompts = _prompts(sum(counts) * args.requests)
+    slices, at = [], 0  # each row its own prompts: no request repeats one an earlier row sent (prefix caches)
+    for n in counts:
+        slices.append((n, prompts[at : at + n * args.requests]))
+        at += n * args.requests
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
@@ -182,27 +244,11 @@ def main() -> None:
     for name, argv, model in _servers(args, env):
         if args.only and args.only not in name:
             continue
-        port = _free_port()
-        argv = argv[:2] + ["--port", str(port)] + argv[2:] if "transformers" in argv[0] else argv + ["--port", str(port)]
-        server = Server(name, argv, port, model, env)
         try:
-            server.wait(300)
-            _one(openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0), model, prompts[0], 4)  # warm up
-            for n in counts:
-                row = _load(server, prompts, n, args.requests, args.max_tokens, args.time_limit)
-                for prompt, text in row["replies"].items():
-                    reference.setdefault(prompt, text)
-                row["same"] = sum(reference[p] == t for p, t in row["replies"].items())
-                rows.append(row)
-                print(f"{name:45s} clients={n} requests={row['requests']} same={row['same']} "
-                      f"tokens/s={row['tokens_per_s']:.1f} ttft p50/p95={row['ttft_p50']:.2f}/{row['ttft_p95']:.2f} s "
-                      f"latency p50/p95={row['latency_p50']:.2f}/{row['latency_p95']:.2f} s"
-                      + (f" errors={row['errors']}" if row["errors"] else ""), flush=True)
+            rows += _configuration(name, argv, model, env, args, slices, reference)
         except RuntimeError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             rows.append({"server": name, "error": str(exc)})
-        finally:
-            server.stop()
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, ensure_ascii=False))
 

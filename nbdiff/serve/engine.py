@@ -35,6 +35,7 @@ from nbdiff.decode.completion import first_stop
 from nbdiff.decode.options import DecodeOptions
 from nbdiff.errors import NBDiffError
 from nbdiff.loading import model_settings
+from nbdiff.method.masks import attention_implementation
 
 from nbdiff.serve.lane import Lane, lane_key
 from nbdiff.serve.packed import PackedLane, packs
@@ -149,7 +150,7 @@ class Engine:
                               f"{max_queue} and {prefix_cache_bytes}")
         plain = usable(model)  # full-attention cache layers: prefixes can seed them, requests can be packed
         self.prefixes = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes and plain else None
-        self.packing = plain
+        self.packing = plain and attention_implementation(model) in ("sdpa", "eager")  # packed lanes need a dense mask
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         settings = model_settings(model)
