@@ -106,9 +106,36 @@ def _one(client: openai.OpenAI, model: str, prompt: str, max_tokens: int) -> dic
             "latency": end - start}
 
 
+def _one_raw(http: httpx.Client, url: str, model: str, prompt: str, max_tokens: int) -> dict:
+    """`_one` through plain httpx and json (`--client raw`): a lighter load generator on the server's cores."""
+    start = time.perf_counter()
+    first, text, usage = None, [], None
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}}
+    with http.stream("POST", url + "/v1/chat/completions", json=body) as reply:
+        reply.raise_for_status()
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]["completion_tokens"]
+            for choice in chunk.get("choices", []):
+                if choice["delta"].get("content"):
+                    first = first or time.perf_counter()
+                    text.append(choice["delta"]["content"])
+    end = time.perf_counter()
+    return {"prompt": prompt, "text": "".join(text), "tokens": usage, "ttft": (first or end) - start,
+            "latency": end - start}
+
+
+CLIENT = "openai"
+
+
 def _load(server: Server, prompts: list[str], clients: int, requests: int, max_tokens: int, limit: float) -> dict:
     """`clients` threads, each sending `requests` requests in turn (client c: prompts[c * requests:][:requests])."""
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=limit)
+    http = httpx.Client(timeout=limit, limits=httpx.Limits(max_connections=clients + 2))
     results: list[dict] = []
     errors: list[str] = []
     lock = threading.Lock()
@@ -116,7 +143,9 @@ def _load(server: Server, prompts: list[str], clients: int, requests: int, max_t
     def run(c: int) -> None:
         for r in range(requests):
             try:
-                out = _one(client, server.model, prompts[c * requests + r], max_tokens)
+                prompt = prompts[c * requests + r]
+                out = (_one(client, server.model, prompt, max_tokens) if CLIENT == "openai"
+                       else _one_raw(http, server.url, server.model, prompt, max_tokens))
             except Exception as exc:  # noqa: BLE001 - reported in the row
                 with lock:
                     errors.append(f"{type(exc).__name__}: {exc}")
@@ -131,6 +160,7 @@ def _load(server: Server, prompts: list[str], clients: int, requests: int, max_t
     for t in threads:
         t.join(max(0.0, limit - (time.perf_counter() - start)))
     wall = time.perf_counter() - start
+    http.close()
     tokens = sum(r["tokens"] or 0 for r in results)
     q = lambda xs, p: statistics.quantiles(xs, n=100, method="inclusive")[p - 1] if len(xs) > 1 else (xs[0] if xs else 0.0)  # noqa: E731
     ttft, lat = [r["ttft"] for r in results], [r["latency"] for r in results]
@@ -225,12 +255,16 @@ def main() -> None:
     parser.add_argument("--transformers", action="store_true", help="also measure `transformers serve --continuous-batching`")
     parser.add_argument("--no-sequential", action="store_true",
                         help="skip the one-at-a-time runs (1 client sending each row's requests in turn, on a fresh server)")
+    parser.add_argument("--client", choices=["openai", "raw"], default="openai",
+                        help="load generator: the openai client, or plain httpx + json (lighter on the shared cores)")
     parser.add_argument("--ablation", action="store_true", help="also batching on without the prefix cache")
     parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: torch's choice)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per row at most")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    global CLIENT
+    CLIENT = args.client
     counts = [int(c) for c in args.clients.split(",")]
     prompts = _prompts(sum(counts) * args.requests)
     slices, at = [], 0  # each row its own prompts: no request repeats one an earlier row sent (prefix caches)

@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import httpx
 import pytest
@@ -26,6 +27,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 
 from nbdiff import api  # noqa: E402
+from nbdiff.decode.decoder import decode  # noqa: E402
 from nbdiff.decode.options import DecodeOptions  # noqa: E402
 from nbdiff.serve.engine import Delta, Done, Engine, Job, QueueFull  # noqa: E402
 from nbdiff_cli.options import DtypeChoice, Hardware  # noqa: E402
@@ -348,6 +350,40 @@ def test_packed_block_size_one_requests_join_in_the_running_forward_and_equal_th
         assert ("prefix_cache_hits" in engine.stats()) == prefix_cache
     finally:
         engine.close()
+
+
+def test_a_long_prompt_joins_in_chunks_while_the_others_keep_decoding(served, tiny_converted):
+    from nbdiff.serve.packed import PackedLane
+
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    options, _ = api.resolve_options(model, DecodeOptions(block_size=1, max_new_tokens=12))
+    short = api.encode(tok, PROMPTS[0])
+    long = api.encode(tok, " ".join(PROMPTS) * 2)
+    assert 40 < len(long) < 8 * 40
+    keeps_going = replace(options, max_new_tokens=48)
+    lane = PackedLane(model, [short], [keeps_going], ["short"], eos_token_ids=[], prefill_chunk=8)
+    first = {}
+    while not first:  # its own prompt goes in 8 tokens at a time too
+        first = lane.run_block()
+    got = {0: first[0].tokens}
+    lane.admit([long], [options], ["long"])
+    steps_in = 0
+    while 1 not in got:  # the long prompt enters 8 tokens per forward; the short row gets a token every time
+        records = lane.run_block()
+        steps_in += 1
+        assert 0 in records
+        got[0] += records[0].tokens
+        got[1] = records[1].tokens if 1 in records else None
+        if got[1] is None:
+            del got[1]
+    assert steps_in == -(-len(long) // 8)
+    while not (lane.done(0) and lane.done(1)):
+        for i, record in lane.run_block().items():
+            got[i] += record.tokens
+    for i, (prompt, o) in enumerate([(short, keeps_going), (long, options)]):
+        final = list(decode(model, [prompt], o, mask_token_id=-1, eos_token_ids=[]))[-1]
+        assert got[i] == final.tokens[0]
 
 
 def test_the_prefix_cache_reuses_shared_starts_and_whole_conversations(served, tiny_converted):

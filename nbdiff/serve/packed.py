@@ -18,6 +18,8 @@ Notable choices:
 - A joining prompt costs the tokens it adds to a forward, not a forward: on a CPU a forward's
   fixed cost (reading every weight) is most of a decode step, so a lone prefill of a short prompt
   cost as much as a whole decode step of eight requests.
+- Prompt tokens enter at most `prefill_chunk` (256) per forward, so a long prompt that joins
+  holds the running requests up by one chunk at a time, not by its whole prefill.
 - Leaving copies nothing until dead columns outnumber live ones; then one compaction.
 - The cache appends into spare capacity (doubling), so a step does not copy every earlier column.
 - Attention runs over all packed columns under a mask: cheap at the lengths a CPU server sees,
@@ -89,9 +91,12 @@ class PackedLane:
     mergeable = True  # takes newcomers at every step
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], options: Sequence[DecodeOptions], owners: list[Any], *,
-                 eos_token_ids, prefix: Prefix | None = None):
+                 eos_token_ids, prefix: Prefix | None = None, prefill_chunk: int = 256):
         from transformers import DynamicCache
 
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.model, self.device = model, model.device
         self.options = _lane_options(options[0])
         self.key = lane_key(options[0])
@@ -179,23 +184,38 @@ class PackedLane:
     # ---- one step ------------------------------------------------------------------------------
 
     def run_block(self) -> dict[int, BlockEvent]:
-        """One forward for every row that is not done: each gets one new token. Returns row -> its record."""
-        rows = [i for i in range(self.size) if not self.done(i) and self.pending[i]]
-        if not rows:
-            return {}
-        tokens, positions, owner, last = [], [], [], []
-        for i in rows:
+        """One forward for every row that is not done; a row whose prompt is all in gets one new token.
+
+        Prompt tokens go in at most `prefill_chunk` per forward (the first prompt always gets some),
+        so a long prompt that joins delays the running requests by one chunk's forward at a time.
+        Returns row -> its record.
+        """
+        tokens, positions, owner, last, fed, picking = [], [], [], [], [], []
+        room = self.prefill_chunk
+        for i in range(self.size):
             new = self.pending[i]
-            tokens += new
-            positions += range(self.next_pos[i], self.next_pos[i] + len(new))
-            owner += [self.ids[i]] * len(new)
-            last.append(len(tokens) - 1)
-        logits = self._forward(tokens, positions, owner, last)  # [rows, V]
-        picked = self._pick(logits, rows)
+            if self.done(i) or not new:
+                continue
+            take = len(new) if len(new) == 1 else min(len(new), room)
+            if take == 0:
+                continue
+            room -= take if len(new) > 1 else 0
+            tokens += new[:take]
+            positions += range(self.next_pos[i], self.next_pos[i] + take)
+            owner += [self.ids[i]] * take
+            fed.append((i, take))
+            if take == len(new):
+                last.append(len(tokens) - 1)
+                picking.append(i)
+        if not fed:
+            return {}
+        logits = self._forward(tokens, positions, owner, last)  # [rows picking, V]
+        for i, take in fed:
+            self.columns[i] += self.pending[i][:take]
+            self.next_pos[i] += take
+            self.pending[i] = self.pending[i][take:]
         records = {}
-        for i, token in zip(rows, picked):
-            self.columns[i] += self.pending[i]
-            self.next_pos[i] += len(self.pending[i])
+        for i, token in zip(picking, self._pick(logits, picking) if picking else []):
             self.produced[i].append(token)
             if token in self.eos:
                 self.reasons[i] = "eos"
@@ -216,7 +236,7 @@ class PackedLane:
             position_ids=torch.tensor([positions], device=self.device),
             attention_mask=mask,
             use_cache=True,
-            logits_to_keep=torch.tensor(last, device=self.device),
+            logits_to_keep=torch.tensor(last, dtype=torch.long, device=self.device),
             **{self._cache_kwarg: self.cache},
         )
         self.forwards += 1
