@@ -62,11 +62,6 @@ def build(model: Optional[str], options, hardware: Hardware, *, name: Optional[s
     from nbdiff_cli.serve.server import make_app
 
     mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
-    if mdl.device.type == "cpu":
-        # Packed lanes (nbdiff.serve.packed) attend under a mask with many queries, where transformers
-        # would copy every key/value head once per query head; torch's CPU kernel takes grouped heads
-        # under a mask directly (the same values, checked in tests/test_serve.py).
-        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     defaults, notes = resolve_options(mdl, options)
     settings = ServerSettings(
         model_id=name or (os.path.basename(os.path.normpath(model)) if model else DEFAULT_NAME),
@@ -126,6 +121,11 @@ def serve(
                                          prefix_cache_mb=prefix_cache,
                                          request_timeout=request_timeout, api_key=api_key or None, cors=origins,
                                          log_prompts=log_prompts)
+    if engine.model.device.type == "cpu":
+        # Packed lanes (nbdiff.serve.packed) attend under a mask with many queries, where transformers
+        # would copy every key/value head once per query head; torch's CPU kernel takes grouped heads
+        # under a mask directly (the same values, checked in tests/test_serve.py). This process only.
+        os.environ.setdefault("TRANSFORMERS_SDPA_FORCE_GQA", "1")
     _log_setup()
     for note in notes:
         err_console.print(f"note: {note}", style="yellow")
