@@ -391,10 +391,10 @@ def test_the_prefix_cache_reuses_shared_starts_and_whole_conversations(served, t
     model, _ = api.load(tiny_converted, dtype="fp32")
     system = [{"role": "system", "content": "You answer in one short sentence about tea, trains or the sea."}]
     questions = ["Why is the sea salty?", "What is a train?", "Is green tea bitter?"]
-    for block_size in (1, 8):  # a packed lane and a lane of batch rows
+    for settings in (dict(block_size=1), dict(block_size=8), dict(block_size=4, exact=True)):  # packed; batch rows
         engine = Engine(model, tok, max_batch=8, prefix_cache_bytes=64 << 20).start()
         try:
-            options, _ = api.resolve_options(model, DecodeOptions(block_size=block_size, max_new_tokens=12))
+            options, _ = api.resolve_options(model, DecodeOptions(max_new_tokens=12, **settings))
             first = [api.encode(tok, system + [{"role": "user", "content": q}]) for q in questions]
             shared = len(os.path.commonprefix(first))
             replies = [_collect(engine, Job(ids, options))[0] for ids in first]

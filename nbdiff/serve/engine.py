@@ -117,7 +117,7 @@ class _Request:
     sent: int = 0
     tokens: list[int] = field(default_factory=list)
     remember: bool = False
-    """Put its prompt in the prefix cache after its first step, and its conversation when it ends."""
+    """Put its prompt in the prefix cache after its first token, and its conversation when it ends."""
     stored: bool = False
 
     def expired(self, now: float) -> bool:
@@ -299,7 +299,8 @@ class Engine:
                     continue
                 record = records.get(i)
                 done = self._advance(lane, i, request, record.tokens if record else [], now)
-                if request.remember and (done.finish_reason != "cancelled" if done is not None else not request.stored):
+                first = done is None and not request.stored and request.tokens  # its prompt is all in
+                if request.remember and (first or (done is not None and done.finish_reason != "cancelled")):
                     self.prefixes.store(*lane.row_kv(i))  # its prompt; at its end, the conversation so far
                     request.stored = True
                 if done is not None:
