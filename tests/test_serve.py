@@ -30,6 +30,7 @@ from nbdiff import api  # noqa: E402
 from nbdiff.decode.decoder import decode  # noqa: E402
 from nbdiff.decode.options import DecodeOptions  # noqa: E402
 from nbdiff.serve.engine import Delta, Done, Engine, Job, QueueFull  # noqa: E402
+from nbdiff.testing import ARCHITECTURES, tiny_model  # noqa: E402
 from nbdiff_cli.options import DtypeChoice, Hardware  # noqa: E402
 from nbdiff_cli.serve.command import bind, build  # noqa: E402
 from nbdiff_cli.serve.server import MAX_BODY  # noqa: E402
@@ -350,6 +351,35 @@ def test_packed_block_size_one_requests_join_in_the_running_forward_and_equal_th
         assert ("prefix_cache_hits" in engine.stats()) == prefix_cache
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("arch,impl", [(a, "sdpa") for a in ARCHITECTURES] + [("llama", "eager")])
+def test_packed_rows_decode_as_they_would_alone_on_every_architecture(arch, impl):
+    from nbdiff.serve.packed import PackedLane
+    from nbdiff.serve.prefixes import usable
+
+    model = tiny_model(arch, attn_implementation=impl)
+    if not usable(model):
+        pytest.skip(f"{arch}: sliding-window cache layers, served by per-row lanes")
+    options = DecodeOptions(block_size=1, max_new_tokens=10)
+    prompts = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61, 3, 3, 8, 21]]
+    lane = PackedLane(model, prompts[:1], [options], [0], eos_token_ids=[], prefill_chunk=4)
+    got, compacted = {0: []}, False
+    for step in range(40):
+        if step in (2, 5):  # the others join while row 0 decodes
+            lane.admit([prompts[len(got)]], [options], [len(got)])
+            got[len(got)] = []
+        for i, record in lane.run_block().items():
+            got[lane.owners[i]] += record.tokens
+        before = len(lane.owner_of)
+        lane.release([i for i in range(lane.size) if lane.done(i)])
+        compacted = compacted or (lane.size > 0 and len(lane.owner_of) < before)  # dead columns dropped, others kept
+        if not lane.size:
+            break
+    assert compacted
+    for k, prompt in enumerate(prompts):
+        alone = list(decode(model, [prompt], options, mask_token_id=-1, eos_token_ids=[]))[-1].tokens[0]
+        assert got[k] == alone, (arch, k)
 
 
 def test_a_long_prompt_joins_in_chunks_while_the_others_keep_decoding(served, tiny_converted):
