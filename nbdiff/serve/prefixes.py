@@ -28,14 +28,14 @@ from typing import Sequence
 import torch
 
 from nbdiff.decode.context import Prefix
+from nbdiff.serve.rows import plain_cache
 
 
 def usable(model) -> bool:
     """True when the model's cache is plain full-attention layers (a prefix can seed it)."""
     from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+    return plain_cache(DynamicCache(config=model.config))
 
 
 def _common(a: Sequence[int], b: Sequence[int]) -> int:

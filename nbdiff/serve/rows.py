@@ -22,11 +22,16 @@ from nbdiff.decode.context import CachedContext
 from nbdiff.errors import NBDiffError
 
 
-def can_merge(ctx: CachedContext) -> bool:
-    """True when every cache layer is a full (non-sliding) layer of plain key/value tensors."""
+def plain_cache(cache) -> bool:
+    """True when every layer of a transformers cache is a full (non-sliding) layer of plain key/value tensors."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in ctx.cache.layers)
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
+
+
+def can_merge(ctx: CachedContext) -> bool:
+    """True when rows can join and leave this context's cache (`plain_cache`)."""
+    return plain_cache(ctx.cache)
 
 
 def _pad_left(ctx: CachedContext, extra: int) -> None:
