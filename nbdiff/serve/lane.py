@@ -51,6 +51,11 @@ class Sampler:
     top_p: float
     generator: torch.Generator
 
+    def draw(self, logits: torch.Tensor, rule: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and confidences for logits [N, V], from this row's own generator (one draw per call)."""
+        return choose(logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, rule=rule,
+                      generator=self.generator)
+
 
 def lane_key(options: DecodeOptions) -> tuple:
     """Requests with equal keys can share a batch."""
@@ -128,9 +133,7 @@ class Lane(Decoding):
         for i, s in enumerate(self.samplers):
             if s is None or (self.block is not None and not bool((~self.block.filled[i]).any())):
                 continue  # greedy row, or nothing open in its block: no draw (as when it runs alone)
-            row = logits[i].reshape(-1, logits.shape[-1])
-            t, c = choose(row, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          rule=self.options.confidence, generator=s.generator)
+            t, c = s.draw(logits[i].reshape(-1, logits.shape[-1]), self.options.confidence)
             tokens[i], conf[i] = t.reshape(tokens.shape[1:]), c.reshape(conf.shape[1:])
         return tokens, conf
 

@@ -24,7 +24,7 @@ Notable choices:
 - The cache appends into spare capacity (doubling), so a step does not copy every earlier column.
 - Attention runs over all packed columns under a mask: cheap at the lengths a CPU server sees,
   and the reason block sizes above 1 (denoising passes with their own masks) keep `Lane`.
-- Sampling per row makes the same calls as `Lane.pick` (the row's own generator, one draw per
+- Sampling per row is `Sampler.draw`, as in `Lane.pick` (the row's own generator, one draw per
   token), so a seeded request samples what it would alone.
 """
 
@@ -106,7 +106,6 @@ class PackedLane:
         self._cache_kwarg = cache_kwarg(model)
         self.owner_of = torch.empty(0, dtype=torch.long, device=self.device)  # [columns]: row id, -1 = dead
         self.forwards = 0
-        self.ended = False
         self._next_id = 0
         self.ids: list[int] = []  # per row: its id in owner_of
         self.columns: list[list[int]] = []  # per row: the token of each of its columns, in order
@@ -128,7 +127,7 @@ class PackedLane:
 
     @property
     def live(self) -> bool:
-        return any(owner is not None for owner in self.owners) and not self.ended
+        return bool(self.owners)  # rows leave the lists when released: every row left belongs to a request
 
     def done(self, i: int) -> bool:
         return self.reasons[i] is not None or len(self.produced[i]) >= self.limits[i]
@@ -244,13 +243,11 @@ class PackedLane:
         return out.logits[0]
 
     def _pick(self, logits: torch.Tensor, rows: list[int]) -> list[int]:
-        """Greedy for every row, then each sampling row draws from its own generator (as `Lane.pick`)."""
+        """Greedy for every row, then each sampling row draws from its own generator (`Sampler.draw`, as `Lane.pick`)."""
         tokens, _ = choose(logits, temperature=0.0, rule=self.options.confidence)
         picked = tokens.tolist()
         for j, i in enumerate(rows):
             s = self.samplers[i]
             if s is not None:
-                t, _ = choose(logits[j : j + 1], temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                              rule=self.options.confidence, generator=s.generator)
-                picked[j] = int(t[0])
+                picked[j] = int(s.draw(logits[j : j + 1], self.options.confidence)[0][0])
         return picked
