@@ -99,23 +99,10 @@ class _Mailbox:
             queue.put_nowait(item)
 
 
-_mailboxes: dict[asyncio.AbstractEventLoop, _Mailbox] = {}
-
-
-def _mailbox() -> _Mailbox:
-    loop = asyncio.get_running_loop()
-    if loop not in _mailboxes:
-        for old in [l for l in _mailboxes if l.is_closed()]:
-            del _mailboxes[old]
-        _mailboxes[loop] = _Mailbox(loop)
-    return _mailboxes[loop]
-
-
 class _Call:
     """One submitted request: its items arrive on this loop's queue."""
 
-    def __init__(self, engine: Engine, parsed: protocol.Request, http: Request):
-        mailbox = _mailbox()
+    def __init__(self, engine: Engine, parsed: protocol.Request, http: Request, mailbox: _Mailbox):
         self.items: asyncio.Queue = asyncio.Queue()
         self.http = http
 
@@ -192,6 +179,8 @@ class _Service:
     api_key: str | None
     log_prompts: bool
     max_body: int
+    mailbox: _Mailbox | None = None
+    """The serving loop's (made on the first request, where the loop is known)."""
 
     def finished(self, parsed: protocol.Request, text: str, done: Done) -> None:
         log.info("%s %s prompt=%d completion=%d finish=%s %.2fs queued=%.2fs tokens/forward=%.2f%s",
@@ -208,7 +197,10 @@ class _Service:
         parsed = await run_in_threadpool(parse, body, self.settings, self.model, self.tokenizer)
         if self.log_prompts:
             log.info("%s prompt: %r", parsed.id, self.tokenizer.decode(parsed.job.prompt))
-        call = _Call(self.engine, parsed, request)
+        loop = asyncio.get_running_loop()
+        if self.mailbox is None or self.mailbox.loop is not loop:
+            self.mailbox = _Mailbox(loop)
+        call = _Call(self.engine, parsed, request, self.mailbox)
         try:
             first = await call.next()
             if isinstance(first, Done) and first.error:
