@@ -503,7 +503,7 @@ def test_full_queue_and_time_limit(served, tiny_converted):
 def test_the_command_serves_with_the_key_from_the_environment(tiny_converted):
     env = {**os.environ, "NBDIFF_API_KEY": "env-key", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nbdiff_cli.app", "serve", str(tiny_converted), "--port", "0",
-                             "--max-new-tokens", "4"], env=env, stderr=subprocess.PIPE, text=True)
+                             "--max-new-tokens", "4", "--prefix-cache", "0"], env=env, stderr=subprocess.PIPE, text=True)
     try:
         port = None
         for line in proc.stderr:
@@ -522,6 +522,8 @@ def test_the_command_serves_with_the_key_from_the_environment(tiny_converted):
                 assert time.monotonic() < deadline
                 time.sleep(0.1)
         assert httpx.get(url + "/models").status_code == 401
+        health = httpx.get(url.removesuffix("/v1") + "/health").json()
+        assert health["status"] == "ok" and not any(k.startswith("prefix_cache") for k in health)  # --prefix-cache 0
         name = os.path.basename(str(tiny_converted))
         reply = openai.OpenAI(base_url=url, api_key="env-key", max_retries=0).chat.completions.create(
             model=name, messages=[{"role": "user", "content": "Hi"}])
@@ -529,3 +531,12 @@ def test_the_command_serves_with_the_key_from_the_environment(tiny_converted):
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+def test_the_command_refuses_a_negative_prefix_cache_in_one_line(tiny_converted):
+    out = subprocess.run([sys.executable, "-m", "nbdiff_cli.app", "serve", str(tiny_converted), "--port", "0",
+                          "--prefix-cache", "-1"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    lines = [l for l in out.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "--prefix-cache" in lines[0] and "Traceback" not in out.stderr
