@@ -46,8 +46,7 @@ if [[ "$SIZE" == gpu ]]; then EXTRA=(--complementary-masks); fi  # twice the cos
 
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-run() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }
+source "$HERE/scripts/log.sh"  # say, run
 say "default model run, size $SIZE, out $OUT"
 if [[ "$DEVICE" == cuda ]]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG" || true; fi
 START=$(date +%s)

@@ -73,8 +73,7 @@ INPUTS="${INPUTS:-runs/drafter-gpu-inputs}"
 inputs() { ls "$INPUTS"/$1 "$INPUTS"/*/$1 2>/dev/null | sort; }  # files in DIR or its parts (a/, b/)
 mkdir -p "$OUT"
 LOG="$OUT/log.txt"
-say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
-run() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }
+source "$HERE/scripts/log.sh"  # say, run
 say "drafter run, size $SIZE, inputs $INPUTS, out $OUT"
 if [[ "$DEVICE" == cuda ]]; then nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$LOG" || true; fi
 START=$(date +%s)
