@@ -6,8 +6,9 @@ What `benchmarks/serve_load.py` measures, minus the web layer and the load gener
 first every request alone, one at a time (one client sending the N x M requests in turn), then N
 clients each sending M requests one after another, greedy, block size 1, the same chat prompts as
 serve_load.py's N-client row. Prints tokens/s of both, the speedup, how many replies are identical
-to their lone reply, and the engine's forward times by the number of requests in the forward (the
-cost of a step of 1 and of 8 rows). The gap to serve_load.py's speedup is what HTTP, streaming and
+to their lone reply, the engine's forward times by the number of requests in the forward (the
+cost of a step of 1 and of 8 rows), and transformers' own generate() on the same prompts, one at a
+time (greedy, EOS honoured): its tokens/s and how many of its texts equal the engine's. The gap to serve_load.py's speedup is what HTTP, streaming and
 a load generator on the same cores cost.
 
 Feeds docs/BENCHMARKS.md, section "Serving (issue 21)".
@@ -110,6 +111,23 @@ def main() -> None:
     same = sum(len(set(v)) == 1 for v in texts.values())
     alone, together = results["one at a time"], results[f"{args.clients} clients"]
     print(f"speedup {together / alone:.2f}x; identical replies {same}/{len(texts)}")
+    peer, equal = _generate(model, tok, jobs, args.max_tokens, texts)
+    print(f"transformers generate(), the same prompts one at a time (EOS honoured): {peer:.1f} tokens/s; "
+          f"engine replies equal to generate()'s: {equal}/{len(jobs)}")
+
+
+@torch.no_grad()
+def _generate(model, tok, jobs: list[Job], max_tokens: int, texts: dict) -> tuple[float, int]:
+    """transformers' own greedy generate() on the same prompts: tokens/s and how many texts equal the engine's."""
+    eos = model.generation_config.eos_token_id
+    model.generate(torch.tensor([jobs[0].prompt]), max_new_tokens=2, do_sample=False, eos_token_id=eos)  # warm up
+    tokens, equal, start = 0, 0, time.perf_counter()
+    for k, job in enumerate(jobs):
+        out = model.generate(torch.tensor([job.prompt]), max_new_tokens=max_tokens, do_sample=False,
+                             eos_token_id=eos, pad_token_id=tok.pad_token_id or 0)[0, len(job.prompt):]
+        tokens += len(out)
+        equal += tok.decode(out, skip_special_tokens=True) == texts[k][0]
+    return tokens / (time.perf_counter() - start), equal
 
 
 if __name__ == "__main__":
