@@ -71,6 +71,8 @@ def generate(
         choice = loaded_dtype(mdl)  # which dtype ran, and why (--dtype auto reads the CPU's bf16 support)
         payload.update(dtype=choice.name if choice else str(mdl.dtype).removeprefix("torch."),
                        dtype_reason=choice.reason if choice else None)
+        kernel = getattr(mdl, "_nbdiff_cpu_kernel", None)  # nbdiff.cpu_kernel: set on CPU fp32 loads
+        payload.update(cpu_kernel=kernel.reason if kernel else None)
         if options.exact:  # the drafter that ran, what the verification kept: tokens per block, accepted per offset
             from nbdiff.decode.options import auto_drafting
 

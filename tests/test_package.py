@@ -139,6 +139,7 @@ def test_wheel_installs_and_finds_its_assets_outside_the_checkout(tmp_path):
         "from nbdiff.default_model import default_asset; from safetensors import safe_open; "
         "names = suite_names(); assert {'chat', 'code'} <= set(names), names; assert load_suites(names); "
         "assert distill_prompts().is_file(); "
+        "from nbdiff.cpu_kernel import HERE, SOURCES; assert all((HERE / n).is_file() for n in SOURCES); "
         "f = safe_open(str(default_asset()), 'pt'); assert list(f.keys()); print('ok', len(names))"
     )
     assert run(str(python), "-c", code).startswith("ok")

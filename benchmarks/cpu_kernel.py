@@ -1,0 +1,119 @@
+"""The small-row CPU kernel (nbdiff/cpu_kernel) against torch's fp32 product, on this CPU.
+
+Two measurements, both with cold caches the way decoding sees them:
+  1. products: the linear layers of one forward of MODEL's shapes (every layer's own weights, so
+     nothing stays in cache), for 1..16 rows: milliseconds per forward, kernel vs torch.
+  2. model: a real forward of MODEL over a cached context for 1..16 new tokens per row (a decoding
+     step, a verify pass of a drafted block), kernel installed vs not, and whether the logits of
+     the first token are bit-identical whatever the number of rows beside it.
+
+    python benchmarks/cpu_kernel.py ~/.cache/nbdiff/base-smollm2-135m --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+
+def cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat * 1e3
+
+
+def products(model, rows: list[int], repeat: int) -> list[dict]:
+    from nbdiff.cpu_kernel import small_m_linear
+
+    weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    out = []
+    for m in rows:
+        xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+        torch_ms = timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights], repeat)
+        kernel_ms = timed(lambda: [small_m_linear(xs[w.shape[1]], w) for w in weights], repeat)
+        out.append({"rows": m, "torch_ms": round(torch_ms, 2), "kernel_ms": round(kernel_ms, 2)})
+    return out
+
+
+@torch.inference_mode()
+def forwards(model, rows: list[int], repeat: int, context: int) -> list[dict]:
+    from transformers import DynamicCache
+
+    from nbdiff.cpu_kernel import install, uninstall
+
+    ids = torch.randint(0, model.config.vocab_size, (1, context + max(rows)))
+    base = DynamicCache()
+    model(ids[:, :context], past_key_values=base, use_cache=True)
+    out = []
+
+    def step(m):
+        cache = DynamicCache()
+        for i, layer in enumerate(base.layers):
+            cache.update(layer.keys.clone(), layer.values.clone(), i)
+        return model(ids[:, context:context + m], past_key_values=cache, use_cache=True).logits[0, 0]
+
+    for m in rows:
+        uninstall(model)
+        torch_ms, ref = timed(lambda: step(m), repeat), step(m)
+        install(model)
+        kernel_ms, got = timed(lambda: step(m), repeat), step(m)
+        alone = step(1)
+        out.append({"rows": m, "torch_ms": round(torch_ms, 2), "kernel_ms": round(kernel_ms, 2),
+                    "max_diff_vs_torch": float((got - ref).abs().max()), "same_bits_as_alone": bool(torch.equal(got, alone))})
+    uninstall(model)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--rows", default="1,2,4,8,12,16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=10)
+    parser.add_argument("--context", type=int, default=64, help="cached tokens before the timed forward")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from nbdiff.cpu_kernel import status
+    from nbdiff.loading import load_model
+
+    import os
+    os.environ["NBDIFF_CPU_KERNEL"] = "0"  # load plain; the benchmark switches the kernel itself
+    model, _ = load_model(args.model, device="cpu", dtype="fp32")
+    os.environ["NBDIFF_CPU_KERNEL"] = "1"
+    state = status()
+    if not state.ready:
+        raise SystemExit(f"the kernel is {state.reason}")
+    rows = [int(r) for r in args.rows.split(",")]
+    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernel": state.reason,
+              "products": products(model, rows, args.repeat), "forwards": forwards(model, rows, args.repeat, args.context)}
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return
+    print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}")
+    print("products of one forward (ms)      rows  torch  kernel")
+    for r in report["products"]:
+        print(f"{'':34s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}")
+    print("model forward over a cached context (ms)  rows  torch  kernel  max|diff|  same bits as alone")
+    for r in report["forwards"]:
+        print(f"{'':42s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}  {r['max_diff_vs_torch']:.1e}  {r['same_bits_as_alone']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""Fp32 linear layers for a handful of rows on x86 CPUs: one-token decoding steps, exact mode's
+verify passes and the server's packed steps, where MKL's sgemm costs nearly as much per row as its
+one-row gemv (it does not overlap streaming the weights with computing on them).
+
+The kernels (small_m.h, kernel_body.h, avx512.cpp, avx2.cpp, op.cpp next to this file) are built
+once per machine with the system's C++ compiler into `$NBDIFF_HOME/kernels/<key>/` (a few seconds)
+and registered as `torch.ops.nbdiff.small_m_linear`. `install(model)` switches a model's fp32
+`nn.Linear` layers to `SmallRowsLinear`, which takes the kernel for inputs of at most `MAX_ROWS`
+rows and torch's own product otherwise (prefills, training, other dtypes and devices). Weights and
+state dicts are untouched.
+
+Each output element is summed in one fixed order whatever the number of rows, so a row decoded
+beside others gets the bits it gets alone. Without a compiler, on a CPU without AVX2 + FMA, or with
+`NBDIFF_CPU_KERNEL=0`, nothing changes and `status()` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HERE = Path(__file__).parent
+SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "op.cpp")
+ISA_FLAGS = {2: ("avx512f", "-mavx512f -mfma"), 1: ("avx2", "-mavx2 -mfma")}
+ISA_NAMES = {2: "AVX-512", 1: "AVX2"}
+# Above this many rows torch's product (MKL) is as fast or faster: the kernel re-reads the weights
+# for every 8 rows. Measured with benchmarks/cpu_kernel.py (docs/BENCHMARKS.md).
+MAX_ROWS = 16
+ENV_SWITCH = "NBDIFF_CPU_KERNEL"
+
+
+@dataclass(frozen=True)
+class KernelStatus:
+    ready: bool
+    reason: str  # one line for people: why it is on or off
+    isa: int = 0  # 2 = AVX-512, 1 = AVX2, 0 = none
+
+
+def cpu_isa() -> int:
+    """The best instruction set the kernel has a version for, from the CPU's flags (0: none)."""
+    from nbdiff.hardware import _cpuinfo_flags
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    flags = _cpuinfo_flags()
+    if "fma" not in flags:
+        return 0
+    return 2 if "avx512f" in flags else 1 if "avx2" in flags else 0
+
+
+def _compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _build_key(cxx: str) -> str:
+    digest = hashlib.sha256(torch.__version__.encode() + cxx.encode())
+    for name in SOURCES:
+        digest.update((HERE / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _run(cmd: list[str], cwd: Path) -> None:
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"{Path(cmd[0]).name} failed: {last[:200]}")
+
+
+def build(cache: Path | None = None) -> Path:
+    """Compile the kernels (once; reused while the sources, torch and the compiler stay the same)
+    and return the shared library's path. Raises RuntimeError with one line if it cannot."""
+    from torch.utils import cpp_extension
+
+    from nbdiff.default_model import cache_root
+
+    cxx = _compiler()
+    if cxx is None:
+        raise RuntimeError("no C++ compiler found (set CXX or install g++)")
+    folder = (cache or cache_root() / "kernels") / _build_key(cxx)
+    target = folder / "nbdiff_small_m.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    common = [cxx, "-O3", "-fPIC", "-std=c++17", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        work = Path(tmp)
+        for isa in ISA_FLAGS:
+            name = "avx512" if isa == 2 else "avx2"
+            _run([*common, *ISA_FLAGS[isa][1].split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+        _run([*common[:-1], "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / "op.cpp"), "-o", "op.o"], work)
+        libs = cpp_extension.library_paths()[0]
+        _run([cxx, "-shared", "-fopenmp", "op.o", "avx512.o", "avx2.o", f"-L{libs}", f"-Wl,-rpath,{libs}",
+              "-lc10", "-ltorch_cpu", "-o", "lib.so"], work)
+        os.replace(work / "lib.so", target)  # whole or not at all, also with two builders at once
+    return target
+
+
+_lock = threading.Lock()
+_status: KernelStatus | None = None
+
+
+def status() -> KernelStatus:
+    """Build and load the kernel on first call (thread-safe); later calls return the same answer.
+    `NBDIFF_CPU_KERNEL=0` turns it off (read on every call)."""
+    global _status
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return KernelStatus(False, f"off ({ENV_SWITCH}=0)")
+    with _lock:
+        if _status is None:
+            _status = _load()
+        return _status
+
+
+def _load() -> KernelStatus:
+    isa = cpu_isa()
+    if not isa:
+        return KernelStatus(False, "off (the CPU has neither AVX-512 nor AVX2 with FMA)")
+    try:
+        if not hasattr(torch.ops.nbdiff, "small_m_linear"):
+            torch.ops.load_library(str(build()))
+    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        return KernelStatus(False, f"off ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
+    return KernelStatus(True, f"on ({ISA_NAMES[isa]}, fp32 products of up to {MAX_ROWS} rows)", isa)
+
+
+def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                   isa: int | None = None) -> torch.Tensor:
+    """x @ weight.T + bias through the kernel (any number of rows; fp32 CPU tensors)."""
+    state = status()
+    if not state.ready:
+        raise RuntimeError(f"the CPU kernel is {state.reason}")
+    return torch.ops.nbdiff.small_m_linear(x, weight, bias, state.isa if isa is None else isa)
+
+
+class SmallRowsLinear(nn.Linear):
+    """nn.Linear whose fp32 CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel."""
+
+    _isa = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
+                and x.numel() <= MAX_ROWS * w.shape[1] and w.is_contiguous()
+                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+            return torch.ops.nbdiff.small_m_linear(x, w, self.bias, self._isa)
+        return F.linear(x, w, self.bias)
+
+
+def install(model: nn.Module) -> KernelStatus:
+    """Switch `model`'s fp32 CPU nn.Linear layers (exactly nn.Linear, not subclasses such as
+    quantized or LoRA layers) to SmallRowsLinear when the kernel is ready; a no-op otherwise."""
+    state = status()
+    if not state.ready:
+        return state
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.dtype is torch.float32 and module.weight.device.type == "cpu":
+            module.__class__ = SmallRowsLinear
+            module._isa = state.isa
+            count += 1
+    return state if count else KernelStatus(False, "off (no fp32 CPU linear layers)")
+
+
+def uninstall(model: nn.Module) -> None:
+    """Back to plain nn.Linear (for comparisons)."""
+    for module in model.modules():
+        if type(module) is SmallRowsLinear:
+            module.__class__ = nn.Linear

@@ -1,0 +1,32 @@
+// The small-row kernel for AVX2 + FMA (compiled with -mavx2 -mfma).
+#include "small_m.h"
+#include "kernel_body.h"
+
+namespace nbdiff_kernel {
+namespace {
+struct Avx2 {
+  using V = __m256;
+  static constexpr int L = 8;
+  // 16 vector registers: at most 8 accumulators, so 8 input rows read each weight row once.
+  template <int R> static constexpr int cols() { return R == 1 ? 4 : R <= 4 ? 2 : 1; }
+  static V zero() { return _mm256_setzero_ps(); }
+  static V load(const float* p) { return _mm256_loadu_ps(p); }
+  static V load_tail(const float* p, int n) {
+    const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), lanes));
+  }
+  static V fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(V v) {
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
+};
+}  // namespace
+
+void rows_avx2(const float* x, int64_t M, int64_t K, const float* w, const float* b, int64_t n0,
+               int64_t n1, int64_t N, float* y) {
+  rows<Avx2>(x, M, K, w, b, n0, n1, N, y);
+}
+}  // namespace nbdiff_kernel

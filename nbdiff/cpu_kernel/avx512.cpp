@@ -1,0 +1,30 @@
+// The small-row kernel for AVX-512 (compiled with -mavx512f -mfma; called only where the CPU has it).
+#include "small_m.h"
+#include "kernel_body.h"
+
+namespace nbdiff_kernel {
+namespace {
+struct Avx512 {
+  using V = __m512;
+  static constexpr int L = 16;
+  // 32 vector registers: up to 16 accumulators plus the weights and one input vector.
+  template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static V load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p); }
+  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(V v) {  // (lo256 + hi256), then (lo128 + hi128), then pairs: a fixed tree
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+    q = _mm_add_ss(q, _mm_movehdup_ps(q));
+    return _mm_cvtss_f32(q);
+  }
+};
+}  // namespace
+
+void rows_avx512(const float* x, int64_t M, int64_t K, const float* w, const float* b, int64_t n0,
+                 int64_t n1, int64_t N, float* y) {
+  rows<Avx512>(x, M, K, w, b, n0, n1, N, y);
+}
+}  // namespace nbdiff_kernel

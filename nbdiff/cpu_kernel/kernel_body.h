@@ -1,0 +1,87 @@
+// The kernel, written once over a SIMD type `S` (see avx512.cpp, avx2.cpp, which compile it for
+// their instruction set). S provides: V, L (lanes), zero(), load(p), load_tail(p, n), fma(a, b, c),
+// sum(v) (the lanes in a fixed order).
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace nbdiff_kernel {
+
+constexpr int kPrefetchColumns = 4;  // how many weight rows ahead to prefetch (measured: 2-8 alike)
+
+// R input rows, NB output columns per pass (R * NB accumulators stay in registers).
+template <class S, int R, int NB>
+static inline int64_t columns(const float* __restrict x, int64_t K, const float* __restrict w,
+                              const float* __restrict b, int64_t n, int64_t n1, int64_t N,
+                              float* __restrict y) {
+  const int64_t body = K - K % S::L;
+  const int tail = static_cast<int>(K - body);
+  for (; n + NB <= n1; n += NB) {
+    const float* wn = w + n * K;
+    typename S::V acc[NB][R];
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) acc[j][r] = S::zero();
+    for (int64_t k = 0; k < body; k += S::L) {
+      typename S::V wv[NB];
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        _mm_prefetch(reinterpret_cast<const char*>(wn + (kPrefetchColumns + j) * K + k), _MM_HINT_T0);
+        wv[j] = S::load(wn + j * K + k);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const typename S::V xv = S::load(x + r * K + k);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(wv[j], xv, acc[j][r]);
+      }
+    }
+    if (tail) {
+#pragma GCC unroll 16
+      for (int r = 0; r < R; ++r) {
+        const typename S::V xv = S::load_tail(x + r * K + body, tail);
+#pragma GCC unroll 16
+        for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(S::load_tail(wn + j * K + body, tail), xv, acc[j][r]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) {
+        float s = S::sum(acc[j][r]);
+        if (b) s += b[n + j];
+        y[r * N + n + j] = s;
+      }
+  }
+  return n;
+}
+
+template <class S, int R, int NB>
+static void block(const float* x, int64_t K, const float* w, const float* b, int64_t n0, int64_t n1,
+                  int64_t N, float* y) {
+  const int64_t n = columns<S, R, NB>(x, K, w, b, n0, n1, N, y);
+  columns<S, R, 1>(x, K, w, b, n, n1, N, y);
+}
+
+// All M rows, 8 at a time; the pass shape for each count of rows is S::Shape<R>.
+template <class S>
+static void rows(const float* x, int64_t M, int64_t K, const float* w, const float* b, int64_t n0,
+                 int64_t n1, int64_t N, float* y) {
+  for (int64_t m = 0; m < M; m += 8) {
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (M - m < 8 ? M - m : 8) {
+      case 1: block<S, 1, S::template cols<1>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 2: block<S, 2, S::template cols<2>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 3: block<S, 3, S::template cols<3>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 4: block<S, 4, S::template cols<4>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 5: block<S, 5, S::template cols<5>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 6: block<S, 6, S::template cols<6>()>(xm, K, w, b, n0, n1, N, ym); break;
+      case 7: block<S, 7, S::template cols<7>()>(xm, K, w, b, n0, n1, N, ym); break;
+      default: block<S, 8, S::template cols<8>()>(xm, K, w, b, n0, n1, N, ym); break;
+    }
+  }
+}
+
+}  // namespace nbdiff_kernel

@@ -1,0 +1,131 @@
+"""The small-row CPU kernel (nbdiff.cpu_kernel): products equal torch's to float rounding, each row
+gets the same bits whatever rows share its product, the layer swap leaves models and checkpoints
+alone, and a machine without a compiler or with the switch off keeps torch's product."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nbdiff import cpu_kernel
+
+pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compiler() is None,
+                                reason="needs an x86 CPU with AVX2+FMA and a C++ compiler")
+ISAS = [isa for isa in (1, 2) if isa <= cpu_kernel.cpu_isa()]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ready():
+    state = cpu_kernel.status()
+    assert state.ready, state.reason
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 3), (16, 65), (33, 200), (576, 130)])
+def test_products_match_torch(isa, k, n):
+    gen = torch.Generator().manual_seed(k * 1000 + n)
+    w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
+    for m in (0, 1, 2, 3, 5, 8, 9, 13, 16, 17):
+        x = torch.randn(m, k, generator=gen)
+        for bias in (None, b):
+            got = cpu_kernel.small_m_linear(x, w, bias, isa=isa)
+            assert got.shape == (m, n)
+            torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * k ** 0.5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_each_row_gets_its_own_bits_whatever_shares_the_product(isa):
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(97, 200, generator=gen), torch.randn(97, generator=gen)
+    x = torch.randn(16, 200, generator=gen)
+    alone = torch.cat([cpu_kernel.small_m_linear(x[i:i + 1], w, b, isa=isa) for i in range(16)])
+    for m in range(1, 17):
+        assert torch.equal(cpu_kernel.small_m_linear(x[:m], w, b, isa=isa), alone[:m]), m
+    # a row keeps its bits beside different neighbours too
+    mixed = torch.cat([x[5:6], torch.randn(6, 200, generator=gen)])
+    assert torch.equal(cpu_kernel.small_m_linear(mixed, w, b, isa=isa)[0], alone[5])
+
+
+def test_shapes_views_and_refusals():
+    w = torch.randn(24, 40)
+    x = torch.randn(40, 2, 3).permute(1, 2, 0)  # (2, 3, 40), not contiguous
+    torch.testing.assert_close(cpu_kernel.small_m_linear(x, w), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        cpu_kernel.small_m_linear(x.double(), w.double())
+    with pytest.raises(RuntimeError, match="features"):
+        cpu_kernel.small_m_linear(torch.randn(2, 41), w)
+
+
+def _linear(n=48, k=32, bias=True):
+    layer = nn.Linear(k, n, bias=bias)
+    cpu_kernel.install(nn.Sequential(layer))
+    assert type(layer) is cpu_kernel.SmallRowsLinear
+    return layer
+
+
+def test_layer_takes_the_kernel_for_few_rows_only():
+    layer = _linear()
+    few, many = torch.randn(2, 4, 32), torch.randn(cpu_kernel.MAX_ROWS + 1, 32)
+    with torch.no_grad():
+        assert torch.equal(layer(few), cpu_kernel.small_m_linear(few, layer.weight, layer.bias))
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        half = _linear().to(torch.bfloat16)
+        assert torch.equal(half(few.bfloat16()), F.linear(few.bfloat16(), half.weight, half.bias))
+    # autograd wants torch's product: same bits as F.linear, and gradients flow
+    out = layer(few)
+    assert torch.equal(out, F.linear(few, layer.weight, layer.bias))
+    out.sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+def test_install_keeps_the_model_its_state_and_checkpoint(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from nbdiff.testing import tiny_model
+
+    model = tiny_model("llama").eval()
+    ids = torch.randint(0, model.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        before = model(ids).logits
+        keys = list(model.state_dict())
+        state = cpu_kernel.install(model)
+        assert state.ready and state.isa == cpu_kernel.cpu_isa()
+        swapped = [m for m in model.modules() if type(m) is cpu_kernel.SmallRowsLinear]
+        assert len(swapped) == sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+        after = model(ids).logits  # 3 x 6 = 18 rows: torch's product
+        step = model(ids[:1, :4]).logits  # 4 rows: the kernel
+    assert list(model.state_dict()) == keys
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+    torch.testing.assert_close(step, before[:1, :4], rtol=1e-4, atol=1e-4)
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert all(type(m) is not cpu_kernel.SmallRowsLinear for m in again.modules())
+    cpu_kernel.uninstall(model)
+    assert not any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
+
+
+def test_load_model_installs_on_cpu_fp32_only(tiny_converted, monkeypatch):
+    from nbdiff.loading import load_model
+
+    model, _ = load_model(tiny_converted, device="cpu", dtype="fp32")
+    assert model._nbdiff_cpu_kernel.ready
+    assert any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
+    model, _ = load_model(tiny_converted, device="cpu", dtype="bf16")
+    assert not hasattr(model, "_nbdiff_cpu_kernel")
+    assert not any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    model, _ = load_model(tiny_converted, device="cpu", dtype="fp32")
+    assert not model._nbdiff_cpu_kernel.ready and "NBDIFF_CPU_KERNEL=0" in model._nbdiff_cpu_kernel.reason
+    assert not any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
+
+
+def test_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch):
+    first = cpu_kernel.build(tmp_path / "ok")
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernel.build(tmp_path / "ok") == first and first.stat().st_mtime_ns == stamp
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that always fails
+    with pytest.raises(RuntimeError, match="false failed"):
+        cpu_kernel.build(tmp_path / "bad")
+    assert not list((tmp_path / "bad").rglob("*.so")) and not list((tmp_path / "bad").rglob("*.o"))
