@@ -9,7 +9,8 @@ then runs every client count: N threads, each sending M streamed chat requests o
 request repeats an earlier one), and stops the server. Per client count: total completion tokens / wall time, p50/p95 time to first token (the
 first non-empty text chunk) and request latency. Configurations:
 - `nbdiff serve --max-batch 8` (batching on) and `--max-batch 1` (one request at a time), block size 1
-  (packed lanes: nbdiff.serve.packed); with `--ablation` also batching on with `--prefix-cache 0`;
+  (packed lanes: nbdiff.serve.packed); with `--ablation` also batching on with `--prefix-cache 0`
+  and batching on with torch's own matrix products instead of nbdiff.cpu_kernel;
 - `transformers serve --continuous-batching` on the same folder (`--transformers`), if installed.
 Every reply is compared with the same prompt's reply with batching off, where each request runs
 alone ("same" counts the equal ones). Each row with N > 1 clients is also served one at a time by a
@@ -171,16 +172,18 @@ def _load(server: Server, prompts: list[str], clients: int, requests: int, max_t
             "replies": {r["prompt"]: r["text"] for r in results}}
 
 
-def _servers(args, env) -> list[tuple[str, list[str], str]]:
-    """(name, argv without --port, model id) per configuration."""
+def _servers(args) -> list[tuple[str, list[str], str, dict[str, str]]]:
+    """(name, argv without --port, model id, environment on top of the common one) per configuration."""
     nbdiff = [sys.executable, "-m", "nbdiff_cli.app", "serve", args.model, "--model-name", "bench", "--block-size", "1",
               "--dtype", args.dtype, "--max-queue", "256", "--request-timeout", str(args.time_limit)]
     # batching off first: its replies are every prompt's lone reply, the reference of the "same" column
-    rows = [("nbdiff serve, batching off (--max-batch 1)", nbdiff + ["--max-batch", "1"], "bench"),
-            ("nbdiff serve, batching on (--max-batch 8)", nbdiff + ["--max-batch", "8"], "bench")]
+    rows = [("nbdiff serve, batching off (--max-batch 1)", nbdiff + ["--max-batch", "1"], "bench", {}),
+            ("nbdiff serve, batching on (--max-batch 8)", nbdiff + ["--max-batch", "8"], "bench", {})]
     if args.ablation:
         rows.append(("nbdiff serve, batching on, no prefix cache (--prefix-cache 0)",
-                     nbdiff + ["--max-batch", "8", "--prefix-cache", "0"], "bench"))
+                     nbdiff + ["--max-batch", "8", "--prefix-cache", "0"], "bench", {}))
+        rows.append(("nbdiff serve, batching on, torch's products (NBDIFF_CPU_KERNEL=0)",
+                     nbdiff + ["--max-batch", "8"], "bench", {"NBDIFF_CPU_KERNEL": "0"}))
     if args.transformers:
         exe = shutil.which("transformers")
         if exe is None:
@@ -189,7 +192,7 @@ def _servers(args, env) -> list[tuple[str, list[str], str]]:
             dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, "auto")
             rows.append(("transformers serve --continuous-batching",
                          [exe, "serve", "--continuous-batching", "--dtype", dtype, "--device", "cpu", args.model],
-                         args.model))
+                         args.model, {}))
     return rows
 
 
@@ -257,7 +260,8 @@ def main() -> None:
                         help="skip the one-at-a-time runs (1 client sending each row's requests in turn, on a fresh server)")
     parser.add_argument("--client", choices=["openai", "raw"], default="openai",
                         help="load generator: the openai client, or plain httpx + json (lighter on the shared cores)")
-    parser.add_argument("--ablation", action="store_true", help="also batching on without the prefix cache")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also batching on without the prefix cache, and without the CPU kernel")
     parser.add_argument("--only", default=None, help="run only the configurations whose name contains this")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of every server (default: torch's choice)")
     parser.add_argument("--time-limit", type=float, default=600.0, help="seconds per row at most")
@@ -275,11 +279,11 @@ def main() -> None:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     rows, reference = [], {}
-    for name, argv, model in _servers(args, env):
+    for name, argv, model, extra in _servers(args):
         if args.only and args.only not in name:
             continue
         try:
-            rows += _configuration(name, argv, model, env, args, slices, reference)
+            rows += _configuration(name, argv, model, {**env, **extra}, args, slices, reference)
         except RuntimeError as exc:
             print(f"{name}: {exc}", file=sys.stderr)
             rows.append({"server": name, "error": str(exc)})

@@ -7,8 +7,10 @@ namespace {
 struct Avx512 {
   using V = __m512;
   static constexpr int L = 16;
-  // 32 vector registers: up to 16 accumulators plus the weights and one input vector.
-  template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : 2; }
+  // 32 vector registers: up to 16 accumulators plus the weights and one input vector, so up to
+  // 16 input rows share each read of a weight row.
+  static constexpr int kRows = 16;
+  template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : R <= 8 ? 2 : 1; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p); }

@@ -64,24 +64,22 @@ static void block(const float* x, int64_t K, const float* w, const float* b, int
   columns<S, R, 1>(x, K, w, b, n, n1, N, y);
 }
 
-// All M rows, 8 at a time; the pass shape for each count of rows is S::Shape<R>.
+// All M rows, S::kRows at a time (each weight row is read once per chunk); the pass shape for
+// each count of rows is S::cols<R>().
+template <class S, int R>
+static void chunk(const float* x, int64_t rows, int64_t K, const float* w, const float* b, int64_t n0,
+                  int64_t n1, int64_t N, float* y) {
+  if constexpr (R > 1) {
+    if (rows < R) return chunk<S, R - 1>(x, rows, K, w, b, n0, n1, N, y);
+  }
+  block<S, R, S::template cols<R>()>(x, K, w, b, n0, n1, N, y);
+}
+
 template <class S>
 static void rows(const float* x, int64_t M, int64_t K, const float* w, const float* b, int64_t n0,
                  int64_t n1, int64_t N, float* y) {
-  for (int64_t m = 0; m < M; m += 8) {
-    const float* xm = x + m * K;
-    float* ym = y + m * N;
-    switch (M - m < 8 ? M - m : 8) {
-      case 1: block<S, 1, S::template cols<1>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 2: block<S, 2, S::template cols<2>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 3: block<S, 3, S::template cols<3>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 4: block<S, 4, S::template cols<4>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 5: block<S, 5, S::template cols<5>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 6: block<S, 6, S::template cols<6>()>(xm, K, w, b, n0, n1, N, ym); break;
-      case 7: block<S, 7, S::template cols<7>()>(xm, K, w, b, n0, n1, N, ym); break;
-      default: block<S, 8, S::template cols<8>()>(xm, K, w, b, n0, n1, N, ym); break;
-    }
-  }
+  for (int64_t m = 0; m < M; m += S::kRows)
+    chunk<S, S::kRows>(x + m * K, M - m < S::kRows ? M - m : S::kRows, K, w, b, n0, n1, N, y + m * N);
 }
 
 }  // namespace nbdiff_kernel
