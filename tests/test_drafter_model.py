@@ -1,10 +1,12 @@
 """The trained drafter's network and folder: shapes, what is saved, the mask, a mismatched pair refused."""
 
+import contextlib
 import json
 
 import pytest
 import torch
 
+from nbdiff import cpu_kernel
 from nbdiff.drafter import Drafter, DrafterConfig, FeatureCache, fingerprint, load_drafter, new_drafter, save_drafter
 from nbdiff.drafter.config import target_hidden_layers
 from nbdiff.errors import NBDiffError
@@ -20,6 +22,18 @@ def randomised(drafter: Drafter, seed: int = 0) -> Drafter:
         for p in drafter.parameters():
             p.normal_(1.0 if p.dim() == 1 else 0.0, 0.1)
     return drafter
+
+
+@contextlib.contextmanager
+def same_products(loaded, reference):
+    """A loaded drafter (fp32, CPU) takes nbdiff's few-row kernel where it is ready: run the reference
+    through the same products while comparing bits, then give it back torch's."""
+    assert any(type(m) is cpu_kernel.SmallRowsLinear for m in loaded.modules()) == cpu_kernel.status().ready
+    cpu_kernel.install(reference)
+    try:
+        yield
+    finally:
+        cpu_kernel.uninstall(reference)
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +102,7 @@ def test_save_load_round_trip_in_dflash_layout(ar, drafter, tmp_path):
     loaded = load_drafter(tmp_path / "d", ar)
     feats = features(ar, drafter, [[5, 6, 7]])
     args = (torch.tensor([[7, MASK]]), torch.tensor([[3, 4]]), feats, torch.arange(3)[None])
-    with torch.no_grad():
+    with torch.no_grad(), same_products(loaded, drafter):
         torch.testing.assert_close(loaded(*args), drafter(*args), rtol=0, atol=0)
     assert fingerprint(ar.to(torch.bfloat16)) == fingerprint(ar.float())  # dtype does not change it
 
@@ -154,7 +168,7 @@ def test_a_dflash_checkpoint_loads_for_its_ar_model(ar, drafter, tmp_path):
     assert loaded.config.target_layer_ids == drafter.config.target_layer_ids and loaded.config.target_fingerprint == ""
     feats = features(ar, drafter, [[5, 6, 7]])
     args = (torch.tensor([[7, MASK]]), torch.tensor([[3, 4]]), feats, torch.arange(3)[None])
-    with torch.no_grad():
+    with torch.no_grad(), same_products(loaded, drafter):
         torch.testing.assert_close(loaded(*args), drafter(*args), rtol=0, atol=0)
     with pytest.raises(NBDiffError, match="layers"):
         load_drafter(tmp_path / "d", tiny_model("qwen3", num_hidden_layers=3))

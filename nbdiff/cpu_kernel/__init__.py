@@ -161,17 +161,18 @@ class SmallRowsLinear(nn.Linear):
 
 def install(model: nn.Module) -> KernelStatus:
     """Switch `model`'s fp32 CPU nn.Linear layers (exactly nn.Linear, not subclasses such as
-    quantized or LoRA layers) to SmallRowsLinear when the kernel is ready; a no-op otherwise."""
+    quantized or LoRA layers) to SmallRowsLinear when the kernel is ready; a no-op otherwise (and
+    no build when the model has no such layer)."""
+    layers = [m for m in model.modules()
+              if type(m) is nn.Linear and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"]
+    if not layers:
+        return KernelStatus(False, "off (no fp32 CPU linear layers)")
     state = status()
-    if not state.ready:
-        return state
-    count = 0
-    for module in model.modules():
-        if type(module) is nn.Linear and module.weight.dtype is torch.float32 and module.weight.device.type == "cpu":
+    if state.ready:
+        for module in layers:
             module.__class__ = SmallRowsLinear
             module._isa = state.isa
-            count += 1
-    return state if count else KernelStatus(False, "off (no fp32 CPU linear layers)")
+    return state
 
 
 def uninstall(model: nn.Module) -> None:

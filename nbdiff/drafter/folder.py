@@ -202,4 +202,7 @@ def load_drafter(path, ar_model) -> Drafter:
     if missing or unexpected:
         raise NBDiffError(f"drafter {path} does not match its config (missing {len(missing)}, unexpected "
                           f"{len(unexpected)} tensors, e.g. {(missing or unexpected)[0]})", "write the drafter folder again")
+    from nbdiff.cpu_kernel import install
+
+    install(drafter)  # fp32 on a CPU: its block of drafted rows through the few-row kernel
     return drafter.eval()
