@@ -60,6 +60,9 @@ def choose_dtype(dtype: str | torch.dtype = "auto", device: str = "cpu") -> Dtyp
 
 EXACT_DTYPE_REASON = ("exact mode: fp32, so the output is AR's token for token "
                       "(bf16 rounds a block's verification pass and one-token steps differently)")
+SERVE_DTYPE_REASON = ("nbdiff serve on a CPU: fp32, so a greedy reply is the same alone or beside other "
+                      "requests (bf16 products round a row differently in a batch; fp32 few-row products "
+                      "go through nbdiff.cpu_kernel)")
 
 
 def loaded_dtype(model) -> DtypeChoice | None:

@@ -39,24 +39,28 @@ def resolve_model(model: Optional[str]) -> str:
     return str(path)
 
 
-def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False):
+def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False, served: bool = False):
     """Load MODEL (default model when omitted) for a decoding command; errors are one line.
 
     With `exact`, `--dtype auto` loads fp32: exact mode promises AR's tokens, and in bf16 a
     verification pass over a block rounds differently from one-token steps, so near-ties flip
     (measured on SmolLM2: 2 of 6 replies identical in bf16, 6 of 6 in fp32; docs/BENCHMARKS.md).
+    With `served` (nbdiff serve) on a CPU it loads fp32 too: a batched greedy reply must equal the
+    lone one, and bf16 rows do not keep their bits beside others (12 of 16 replies identical).
     """
     from dataclasses import replace
 
     from nbdiff.api import load
-    from nbdiff.loading import EXACT_DTYPE_REASON, choose_dtype
+    from nbdiff.loading import EXACT_DTYPE_REASON, SERVE_DTYPE_REASON, choose_dtype, resolve_device
     from nbdiff.quantize import normalize
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
     pick = str(value(dtype)).lower()
-    for_exact = exact and pick == "auto" and normalize(quantize) is None
+    reason = (EXACT_DTYPE_REASON if exact else
+              SERVE_DTYPE_REASON if served and resolve_device(value(device)) == "cpu" else None)
+    fp32 = reason is not None and pick == "auto" and normalize(value(quantize)) is None
     mdl, tok = load(resolve_model(model), quantize=value(quantize), device=value(device),
-                    dtype="fp32" if for_exact else pick)
-    if for_exact:  # say why fp32 ran (info and --json read it back)
-        mdl._nbdiff_dtype = replace(choose_dtype("fp32"), reason=EXACT_DTYPE_REASON)
+                    dtype="fp32" if fp32 else pick)
+    if fp32:  # say why fp32 ran (info and --json read it back)
+        mdl._nbdiff_dtype = replace(choose_dtype("fp32"), reason=reason)
     return mdl, tok

@@ -231,15 +231,19 @@ def test_sub_blocks_and_4bit_weights(tmp_path):
 
 def test_exact_loads_fp32_under_dtype_auto_and_16_bit_weights_get_a_note(tmp_path):
     """bf16 rounds a block's verification pass and one-token steps differently, so near-ties can flip:
-    the CLI loader picks fp32 for exact mode under --dtype auto, and the API says so in 16-bit weights."""
+    the CLI loader picks fp32 for exact mode under --dtype auto (and for nbdiff serve on a CPU, where
+    batched rows must keep their bits), and the API says so in 16-bit weights."""
     import nbdiff
-    from nbdiff.loading import EXACT_DTYPE_REASON, loaded_dtype
+    from nbdiff.loading import EXACT_DTYPE_REASON, SERVE_DTYPE_REASON, loaded_dtype
     from nbdiff.testing import save_tiny_converted
     from nbdiff_cli.models import load_for_decoding
 
     folder = save_tiny_converted(tmp_path / "m", block_size=4)
     mdl, _ = load_for_decoding(str(folder), "cpu", "auto", "none", exact=True)
     assert mdl.dtype == torch.float32 and loaded_dtype(mdl).reason == EXACT_DTYPE_REASON
+    mdl, _ = load_for_decoding(str(folder), "cpu", "auto", "none", served=True)  # nbdiff serve on a CPU
+    assert mdl.dtype == torch.float32 and loaded_dtype(mdl).reason == SERVE_DTYPE_REASON
+    assert load_for_decoding(str(folder), "cpu", "bf16", "none", served=True)[0].dtype == torch.bfloat16
     mdl, tok = load_for_decoding(str(folder), "cpu", "bf16", "none", exact=True)  # an explicit choice is kept
     assert mdl.dtype == torch.bfloat16
     _, final = nbdiff.generate(mdl, tok, "hello there", raw=True, block_size=4, exact=True, max_new_tokens=6)

@@ -61,7 +61,8 @@ def build(model: Optional[str], options, hardware: Hardware, *, name: Optional[s
     from nbdiff.serve.protocol import ServerSettings
     from nbdiff_cli.serve.server import make_app
 
-    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact,
+                                  served=True)
     defaults, notes = resolve_options(mdl, options)
     settings = ServerSettings(
         model_id=name or (os.path.basename(os.path.normpath(model)) if model else DEFAULT_NAME),
@@ -133,8 +134,12 @@ def serve(
         err_console.print(f"note: listening on {host} without --api-key: anyone who reaches this port can use the model",
                           style="yellow")
     where = sock.getsockname()
+    from nbdiff.loading import loaded_dtype
+
+    choice = loaded_dtype(engine.model)
+    dtype = choice.name if choice else str(engine.model.dtype).removeprefix("torch.")
     err_console.print(f"serving '{settings.model_id}' on http://{host}:{where[1]}/v1 (block size "
-                      f"{settings.defaults.block_size}, up to {max_batch} rows together); Ctrl-C stops", style="bold")
+                      f"{settings.defaults.block_size}, {dtype}, up to {max_batch} rows together); Ctrl-C stops", style="bold")
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
