@@ -20,6 +20,7 @@ def info(
     from rich.table import Table
     from rich.text import Text
 
+    from nbdiff.cpu_kernel import describe
     from nbdiff.errors import NBDiffError
     from nbdiff.loading import choose_dtype, resolve_device
     from nbdiff.method.settings import read_settings
@@ -40,6 +41,7 @@ def info(
             "weight_bytes": size,
             "nbdiff": settings.to_dict() if settings else None,
             "auto_dtype": {"device": device, "dtype": auto.name, "reason": auto.reason},
+            "cpu_kernel": describe(),
             "drafter": _drafter(model_dir),
         }
         console.print_json(json.dumps(payload))
@@ -53,6 +55,7 @@ def info(
     table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
     table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
     table.add_row("--dtype auto here", Text(f"{auto.name} on {device} ({auto.reason})"))
+    table.add_row("fp32 few-row kernel", Text(describe()))
     if settings is None:
         table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:

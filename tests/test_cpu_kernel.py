@@ -129,3 +129,14 @@ def test_build_is_reused_and_a_failed_build_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(RuntimeError, match="false failed"):
         cpu_kernel.build(tmp_path / "bad")
     assert not list((tmp_path / "bad").rglob("*.so")) and not list((tmp_path / "bad").rglob("*.o"))
+
+
+def test_describe_says_what_runs_without_building(tmp_path, monkeypatch):
+    assert cpu_kernel.describe() == cpu_kernel.status().reason  # loaded in this process: its own words
+    monkeypatch.setattr(cpu_kernel, "_status", None)
+    monkeypatch.setenv("NBDIFF_HOME", str(tmp_path))  # nothing built there
+    assert "first fp32 load" in cpu_kernel.describe() and not list(tmp_path.rglob("*.so"))
+    cpu_kernel.build(tmp_path / "kernels")
+    assert cpu_kernel.describe().startswith(cpu_kernel.ISA_NAMES[cpu_kernel.cpu_isa()] + ", built;")
+    monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
+    assert cpu_kernel.describe() == "off (NBDIFF_CPU_KERNEL=0)"

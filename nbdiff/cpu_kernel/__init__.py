@@ -77,20 +77,24 @@ def _run(cmd: list[str], cwd: Path) -> None:
         raise RuntimeError(f"{Path(cmd[0]).name} failed: {last[:200]}")
 
 
+def _target(cxx: str, cache: Path | None = None) -> Path:
+    from nbdiff.default_model import cache_root
+
+    return (cache or cache_root() / "kernels") / _build_key(cxx) / "nbdiff_small_m.so"
+
+
 def build(cache: Path | None = None) -> Path:
     """Compile the kernels (once; reused while the sources, torch and the compiler stay the same)
     and return the shared library's path. Raises RuntimeError with one line if it cannot."""
     from torch.utils import cpp_extension
 
-    from nbdiff.default_model import cache_root
-
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX or install g++)")
-    folder = (cache or cache_root() / "kernels") / _build_key(cxx)
-    target = folder / "nbdiff_small_m.so"
+    target = _target(cxx, cache)
     if target.is_file():
         return target
+    folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     common = [cxx, "-O3", "-fPIC", "-std=c++17", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
@@ -112,11 +116,30 @@ _lock = threading.Lock()
 _status: KernelStatus | None = None
 
 
+def _switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def describe() -> str:
+    """What the kernel does on this machine, in one line, without building it (`nbdiff info`)."""
+    if _switched_off():
+        return f"off ({ENV_SWITCH}=0)"
+    if _status is not None:
+        return _status.reason
+    isa, cxx = cpu_isa(), _compiler()
+    if not isa:
+        return "off (the CPU has neither AVX-512 nor AVX2 with FMA)"
+    if cxx is None:
+        return "off (no C++ compiler found: set CXX or install g++)"
+    when = "built" if _target(cxx).is_file() else "built on the first fp32 load on this CPU (about 8 s)"
+    return f"{ISA_NAMES[isa]}, {when}; fp32 products of up to {MAX_ROWS} rows"
+
+
 def status() -> KernelStatus:
     """Build and load the kernel on first call (thread-safe); later calls return the same answer.
     `NBDIFF_CPU_KERNEL=0` turns it off (read on every call)."""
     global _status
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off():
         return KernelStatus(False, f"off ({ENV_SWITCH}=0)")
     with _lock:
         if _status is None:
