@@ -41,8 +41,12 @@ def timed(fn, repeat: int) -> float:
     return (time.perf_counter() - start) / repeat * 1e3
 
 
-def products(model, rows: list[int], repeat: int) -> list[dict]:
+def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
+    from functools import partial
+
     from nbdiff.cpu_kernel import small_m_linear
+
+    small_m_linear = partial(small_m_linear, isa=isa)
 
     weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     out = []
@@ -59,7 +63,7 @@ def products(model, rows: list[int], repeat: int) -> list[dict]:
 
 
 @torch.inference_mode()
-def forwards(model, rows: list[int], repeat: int, context: int) -> list[dict]:
+def forwards(model, rows: list[int], repeat: int, context: int, isa: int) -> list[dict]:
     from transformers import DynamicCache
 
     from nbdiff.cpu_kernel import install, uninstall
@@ -79,6 +83,9 @@ def forwards(model, rows: list[int], repeat: int, context: int) -> list[dict]:
         uninstall(model)
         torch_ms, ref = timed(lambda: step(m), repeat), step(m)
         install(model)
+        for layer in model.modules():
+            if hasattr(layer, "_isa"):
+                layer._isa = isa
         kernel_ms, got = timed(lambda: step(m), repeat), step(m)
         out.append({"rows": m, "torch_ms": round(torch_ms, 2), "kernel_ms": round(kernel_ms, 2),
                     "max_logit_diff_vs_torch": float((got - ref).abs().max())})
@@ -93,6 +100,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--context", type=int, default=64, help="cached tokens before the timed forward")
+    parser.add_argument("--isa", choices=["auto", "avx2"], default="auto",
+                        help="avx2: run the AVX2 version even where AVX-512 is there (to see it on this CPU)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -106,12 +115,14 @@ def main() -> None:
     if not state.ready:
         raise SystemExit(f"the kernel is {state.reason}")
     rows = [int(r) for r in args.rows.split(",")]
+    isa = 1 if args.isa == "avx2" else state.isa
     report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernel": state.reason,
-              "products": products(model, rows, args.repeat), "forwards": forwards(model, rows, args.repeat, args.context)}
+              "isa": {1: "AVX2", 2: "AVX-512"}[isa],
+              "products": products(model, rows, args.repeat, isa), "forwards": forwards(model, rows, args.repeat, args.context, isa)}
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}")
+    print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}, running {report['isa']}")
     print("products of one forward (ms)  rows  torch  kernel  first row's bits as alone (torch / kernel)")
     for r in report["products"]:
         print(f"{'':30s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}  {r['torch_row_same_alone']} / {r['kernel_row_same_alone']}")

@@ -9,7 +9,7 @@ struct Avx2 {
   static constexpr int L = 8;
   // 16 vector registers: at most 8 accumulators, so 8 input rows read each weight row once.
   static constexpr int kRows = 8;
-  template <int R> static constexpr int cols() { return R == 1 ? 4 : R <= 4 ? 2 : 1; }
+  template <int R> static constexpr int cols() { return R == 1 ? 4 : R == 2 ? 4 : R <= 4 ? 2 : 1; }
   static V zero() { return _mm256_setzero_ps(); }
   static V load(const float* p) { return _mm256_loadu_ps(p); }
   static V load_tail(const float* p, int n) {
