@@ -140,3 +140,14 @@ def test_describe_says_what_runs_without_building(tmp_path, monkeypatch):
     assert cpu_kernel.describe().startswith(cpu_kernel.ISA_NAMES[cpu_kernel.cpu_isa()] + ", built;")
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
     assert cpu_kernel.describe() == "off (NBDIFF_CPU_KERNEL=0)"
+
+
+def test_torch_compile_traces_the_layer():
+    layer = _linear(n=24, k=40)
+    x = torch.randn(3, 40)
+    with torch.no_grad():
+        want = layer(x)
+        got = torch.compile(layer, backend="eager", fullgraph=True)(x)
+        meta = torch.ops.nbdiff.small_m_linear(x.to("meta"), layer.weight.to("meta"), None, 1)
+    assert torch.equal(got, want)
+    assert meta.shape == (3, 24) and meta.device.type == "meta"

@@ -154,9 +154,14 @@ def _load() -> KernelStatus:
     try:
         if not hasattr(torch.ops.nbdiff, "small_m_linear"):
             torch.ops.load_library(str(build()))
+            torch.library.register_fake("nbdiff::small_m_linear")(_fake)  # shapes for torch.compile / meta
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return KernelStatus(False, f"off ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     return KernelStatus(True, f"on ({ISA_NAMES[isa]}, fp32 products of up to {MAX_ROWS} rows)", isa)
+
+
+def _fake(x, w, b, isa):
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
