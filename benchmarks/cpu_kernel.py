@@ -51,7 +51,7 @@ def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
     weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     out = []
     for m in rows:
-        xs = {w.shape[1]: torch.randn(m, w.shape[1]) for w in weights}
+        xs = {w.shape[1]: torch.randn(m, w.shape[1]).to(w.dtype) for w in weights}
         torch_ms = timed(lambda: [torch.nn.functional.linear(xs[w.shape[1]], w) for w in weights], repeat)
         kernel_ms = timed(lambda: [small_m_linear(xs[w.shape[1]], w) for w in weights], repeat)
         # does the first row get the bits it gets alone? (every layer's product)
@@ -100,29 +100,30 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=10)
     parser.add_argument("--context", type=int, default=64, help="cached tokens before the timed forward")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--isa", choices=["auto", "avx2"], default="auto",
                         help="avx2: run the AVX2 version even where AVX-512 is there (to see it on this CPU)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    from nbdiff.cpu_kernel import status
+    from nbdiff.cpu_kernel import ISA_NAMES, status
     from nbdiff.loading import load_model
 
     os.environ["NBDIFF_CPU_KERNEL"] = "0"  # load plain; the benchmark switches the kernel itself
-    model, _ = load_model(args.model, device="cpu", dtype="fp32")
+    model, _ = load_model(args.model, device="cpu", dtype=args.dtype)
     os.environ["NBDIFF_CPU_KERNEL"] = "1"
     state = status()
     if not state.ready:
         raise SystemExit(f"the kernel is {state.reason}")
     rows = [int(r) for r in args.rows.split(",")]
     isa = 1 if args.isa == "avx2" else state.isa
-    report = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "kernel": state.reason,
-              "isa": {1: "AVX2", 2: "AVX-512"}[isa],
+    report = {"cpu": cpu_name(), "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__, "kernel": state.reason,
+              "isa": ISA_NAMES[isa],
               "products": products(model, rows, args.repeat, isa), "forwards": forwards(model, rows, args.repeat, args.context, isa)}
     if args.json:
         print(json.dumps(report, indent=1))
         return
-    print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}, running {report['isa']}")
+    print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}, running {report['isa']}, {args.dtype}")
     print("products of one forward (ms)  rows  torch  kernel  first row's bits as alone (torch / kernel)")
     for r in report["products"]:
         print(f"{'':30s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}  {r['torch_row_same_alone']} / {r['kernel_row_same_alone']}")

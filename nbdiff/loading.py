@@ -124,10 +124,10 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
         model.to(dev)
     model.eval()
     model._nbdiff_dtype = choice  # read back by loaded_dtype (info, generate --json)
-    if dev == "cpu" and kind is None and torch_dtype == torch.float32:
+    if dev == "cpu" and kind is None:
         from nbdiff.cpu_kernel import install
 
-        model._nbdiff_cpu_kernel = install(model)  # fp32 products of a few rows (nbdiff.cpu_kernel)
+        model._nbdiff_cpu_kernel = install(model)  # products of a few rows (nbdiff.cpu_kernel; fp32, bf16)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     settings = model_settings(model)

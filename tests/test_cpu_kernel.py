@@ -14,6 +14,7 @@ from nbdiff import cpu_kernel
 pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compiler() is None,
                                 reason="needs an x86 CPU with AVX2+FMA and a C++ compiler")
 ISAS = [isa for isa in (1, 2) if isa <= cpu_kernel.cpu_isa()]
+BF16 = cpu_kernel.cpu_isa() == 3  # AVX512-BF16: bf16 products too
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,16 +36,35 @@ def test_products_match_torch(isa, k, n):
             torch.testing.assert_close(got, F.linear(x, w, bias), rtol=1e-5, atol=1e-5 * k ** 0.5)
 
 
-@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.skipif(not BF16, reason="needs AVX512-BF16")
+@pytest.mark.parametrize("k,n", [(1, 1), (31, 3), (32, 65), (600, 130)])
+def test_bf16_products_match_torch_within_bf16_rounding(k, n):
+    gen = torch.Generator().manual_seed(k + n)
+    w, b = torch.randn(n, k, generator=gen).bfloat16(), torch.randn(n, generator=gen).bfloat16()
+    for m in (0, 1, 3, 12, 17):
+        x = torch.randn(m, k, generator=gen).bfloat16()
+        for bias in (None, b):
+            got = cpu_kernel.small_m_linear(x, w, bias, isa=3)
+            exact = F.linear(x.float(), w.float(), None if bias is None else bias.float())
+            assert got.dtype is torch.bfloat16 and got.shape == (m, n)
+            # fp32 sums rounded once to bf16: within half a bf16 step of the exact product, as torch's
+            torch.testing.assert_close(got.float(), exact, rtol=2 ** -8, atol=1e-5 * k)
+            torch.testing.assert_close(got, F.linear(x, w, bias), rtol=2 ** -7, atol=1e-4 * k)
+    with pytest.raises(RuntimeError, match="isa 3"):
+        cpu_kernel.small_m_linear(x, w, None, isa=2)
+
+
+@pytest.mark.parametrize("isa", ISAS + ([3] if BF16 else []))
 def test_each_row_gets_its_own_bits_whatever_shares_the_product(isa):
     gen = torch.Generator().manual_seed(1)
-    w, b = torch.randn(97, 200, generator=gen), torch.randn(97, generator=gen)
-    x = torch.randn(16, 200, generator=gen)
+    dtype = torch.bfloat16 if isa == 3 else torch.float32
+    w, b = torch.randn(97, 200, generator=gen).to(dtype), torch.randn(97, generator=gen).to(dtype)
+    x = torch.randn(16, 200, generator=gen).to(dtype)
     alone = torch.cat([cpu_kernel.small_m_linear(x[i:i + 1], w, b, isa=isa) for i in range(16)])
     for m in range(1, 17):
         assert torch.equal(cpu_kernel.small_m_linear(x[:m], w, b, isa=isa), alone[:m]), m
     # a row keeps its bits beside different neighbours too
-    mixed = torch.cat([x[5:6], torch.randn(6, 200, generator=gen)])
+    mixed = torch.cat([x[5:6], torch.randn(6, 200, generator=gen).to(dtype)])
     assert torch.equal(cpu_kernel.small_m_linear(mixed, w, b, isa=isa)[0], alone[5])
 
 
@@ -67,12 +87,17 @@ def _linear(n=48, k=32, bias=True):
 
 def test_layer_takes_the_kernel_for_few_rows_only():
     layer = _linear()
-    few, many = torch.randn(2, 4, 32), torch.randn(cpu_kernel.MAX_ROWS + 1, 32)
+    few, many = torch.randn(2, 4, 32), torch.randn(cpu_kernel.MAX_ROWS[torch.float32] + 1, 32)
     with torch.no_grad():
         assert torch.equal(layer(few), cpu_kernel.small_m_linear(few, layer.weight, layer.bias))
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
-        half = _linear().to(torch.bfloat16)
-        assert torch.equal(half(few.bfloat16()), F.linear(few.bfloat16(), half.weight, half.bias))
+        half, few_half = _linear().to(torch.bfloat16), few.bfloat16()
+        want = cpu_kernel.small_m_linear(few_half, half.weight, half.bias) if BF16 else F.linear(few_half, half.weight, half.bias)
+        assert torch.equal(half(few_half), want)
+        many_half = torch.randn(cpu_kernel.MAX_ROWS[torch.bfloat16] + 1, 32).bfloat16()
+        assert torch.equal(half(many_half), F.linear(many_half, half.weight, half.bias))
+        wide = _linear().double()  # a dtype the kernel never takes
+        assert torch.equal(wide(few.double()), F.linear(few.double(), wide.weight, wide.bias))
     # autograd wants torch's product: same bits as F.linear, and gradients flow
     out = layer(few)
     assert torch.equal(out, F.linear(few, layer.weight, layer.bias))
@@ -106,14 +131,17 @@ def test_install_keeps_the_model_its_state_and_checkpoint(tmp_path):
     assert not any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
 
 
-def test_load_model_installs_on_cpu_fp32_only(tiny_converted, monkeypatch):
+def test_load_model_installs_on_the_cpu_in_the_dtypes_it_takes(tiny_converted, monkeypatch):
     from nbdiff.loading import load_model
 
     model, _ = load_model(tiny_converted, device="cpu", dtype="fp32")
     assert model._nbdiff_cpu_kernel.ready
     assert any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
     model, _ = load_model(tiny_converted, device="cpu", dtype="bf16")
-    assert not hasattr(model, "_nbdiff_cpu_kernel")
+    assert model._nbdiff_cpu_kernel.ready == BF16
+    assert any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules()) == BF16
+    model, _ = load_model(tiny_converted, device="cpu", dtype="fp16")
+    assert not model._nbdiff_cpu_kernel.ready and "no CPU linear layers in" in model._nbdiff_cpu_kernel.reason
     assert not any(type(m) is cpu_kernel.SmallRowsLinear for m in model.modules())
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
     model, _ = load_model(tiny_converted, device="cpu", dtype="fp32")

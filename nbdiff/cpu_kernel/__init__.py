@@ -1,19 +1,20 @@
-"""Fp32 linear layers for a handful of rows on x86 CPUs: one-token decoding steps, exact mode's
-verify passes and the server's packed steps, where MKL's sgemm costs nearly as much per row as its
-one-row gemv (it does not overlap streaming the weights with computing on them).
+"""Linear layers for a handful of rows on x86 CPUs: one-token decoding steps, exact mode's verify
+passes and the server's packed steps. There MKL's fp32 sgemm costs nearly as much per row as its
+one-row gemv (it does not overlap streaming the weights with computing on them), and torch's bf16
+product of one row is slower than its fp32 one although it reads half the bytes.
 
-The kernels (small_m.h, kernel_body.h, avx512.cpp, avx2.cpp, op.cpp next to this file) are built
-once per machine with the system's C++ compiler into `$NBDIFF_HOME/kernels/<key>/` (a few seconds)
-and registered as `torch.ops.nbdiff.small_m_linear`. `install(model)` switches a model's fp32
-`nn.Linear` layers to `SmallRowsLinear`, which takes the kernel for inputs of at most `MAX_ROWS`
-rows and torch's own product otherwise (prefills, training, other dtypes and devices). Weights and
-state dicts are untouched.
+The kernels (small_m.h, kernel_body.h, avx2.cpp, avx512.cpp, avx512_bf16.cpp, op.cpp next to this
+file) are built once per machine with the system's C++ compiler into `$NBDIFF_HOME/kernels/<key>/`
+(a few seconds) and registered as `torch.ops.nbdiff.small_m_linear`. `install(model)` switches a
+model's `nn.Linear` layers in fp32 (and in bf16 where the CPU has AVX512-BF16) to
+`SmallRowsLinear`, which takes the kernel for inputs of at most `MAX_ROWS[dtype]` rows and torch's
+own product otherwise (prefills, training, other dtypes and devices). Weights and state dicts are
+untouched.
 
 Each output element is summed in one fixed order whatever the number of rows, so a row decoded
 beside others gets the bits it gets alone. Without a compiler, on a CPU without AVX2 + FMA, or with
 `NBDIFF_CPU_KERNEL=0`, nothing changes and `status()` says why.
 """
-
 from __future__ import annotations
 
 import hashlib
@@ -31,12 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).parent
-SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "op.cpp")
-ISA_FLAGS = {2: ("avx512f", "-mavx512f -mfma"), 1: ("avx2", "-mavx2 -mfma")}
-ISA_NAMES = {2: "AVX-512", 1: "AVX2"}
-# Above this many rows torch's product (MKL) is as fast or faster: the kernel re-reads the weights
-# for every 8 rows. Measured with benchmarks/cpu_kernel.py (docs/BENCHMARKS.md).
-MAX_ROWS = 16
+SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp")
+# each kernel source and the compiler flags for its instruction set
+OBJECTS = {"avx2": "-mavx2 -mfma", "avx512": "-mavx512f -mfma", "avx512_bf16": "-mavx512f -mavx512bw -mavx512bf16 -mfma"}
+ISA_NAMES = {1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
+# Above this many rows torch's product is as fast or faster (fp32: MKL, which the kernel beats until
+# it has to read the weights twice; bf16: oneDNN with AMX, nearly flat in rows). Measured with
+# benchmarks/cpu_kernel.py (docs/BENCHMARKS.md).
+MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
 ENV_SWITCH = "NBDIFF_CPU_KERNEL"
 
 
@@ -48,7 +51,8 @@ class KernelStatus:
 
 
 def cpu_isa() -> int:
-    """The best instruction set the kernel has a version for, from the CPU's flags (0: none)."""
+    """The best instruction set the kernel has a version for, from the CPU's flags: 3 = AVX-512 with
+    BF16 (fp32 and bf16 products), 2 = AVX-512, 1 = AVX2 (fp32 products), 0 = none."""
     from nbdiff.hardware import _cpuinfo_flags
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -56,7 +60,14 @@ def cpu_isa() -> int:
     flags = _cpuinfo_flags()
     if "fma" not in flags:
         return 0
-    return 2 if "avx512f" in flags else 1 if "avx2" in flags else 0
+    if "avx512f" in flags:
+        return 3 if {"avx512bw", "avx512_bf16"} <= flags else 2
+    return 1 if "avx2" in flags else 0
+
+
+def dtypes(isa: int) -> tuple[torch.dtype, ...]:
+    """The weight dtypes the kernel takes at this instruction set."""
+    return (torch.float32, torch.bfloat16) if isa == 3 else (torch.float32,) if isa else ()
 
 
 def _compiler() -> str | None:
@@ -100,13 +111,12 @@ def build(cache: Path | None = None) -> Path:
     common = [cxx, "-O3", "-fPIC", "-std=c++17", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         work = Path(tmp)
-        for isa in ISA_FLAGS:
-            name = "avx512" if isa == 2 else "avx2"
-            _run([*common, *ISA_FLAGS[isa][1].split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
+        for name, flags in OBJECTS.items():
+            _run([*common, *flags.split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
         includes = [f"-I{p}" for p in cpp_extension.include_paths()]
         _run([*common[:-1], "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / "op.cpp"), "-o", "op.o"], work)
         libs = cpp_extension.library_paths()[0]
-        _run([cxx, "-shared", "-fopenmp", "op.o", "avx512.o", "avx2.o", f"-L{libs}", f"-Wl,-rpath,{libs}",
+        _run([cxx, "-shared", "-fopenmp", "op.o", *(f"{name}.o" for name in OBJECTS), f"-L{libs}", f"-Wl,-rpath,{libs}",
               "-lc10", "-ltorch_cpu", "-o", "lib.so"], work)
         os.replace(work / "lib.so", target)  # whole or not at all, also with two builders at once
     return target
@@ -132,7 +142,7 @@ def describe() -> str:
     if cxx is None:
         return "off (no C++ compiler found: set CXX or install g++)"
     when = "built" if _target(cxx).is_file() else "built on the first fp32 load on this CPU (about 8 s)"
-    return f"{ISA_NAMES[isa]}, {when}; fp32 products of up to {MAX_ROWS} rows"
+    return f"{ISA_NAMES[isa]}, {when}; {_what(isa)}"
 
 
 def status() -> KernelStatus:
@@ -157,7 +167,14 @@ def _load() -> KernelStatus:
             torch.library.register_fake("nbdiff::small_m_linear")(_fake)  # shapes for torch.compile / meta
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return KernelStatus(False, f"off ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
-    return KernelStatus(True, f"on ({ISA_NAMES[isa]}, fp32 products of up to {MAX_ROWS} rows)", isa)
+    return KernelStatus(True, f"on ({ISA_NAMES[isa]}, {_what(isa)})", isa)
+
+
+def _what(isa: int) -> str:
+    return ", ".join(f"{NAMES[d]} products of up to {MAX_ROWS[d]} rows" for d in dtypes(isa))
+
+
+NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 
 def _fake(x, w, b, isa):
@@ -166,7 +183,8 @@ def _fake(x, w, b, isa):
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                    isa: int | None = None) -> torch.Tensor:
-    """x @ weight.T + bias through the kernel (any number of rows; fp32 CPU tensors)."""
+    """x @ weight.T + bias through the kernel (any number of rows; fp32 CPU tensors, or bf16 where
+    the CPU has AVX512-BF16)."""
     state = status()
     if not state.ready:
         raise RuntimeError(f"the CPU kernel is {state.reason}")
@@ -174,27 +192,31 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 
 
 class SmallRowsLinear(nn.Linear):
-    """nn.Linear whose fp32 CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel."""
+    """nn.Linear whose CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel (fp32;
+    bf16 too at isa 3)."""
 
     _isa = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if (x.dtype is torch.float32 and w.dtype is torch.float32 and x.device.type == "cpu"
-                and x.numel() <= MAX_ROWS * w.shape[1] and w.is_contiguous()
+        dt = x.dtype
+        if (dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and self._isa == 3)) and x.device.type == "cpu"
+                and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return torch.ops.nbdiff.small_m_linear(x, w, self.bias, self._isa)
         return F.linear(x, w, self.bias)
 
 
 def install(model: nn.Module) -> KernelStatus:
-    """Switch `model`'s fp32 CPU nn.Linear layers (exactly nn.Linear, not subclasses such as
-    quantized or LoRA layers) to SmallRowsLinear when the kernel is ready; a no-op otherwise (and
-    no build when the model has no such layer)."""
+    """Switch `model`'s CPU nn.Linear layers (exactly nn.Linear, not subclasses such as quantized or
+    LoRA layers) in a dtype the kernel takes on this CPU (fp32; bf16 with AVX512-BF16) to
+    SmallRowsLinear when the kernel is ready; a no-op otherwise (and no build when the model has no
+    such layer)."""
+    kinds = dtypes(cpu_isa())
     layers = [m for m in model.modules()
-              if type(m) is nn.Linear and m.weight.dtype is torch.float32 and m.weight.device.type == "cpu"]
+              if type(m) is nn.Linear and m.weight.dtype in kinds and m.weight.device.type == "cpu"]
     if not layers:
-        return KernelStatus(False, "off (no fp32 CPU linear layers)")
+        return KernelStatus(False, f"off (no CPU linear layers in {' or '.join(NAMES[d] for d in kinds) or 'any dtype it takes here'})")
     state = status()
     if state.ready:
         for module in layers:

@@ -5,7 +5,9 @@
 namespace nbdiff_kernel {
 namespace {
 struct Avx2 {
+  using T = float;
   using V = __m256;
+  using In = V;
   static constexpr int L = 8;
   // 16 vector registers: at most 8 accumulators, so 8 input rows read each weight row once.
   static constexpr int kRows = 8;

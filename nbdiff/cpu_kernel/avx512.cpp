@@ -5,7 +5,9 @@
 namespace nbdiff_kernel {
 namespace {
 struct Avx512 {
+  using T = float;
   using V = __m512;
+  using In = V;
   static constexpr int L = 16;
   // 32 vector registers: up to 16 accumulators plus the weights and one input vector, so up to
   // 16 input rows share each read of a weight row.

@@ -1,6 +1,7 @@
-// The kernel, written once over a SIMD type `S` (see avx512.cpp, avx2.cpp, which compile it for
-// their instruction set). S provides: V, L (lanes), zero(), load(p), load_tail(p, n), fma(a, b, c),
-// sum(v) (the lanes in a fixed order).
+// The kernel, written once over a SIMD type `S` (see avx512.cpp, avx2.cpp, avx512_bf16.cpp, which
+// compile it for their instruction set). S provides: T (the element type of x and w), In (a vector
+// of L elements as loaded), V (an accumulator of fp32 lanes), zero(), load(p), load_tail(p, n),
+// fma(w, x, acc), sum(acc) (the lanes in a fixed order), kRows and cols<R>().
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -11,20 +12,20 @@ constexpr int kPrefetchColumns = 4;  // how many weight rows ahead to prefetch (
 
 // R input rows, NB output columns per pass (R * NB accumulators stay in registers).
 template <class S, int R, int NB>
-static inline int64_t columns(const float* __restrict x, int64_t K, const float* __restrict w,
+static inline int64_t columns(const typename S::T* __restrict x, int64_t K, const typename S::T* __restrict w,
                               const float* __restrict b, int64_t n, int64_t n1, int64_t N,
                               float* __restrict y) {
   const int64_t body = K - K % S::L;
   const int tail = static_cast<int>(K - body);
   for (; n + NB <= n1; n += NB) {
-    const float* wn = w + n * K;
+    const typename S::T* wn = w + n * K;
     typename S::V acc[NB][R];
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j)
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) acc[j][r] = S::zero();
     for (int64_t k = 0; k < body; k += S::L) {
-      typename S::V wv[NB];
+      typename S::In wv[NB];
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(wn + (kPrefetchColumns + j) * K + k), _MM_HINT_T0);
@@ -32,7 +33,7 @@ static inline int64_t columns(const float* __restrict x, int64_t K, const float*
       }
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const typename S::V xv = S::load(x + r * K + k);
+        const typename S::In xv = S::load(x + r * K + k);
 #pragma GCC unroll 16
         for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(wv[j], xv, acc[j][r]);
       }
@@ -40,7 +41,7 @@ static inline int64_t columns(const float* __restrict x, int64_t K, const float*
     if (tail) {
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
-        const typename S::V xv = S::load_tail(x + r * K + body, tail);
+        const typename S::In xv = S::load_tail(x + r * K + body, tail);
 #pragma GCC unroll 16
         for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(S::load_tail(wn + j * K + body, tail), xv, acc[j][r]);
       }
@@ -58,7 +59,7 @@ static inline int64_t columns(const float* __restrict x, int64_t K, const float*
 }
 
 template <class S, int R, int NB>
-static void block(const float* x, int64_t K, const float* w, const float* b, int64_t n0, int64_t n1,
+static void block(const typename S::T* x, int64_t K, const typename S::T* w, const float* b, int64_t n0, int64_t n1,
                   int64_t N, float* y) {
   const int64_t n = columns<S, R, NB>(x, K, w, b, n0, n1, N, y);
   columns<S, R, 1>(x, K, w, b, n, n1, N, y);
@@ -67,7 +68,7 @@ static void block(const float* x, int64_t K, const float* w, const float* b, int
 // All M rows, S::kRows at a time (each weight row is read once per chunk); the pass shape for
 // each count of rows is S::cols<R>().
 template <class S, int R>
-static void chunk(const float* x, int64_t rows, int64_t K, const float* w, const float* b, int64_t n0,
+static void chunk(const typename S::T* x, int64_t rows, int64_t K, const typename S::T* w, const float* b, int64_t n0,
                   int64_t n1, int64_t N, float* y) {
   if constexpr (R > 1) {
     if (rows < R) return chunk<S, R - 1>(x, rows, K, w, b, n0, n1, N, y);
@@ -76,7 +77,7 @@ static void chunk(const float* x, int64_t rows, int64_t K, const float* w, const
 }
 
 template <class S>
-static void rows(const float* x, int64_t M, int64_t K, const float* w, const float* b, int64_t n0,
+static void rows(const typename S::T* x, int64_t M, int64_t K, const typename S::T* w, const float* b, int64_t n0,
                  int64_t n1, int64_t N, float* y) {
   for (int64_t m = 0; m < M; m += S::kRows)
     chunk<S, S::kRows>(x + m * K, M - m < S::kRows ? M - m : S::kRows, K, w, b, n0, n1, N, y + m * N);
