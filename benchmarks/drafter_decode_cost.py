@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
 import torch
+
+from nbdiff.hardware import cpu_name
 
 
 def median_ms(fn, repeats: int = 12) -> float:
@@ -64,16 +65,6 @@ def drafter_cost(d, context: int, b: int, cached: bool = True) -> float:
     if cached:
         return median_ms(lambda: d(block, pos, cache=cache, logits_from=1))
     return median_ms(lambda: d(block, pos, feats, feat_pos, logits_from=1))
-
-
-def cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 @torch.no_grad()

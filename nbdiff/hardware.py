@@ -50,6 +50,18 @@ def _cpuinfo_flags() -> set[str]:
     return set()
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows elsewhere: named beside every figure."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _apple_feat_bf16() -> bool:
     """Apple silicon reports FEAT_BF16 (M2 and later) through sysctl."""
     try:

@@ -18,13 +18,7 @@ struct Avx512Bf16 {
   static In load(const T* p) { return (In)_mm512_loadu_si512(p); }
   static In load_tail(const T* p, int n) { return (In)_mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ull << n) - 1ull), p); }
   static V fma(In a, In b, V c) { return _mm512_dpbf16_ps(c, a, b); }
-  static float sum(V v) {
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-    q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-    q = _mm_add_ss(q, _mm_movehdup_ps(q));
-    return _mm_cvtss_f32(q);
-  }
+  static float sum(V v) { return lanes_sum(v); }
 };
 }  // namespace
 

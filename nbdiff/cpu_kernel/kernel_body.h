@@ -8,6 +8,20 @@
 
 namespace nbdiff_kernel {
 
+// The lanes of an accumulator added in one fixed tree: halves, then quarters, then pairs. The
+// AVX-512 sum folds its two 256-bit halves first, then goes on as the AVX2 one.
+static inline float lanes_sum(__m256 v) {
+  __m128 q = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+  q = _mm_add_ss(q, _mm_movehdup_ps(q));
+  return _mm_cvtss_f32(q);
+}
+#ifdef __AVX512F__
+static inline float lanes_sum(__m512 v) {
+  return lanes_sum(_mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+#endif
+
 constexpr int kPrefetchColumns = 4;  // how many weight rows ahead to prefetch (measured: 2-8 alike)
 
 // R input rows, NB output columns per pass (R * NB accumulators stay in registers).

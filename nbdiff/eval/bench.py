@@ -479,14 +479,9 @@ def machine_info(models: dict[str, tuple[Any, Any]], config: BenchConfig, model_
     """What the figures were measured on: CPU/GPU, threads, versions, dtypes, load average."""
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from nbdiff.hardware import cpu_name
+
+    cpu = cpu_name()
     first_model = next(iter(models.values()))[0]
     device = first_model.device
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
