@@ -47,7 +47,7 @@ ENV_SWITCH = "NBDIFF_CPU_KERNEL"
 class KernelStatus:
     ready: bool
     reason: str  # one line for people: why it is on or off
-    isa: int = 0  # 2 = AVX-512, 1 = AVX2, 0 = none
+    isa: int = 0  # cpu_isa()'s numbering: 3 = AVX-512 + BF16, 2 = AVX-512, 1 = AVX2, 0 = none
 
 
 def cpu_isa() -> int:
@@ -108,13 +108,13 @@ def build(cache: Path | None = None) -> Path:
     folder = target.parent
     folder.mkdir(parents=True, exist_ok=True)
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    common = [cxx, "-O3", "-fPIC", "-std=c++17", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    common = [cxx, "-O3", "-fPIC", "-ffp-contract=off", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         work = Path(tmp)
-        for name, flags in OBJECTS.items():
-            _run([*common, *flags.split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
-        includes = [f"-I{p}" for p in cpp_extension.include_paths()]
-        _run([*common[:-1], "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / "op.cpp"), "-o", "op.o"], work)
+        for name, flags in OBJECTS.items():  # plain C++ with intrinsics: quick to compile
+            _run([*common, "-std=c++17", *flags.split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
+        includes = [f"-I{p}" for p in cpp_extension.include_paths()]  # torch's headers want C++20
+        _run([*common, "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / "op.cpp"), "-o", "op.o"], work)
         libs = cpp_extension.library_paths()[0]
         _run([cxx, "-shared", "-fopenmp", "op.o", *(f"{name}.o" for name in OBJECTS), f"-L{libs}", f"-Wl,-rpath,{libs}",
               "-lc10", "-ltorch_cpu", "-o", "lib.so"], work)
