@@ -41,7 +41,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from nbdiff.decode.context import CachedContext
+from nbdiff.decode.context import CachedContext, Prefix
 from nbdiff.decode.drafters import ngram_draft
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
@@ -105,7 +105,8 @@ class Decoding:
     """One decode() run: its context, sampling generator and what every row has produced."""
 
     def __init__(self, model, prompts, options: DecodeOptions, *, mask_token_id: int, eos_token_ids,
-                 pad_token_id: int, cancel: threading.Event | None, context: CachedContext | None):
+                 pad_token_id: int, cancel: threading.Event | None, context: CachedContext | None,
+                 prefix: Prefix | None = None):
         options = auto_drafting(options, model)
         b = options.block_size
         if b is None:
@@ -116,10 +117,10 @@ class Decoding:
                 f"block size {b} needs a mask token, and this model has none",
                 "run `nbdiff convert` on the model folder first, or use --block-size 1",
             )
-        if context is None:
-            context = CachedContext(model, prompts, pad_token_id)
+        if context is None:  # prefix: keys/values every prompt begins with (the server's prefix cache)
+            context = CachedContext(model, prompts, pad_token_id, prefix)
         else:
-            context.restart(prompts)
+            context.restart(prompts, prefix)
         self.ctx = context
         self.forwards_before = context.forwards  # a context kept from earlier calls (chat) counts theirs too
         self.options = options

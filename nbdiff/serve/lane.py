@@ -90,9 +90,8 @@ class Lane(Decoding):
     def __init__(self, model, prompts: Sequence[Sequence[int]], options: Sequence[DecodeOptions], owners: list[Any], *,
                  mask_token_id: int, eos_token_ids, pad_token_id: int, prefix: Prefix | None = None):
         super().__init__(model, prompts, _lane_options(options[0]), mask_token_id=mask_token_id,
-                         eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, cancel=None, context=None)
-        if prefix is not None:  # every prompt begins with these cached tokens: prefill only the rest
-            self.ctx.restart(prompts, prefix)
+                         eos_token_ids=eos_token_ids, pad_token_id=pad_token_id, cancel=None, context=None,
+                         prefix=prefix)  # every prompt begins with the prefix's cached tokens: prefill only the rest
         self.key = lane_key(options[0])
         self.limits = [o.max_new_tokens for o in options]
         self.samplers = [_sampler(o, self.ctx.device) for o in options]
