@@ -27,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
 from nbdiff.loading import context_length, load_model, model_settings
-from nbdiff.decode.options import AUTO, LOOKUP_BLOCK_SIZE, TRAINED, DecodeOptions, auto_drafting
+from nbdiff.decode.options import AUTO, TRAINED, DecodeOptions, auto_drafting, lookup_block_size
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -56,7 +56,7 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
 
             options = options.with_(block_size=drafter_block_size(model, trained))
         elif settings is not None and options.exact and auto_drafting(options, model).drafter == "ngram":
-            options = options.with_(block_size=LOOKUP_BLOCK_SIZE)  # lookup drafts: not the diffusion's block size
+            options = options.with_(block_size=lookup_block_size(model))  # lookup drafts: not the diffusion's
         elif settings is None:
             options = options.with_(block_size=1)
             notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")

@@ -183,13 +183,21 @@ def test_each_turn_of_a_session_counts_its_own_forwards(folder, opts):
 def test_exact_lookup_drafts_have_their_own_default_block_size(loaded):
     """Lookup drafts do not take the folder's (diffusion) block size unless it is asked for."""
     from nbdiff.api import resolve_options
-    from nbdiff.decode.options import LOOKUP_BLOCK_SIZE
+    from nbdiff.cpu_kernel import KernelStatus
+    from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL
 
     model, tok = loaded
-    assert resolve_options(model, DecodeOptions(exact=True))[0].block_size == LOOKUP_BLOCK_SIZE
-    assert resolve_options(model, DecodeOptions(exact=True, drafter="ngram"))[0].block_size == LOOKUP_BLOCK_SIZE
-    assert resolve_options(model, DecodeOptions(exact=True, block_size=8))[0].block_size == 8
-    for opts in (DecodeOptions(exact=True, drafter="diffusion"), DecodeOptions(exact=True, draft_steps=1), DecodeOptions()):
-        assert resolve_options(model, opts)[0].block_size == 4  # the folder's
-    _, final = nbdiff.generate(model, tok, "Hello", exact=True, max_new_tokens=8)
-    assert final.block_size == LOOKUP_BLOCK_SIZE and final.steps == 0
+    kept = getattr(model, "_nbdiff_cpu_kernel", None)
+    try:
+        model._nbdiff_cpu_kernel = KernelStatus(False, "off (for this test)")  # torch's products: block 2
+        assert resolve_options(model, DecodeOptions(exact=True))[0].block_size == LOOKUP_BLOCK_SIZE
+        assert resolve_options(model, DecodeOptions(exact=True, drafter="ngram"))[0].block_size == LOOKUP_BLOCK_SIZE
+        assert resolve_options(model, DecodeOptions(exact=True, block_size=8))[0].block_size == 8
+        for opts in (DecodeOptions(exact=True, drafter="diffusion"), DecodeOptions(exact=True, draft_steps=1), DecodeOptions()):
+            assert resolve_options(model, opts)[0].block_size == 4  # the folder's
+        _, final = nbdiff.generate(model, tok, "Hello", exact=True, max_new_tokens=8)
+        assert final.block_size == LOOKUP_BLOCK_SIZE and final.steps == 0
+        model._nbdiff_cpu_kernel = KernelStatus(True, "on (for this test)", 2)  # cheap verifies: wider drafts
+        assert resolve_options(model, DecodeOptions(exact=True))[0].block_size == LOOKUP_BLOCK_SIZE_KERNEL
+    finally:
+        model._nbdiff_cpu_kernel = kept

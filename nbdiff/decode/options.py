@@ -144,7 +144,20 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
 
 
 LOOKUP_BLOCK_SIZE = 2
-"""Block size of exact mode with n-gram drafts when none is given (the folder's is the diffusion's): a
-draft of one token. Wider verification passes cost more on a CPU than their extra accepted tokens give
-back: 1.09x block size 1 at 2, 0.99x at 4, 0.95x at 8 (docs/BENCHMARKS.md, "Exact mode's default
-drafter"); on a GPU, where a pass of 8 tokens costs about what one does, pass --block-size 8."""
+"""Block size of exact mode with n-gram drafts when none is given (the folder's is the diffusion's) on
+a CPU that multiplies with torch's products: a draft of one token. There wider verification passes
+cost more than their extra accepted tokens give back: 1.09x block size 1 at 2, 0.99x at 4, 0.95x at 8
+(docs/BENCHMARKS.md, "Exact mode's default drafter"); on a GPU, where a pass of 8 tokens costs about
+what one does, pass --block-size 8."""
+
+LOOKUP_BLOCK_SIZE_KERNEL = 4
+"""The same where nbdiff's few-row CPU kernel runs the model (nbdiff.cpu_kernel): a verify of 4 tokens
+costs about 1.1x one token there, and lookup at block 4 gave 1.15x `generate()` against 1.11x at
+block 2 and 1.10x at 8 (default model, fp32, median of 3 repeats; docs/BENCHMARKS.md, "Few-row fp32
+products on the CPU")."""
+
+
+def lookup_block_size(model) -> int:
+    """Exact mode's default block size for n-gram drafts on this model (see the two constants)."""
+    kernel = getattr(model, "_nbdiff_cpu_kernel", None)  # set by nbdiff.loading.load_model on a CPU
+    return LOOKUP_BLOCK_SIZE_KERNEL if kernel is not None and kernel.ready else LOOKUP_BLOCK_SIZE
