@@ -9,10 +9,11 @@ struct Avx512 {
   using V = __m512;
   using In = V;
   static constexpr int L = 16;
-  // 32 vector registers: up to 16 accumulators plus the weights and one input vector, so up to
-  // 16 input rows share each read of a weight row.
+  // 32 vector registers: up to 24 accumulators plus the weights and one input vector; up to 16
+  // input rows share each read of a weight row. Columns per pass measured on SmolLM2's shapes (8
+  // rows: 3 columns 4% faster than 2; 10-12 rows: 2 columns 8% faster than 1).
   static constexpr int kRows = 16;
-  template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : R <= 8 ? 2 : 1; }
+  template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : R <= 8 ? 3 : R <= 12 ? 2 : 1; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }
   static V load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1u), p); }
