@@ -96,6 +96,8 @@ def test_layer_takes_the_kernel_for_few_rows_only():
         assert torch.equal(half(few_half), want)
         many_half = torch.randn(cpu_kernel.MAX_ROWS[torch.bfloat16] + 1, 32).bfloat16()
         assert torch.equal(half(many_half), F.linear(many_half, half.weight, half.bias))
+        made = cpu_kernel.SmallRowsLinear(32, 48)  # not through install(): torch's product
+        assert torch.equal(made(few), F.linear(few, made.weight, made.bias))
         wide = _linear().double()  # a dtype the kernel never takes
         assert torch.equal(wide(few.double()), F.linear(few.double(), wide.weight, wide.bias))
     # autograd wants torch's product: same bits as F.linear, and gradients flow
@@ -163,7 +165,7 @@ def test_describe_says_what_runs_without_building(tmp_path, monkeypatch):
     assert cpu_kernel.describe() == cpu_kernel.status().reason  # loaded in this process: its own words
     monkeypatch.setattr(cpu_kernel, "_status", None)
     monkeypatch.setenv("NBDIFF_HOME", str(tmp_path))  # nothing built there
-    assert "first fp32 load" in cpu_kernel.describe() and not list(tmp_path.rglob("*.so"))
+    assert "first loaded" in cpu_kernel.describe() and not list(tmp_path.rglob("*.so"))
     cpu_kernel.build(tmp_path / "kernels")
     assert cpu_kernel.describe().startswith(cpu_kernel.ISA_NAMES[cpu_kernel.cpu_isa()] + ", built;")
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")

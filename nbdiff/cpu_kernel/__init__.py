@@ -141,7 +141,7 @@ def describe() -> str:
         return "off (the CPU has neither AVX-512 nor AVX2 with FMA)"
     if cxx is None:
         return "off (no C++ compiler found: set CXX or install g++)"
-    when = "built" if _target(cxx).is_file() else "built on the first fp32 load on this CPU (about 8 s)"
+    when = "built" if _target(cxx).is_file() else "built when a model is first loaded on this CPU (about 8 s)"
     return f"{ISA_NAMES[isa]}, {when}; {_what(isa)}"
 
 
@@ -195,12 +195,13 @@ class SmallRowsLinear(nn.Linear):
     """nn.Linear whose CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel (fp32;
     bf16 too at isa 3)."""
 
-    _isa = 0
+    _isa = 0  # set by install(); 0 (a layer made some other way): torch's product always
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
         dt = x.dtype
-        if (dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and self._isa == 3)) and x.device.type == "cpu"
+        if (self._isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and self._isa == 3))
+                and x.device.type == "cpu"
                 and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
                 and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
             return torch.ops.nbdiff.small_m_linear(x, w, self.bias, self._isa)
