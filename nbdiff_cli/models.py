@@ -39,6 +39,16 @@ def resolve_model(model: Optional[str]) -> str:
     return str(path)
 
 
+def _build_cpu_kernel() -> None:
+    """Compile nbdiff's few-row CPU kernel now if it is not built yet, saying so (once per machine)."""
+    from nbdiff import cpu_kernel
+
+    if cpu_kernel.needs_build():
+        with err_console.status("building nbdiff's CPU kernel (once per machine, about 10 s)"):
+            state = cpu_kernel.status()
+        err_console.print(f"CPU kernel {state.reason}", style="dim")
+
+
 def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False, served: bool = False):
     """Load MODEL (default model when omitted) for a decoding command; errors are one line.
 
@@ -59,8 +69,10 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     reason = (EXACT_DTYPE_REASON if exact else
               SERVE_DTYPE_REASON if served and resolve_device(value(device)) == "cpu" else None)
     fp32 = reason is not None and pick == "auto" and normalize(value(quantize)) is None
-    mdl, tok = load(resolve_model(model), quantize=value(quantize), device=value(device),
-                    dtype="fp32" if fp32 else pick)
+    folder = resolve_model(model)
+    if resolve_device(value(device)) == "cpu" and normalize(value(quantize)) is None:
+        _build_cpu_kernel()
+    mdl, tok = load(folder, quantize=value(quantize), device=value(device), dtype="fp32" if fp32 else pick)
     if fp32:  # say why fp32 ran (info and --json read it back)
         mdl._nbdiff_dtype = replace(choose_dtype("fp32"), reason=reason)
     return mdl, tok

@@ -166,10 +166,13 @@ def test_describe_says_what_runs_without_building(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_kernel, "_status", None)
     monkeypatch.setenv("NBDIFF_HOME", str(tmp_path))  # nothing built there
     assert "first loaded" in cpu_kernel.describe() and not list(tmp_path.rglob("*.so"))
+    assert cpu_kernel.needs_build()
     cpu_kernel.build(tmp_path / "kernels")
+    assert not cpu_kernel.needs_build()
     assert cpu_kernel.describe().startswith(cpu_kernel.ISA_NAMES[cpu_kernel.cpu_isa()] + ", built;")
     monkeypatch.setenv(cpu_kernel.ENV_SWITCH, "0")
     assert cpu_kernel.describe() == "off (NBDIFF_CPU_KERNEL=0)"
+    assert not cpu_kernel.needs_build()
 
 
 def test_torch_compile_traces_the_layer():

@@ -145,6 +145,14 @@ def describe() -> str:
     return f"{ISA_NAMES[isa]}, {when}; {_what(isa)}"
 
 
+def needs_build() -> bool:
+    """Whether the next `status()` (the first CPU model load) will compile the kernel: for a CLI that
+    wants to say so while it waits."""
+    cxx = _compiler()
+    return (not _switched_off() and _status is None and cpu_isa() > 0 and cxx is not None
+            and not _target(cxx).is_file())
+
+
 def status() -> KernelStatus:
     """Build and load the kernel on first call (thread-safe); later calls return the same answer.
     `NBDIFF_CPU_KERNEL=0` turns it off (read on every call)."""
