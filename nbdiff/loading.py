@@ -70,6 +70,12 @@ def loaded_dtype(model) -> DtypeChoice | None:
     return getattr(model, "_nbdiff_dtype", None)
 
 
+def dtype_name(model) -> str:
+    """The model's dtype in the flags' words (bf16, fp32, ...), whoever loaded it."""
+    choice = loaded_dtype(model)
+    return choice.name if choice else str(model.dtype).removeprefix("torch.")
+
+
 def check_folder(path: str | Path) -> Path:
     """A model folder with config.json and safetensors weights, or an NBDiffError saying what to do."""
     folder = Path(path).expanduser()

@@ -66,12 +66,11 @@ def generate(
             "block_size": final.block_size,
             "notes": final.notes,
         }
-        from nbdiff.loading import loaded_dtype
+        from nbdiff.loading import dtype_name, loaded_dtype
 
         choice = loaded_dtype(mdl)  # which dtype ran, and why (--dtype auto reads the CPU's bf16 support)
-        payload.update(dtype=choice.name if choice else str(mdl.dtype).removeprefix("torch."),
-                       dtype_reason=choice.reason if choice else None)
-        kernel = getattr(mdl, "_nbdiff_cpu_kernel", None)  # nbdiff.cpu_kernel: set on CPU fp32 loads
+        payload.update(dtype=dtype_name(mdl), dtype_reason=choice.reason if choice else None)
+        kernel = getattr(mdl, "_nbdiff_cpu_kernel", None)  # nbdiff.cpu_kernel: set by load_model on the CPU
         payload.update(cpu_kernel=kernel.reason if kernel else None)
         if options.exact:  # the drafter that ran, what the verification kept: tokens per block, accepted per offset
             from nbdiff.decode.options import auto_drafting

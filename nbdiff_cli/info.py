@@ -55,7 +55,7 @@ def info(
     table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
     table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
     table.add_row("--dtype auto here", Text(f"{auto.name} on {device} ({auto.reason})"))
-    table.add_row("fp32 few-row kernel", Text(describe()))
+    table.add_row("few-row CPU kernel", Text(describe()))
     if settings is None:
         table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:

@@ -56,7 +56,8 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     verification pass over a block rounds differently from one-token steps, so near-ties flip
     (measured on SmolLM2: 2 of 6 replies identical in bf16, 6 of 6 in fp32; docs/BENCHMARKS.md).
     With `served` (nbdiff serve) on a CPU it loads fp32 too: a batched greedy reply must equal the
-    lone one, and bf16 rows do not keep their bits beside others (12 of 16 replies identical).
+    lone one, and bf16 rows do not keep their bits beside others (12 of 16 replies identical with
+    torch's bf16 products, 14 of 16 with nbdiff's kernel).
     """
     from dataclasses import replace
 
@@ -66,11 +67,11 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
     pick = str(value(dtype)).lower()
-    reason = (EXACT_DTYPE_REASON if exact else
-              SERVE_DTYPE_REASON if served and resolve_device(value(device)) == "cpu" else None)
-    fp32 = reason is not None and pick == "auto" and normalize(value(quantize)) is None
+    on_cpu, unquantized = resolve_device(value(device)) == "cpu", normalize(value(quantize)) is None
+    reason = EXACT_DTYPE_REASON if exact else SERVE_DTYPE_REASON if served and on_cpu else None
+    fp32 = reason is not None and pick == "auto" and unquantized
     folder = resolve_model(model)
-    if resolve_device(value(device)) == "cpu" and normalize(value(quantize)) is None:
+    if on_cpu and unquantized:
         _build_cpu_kernel()
     mdl, tok = load(folder, quantize=value(quantize), device=value(device), dtype="fp32" if fp32 else pick)
     if fp32:  # say why fp32 ran (info and --json read it back)

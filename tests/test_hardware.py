@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from nbdiff import hardware
+from nbdiff import cpu_kernel, hardware
 from nbdiff.errors import NBDiffError
 from nbdiff.loading import choose_dtype, resolve_dtype
 
@@ -17,9 +17,11 @@ def cpu(monkeypatch):
         monkeypatch.setattr(hardware.platform, "machine", lambda: machine)
         monkeypatch.setattr(hardware.sys, "platform", system)
         hardware.cpu_bf16.cache_clear()
+        cpu_kernel.cpu_isa.cache_clear()  # read from the same flags
 
     yield set_flags
     hardware.cpu_bf16.cache_clear()
+    cpu_kernel.cpu_isa.cache_clear()
 
 
 def test_cpu_without_native_bf16_keeps_fp32(cpu):

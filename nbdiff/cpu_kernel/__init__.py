@@ -25,6 +25,7 @@ import subprocess
 import tempfile
 import threading
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ ISA_NAMES = {1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
 # benchmarks/cpu_kernel.py (docs/BENCHMARKS.md).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
 ENV_SWITCH = "NBDIFF_CPU_KERNEL"
+NO_ISA = "off (the CPU has neither AVX-512 nor AVX2 with FMA)"
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,11 @@ class KernelStatus:
     isa: int = 0  # cpu_isa()'s numbering: 3 = AVX-512 + BF16, 2 = AVX-512, 1 = AVX2, 0 = none
 
 
+@lru_cache(maxsize=1)
 def cpu_isa() -> int:
     """The best instruction set the kernel has a version for, from the CPU's flags: 3 = AVX-512 with
-    BF16 (fp32 and bf16 products), 2 = AVX-512, 1 = AVX2 (fp32 products), 0 = none."""
+    BF16 (fp32 and bf16 products), 2 = AVX-512, 1 = AVX2 (fp32 products), 0 = none. Read once (the
+    CPU does not change while the process runs)."""
     from nbdiff.hardware import _cpuinfo_flags
 
     if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -138,7 +142,7 @@ def describe() -> str:
         return _status.reason
     isa, cxx = cpu_isa(), _compiler()
     if not isa:
-        return "off (the CPU has neither AVX-512 nor AVX2 with FMA)"
+        return NO_ISA
     if cxx is None:
         return "off (no C++ compiler found: set CXX or install g++)"
     when = "built" if _target(cxx).is_file() else "built when a model is first loaded on this CPU (about 8 s)"
@@ -168,7 +172,7 @@ def status() -> KernelStatus:
 def _load() -> KernelStatus:
     isa = cpu_isa()
     if not isa:
-        return KernelStatus(False, "off (the CPU has neither AVX-512 nor AVX2 with FMA)")
+        return KernelStatus(False, NO_ISA)
     try:
         if not hasattr(torch.ops.nbdiff, "small_m_linear"):
             torch.ops.load_library(str(build()))

@@ -2,8 +2,8 @@
 //
 // Why: for 2-16 rows MKL's sgemm costs nearly as much per row as its one-row gemv, because it does
 // not overlap streaming the weights from memory with the arithmetic on them. These kernels read
-// each weight row once for up to 8 input rows, prefetch the rows a few columns ahead, and keep one
-// accumulator per (input row, output column).
+// each weight row once for up to 16 input rows (8 on AVX2), prefetch the rows a few columns ahead,
+// and keep one accumulator per (input row, output column).
 //
 // Every output element is summed in one fixed order whatever the number of rows: lane l of its
 // accumulator takes k = l, l + L, l + 2L, ... (one fused multiply-add each), the lanes are then

@@ -104,9 +104,8 @@ class CachedContext:
         self.prompt_ids = torch.tensor(rows, dtype=torch.long, device=self.device)  # [B, P]
         self.hidden = self._pad_columns(torch.arange(keep, device=self.device))  # [B, length]
         self.any_hidden = any(pads)  # known on the host: no device sync to decide the mask path
-        self.next_pos = (torch.full_like(self.pad, keep) - self.pad).clamp_(min=0)  # [B] next column's position
-        if gap:
-            self.next_pos = torch.full_like(self.pad, gap)
+        # [B] next column's position: after a shared prefix every row has `gap` visible columns
+        self.next_pos = torch.full_like(self.pad, gap) if gap else (torch.full_like(self.pad, keep) - self.pad).clamp_(min=0)
 
     def _pad_columns(self, cols: torch.Tensor) -> torch.Tensor:
         """[B, n]: which of these columns are a row's padding."""

@@ -134,12 +134,10 @@ def serve(
         err_console.print(f"note: listening on {host} without --api-key: anyone who reaches this port can use the model",
                           style="yellow")
     where = sock.getsockname()
-    from nbdiff.loading import loaded_dtype
+    from nbdiff.loading import dtype_name
 
-    choice = loaded_dtype(engine.model)
-    dtype = choice.name if choice else str(engine.model.dtype).removeprefix("torch.")
     err_console.print(f"serving '{settings.model_id}' on http://{host}:{where[1]}/v1 (block size "
-                      f"{settings.defaults.block_size}, {dtype}, up to {max_batch} rows together); Ctrl-C stops", style="bold")
+                      f"{settings.defaults.block_size}, {dtype_name(engine.model)}, up to {max_batch} rows together); Ctrl-C stops", style="bold")
     try:
         uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[sock])
     finally:
