@@ -184,3 +184,19 @@ def test_torch_compile_traces_the_layer():
         meta = torch.ops.nbdiff.small_m_linear(x.to("meta"), layer.weight.to("meta"), None, 1)
     assert torch.equal(got, want)
     assert meta.shape == (3, 24) and meta.device.type == "meta"
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    first = cpu_kernel.build(tmp_path)
+    first.write_bytes(b"not a shared library")  # a truncated or foreign file where ours should be
+    loaded, errors = [], iter([OSError("Could not load this library"), None])
+
+    def load(path):  # torch's loader fails on the bad file, as it does for real
+        loaded.append(open(path, "rb").read(4))
+        error = next(errors)
+        if error is not None:
+            raise error
+
+    monkeypatch.setattr(torch.ops, "load_library", load)
+    assert cpu_kernel.load_library(tmp_path) == first
+    assert loaded == [b"not ", b"\x7fELF"]  # the bad file, then a fresh build in its place

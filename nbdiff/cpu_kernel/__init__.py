@@ -169,13 +169,26 @@ def status() -> KernelStatus:
         return _status
 
 
+def load_library(cache: Path | None = None) -> Path:
+    """Build (or reuse) the library and load it into torch. A cached library that does not load
+    (a truncated file, another toolchain's) is nbdiff's own: it is built again once."""
+    path = build(cache)
+    try:
+        torch.ops.load_library(str(path))
+    except OSError:
+        path.unlink(missing_ok=True)
+        path = build(cache)
+        torch.ops.load_library(str(path))
+    return path
+
+
 def _load() -> KernelStatus:
     isa = cpu_isa()
     if not isa:
         return KernelStatus(False, NO_ISA)
     try:
         if not hasattr(torch.ops.nbdiff, "small_m_linear"):
-            torch.ops.load_library(str(build()))
+            load_library()
             torch.library.register_fake("nbdiff::small_m_linear")(_fake)  # shapes for torch.compile / meta
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return KernelStatus(False, f"off ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
