@@ -2,7 +2,7 @@
 
     python benchmarks/adapt_dtype.py SEED {auto,fp32}
 
-Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
+Feeds docs/benchmarks/bf16-cpu.md, section "bf16 on CPU (issue 17)".
 """
 import json, os, sys, time, resource
 from nbdiff.adapt.recipe import AdaptConfig

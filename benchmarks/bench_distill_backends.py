@@ -4,7 +4,7 @@ BACKEND is nbdiff (the block decoder at block size 1) or hf (transformers genera
 prompts 200..200+N of the shipped file with 256 new tokens into /tmp and prints the reply tokens,
 seconds and tokens/s. Compare two backends' files for equal replies.
 
-Feeds docs/BENCHMARKS.md, section "Default model (issue 11) / How it was made".
+Feeds docs/benchmarks/default-model.md, section "Default model (issue 11) / How it was made".
 """
 
 import os

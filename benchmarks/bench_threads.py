@@ -2,7 +2,7 @@
 
 On a CPU shared by many processes, compare N=1 with N=2 (wall and CPU seconds per forward).
 
-Feeds docs/BENCHMARKS.md, section "Default model (issue 11) / How it was made".
+Feeds docs/benchmarks/default-model.md, section "Default model (issue 11) / How it was made".
 """
 
 import sys

@@ -3,7 +3,7 @@
 b = 2 with nothing masked runs the general 2L pass on the same tokens (same cost as b = 1 without
 the shortcut). 10M-parameter Llama, seq 512, fp32, CPU. Run: python benchmarks/block1_shortcut.py
 
-Feeds docs/BENCHMARKS.md, section "Training efficiency: one-pass 2L layout vs one forward per block vs plain AR / Block size 1: one pass instead of two".
+Feeds docs/benchmarks/training.md, section "Training efficiency: one-pass 2L layout vs one forward per block vs plain AR / Block size 1: one pass instead of two".
 """
 import time, torch
 from nbdiff.testing import tiny_model

@@ -8,7 +8,7 @@ subprocess and reports its peak resident set size (getrusage RUSAGE_CHILDREN) ag
 
     python benchmarks/convert_memory.py [--gb 3.2] [--shards 4] [--keep]
 
-Feeds docs/BENCHMARKS.md, section "`nbdiff convert` / Peak memory on a sharded checkpoint".
+Feeds docs/benchmarks/convert.md, section "`nbdiff convert` / Peak memory on a sharded checkpoint".
 """
 
 from __future__ import annotations

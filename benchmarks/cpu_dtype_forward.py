@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_dtype_forward.py 2    # threads
 
-Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
+Feeds docs/benchmarks/bf16-cpu.md, section "bf16 on CPU (issue 17)".
 """
 import torch, time
 from transformers import AutoModelForCausalLM, DynamicCache

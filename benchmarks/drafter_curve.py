@@ -1,4 +1,4 @@
-"""The trained drafter's learning curve and training throughput (docs/BENCHMARKS.md, "Trained drafter (CPU)").
+"""The trained drafter's learning curve and training throughput (docs/benchmarks/drafter.md, "Trained drafter (CPU)").
 
 Tokens per verify come from step-by-step simulated greedy decoding along the AR model's own replies
 to novel held-out prompts (nbdiff.drafter.train.simulated_tokens_per_verify: the first reply token

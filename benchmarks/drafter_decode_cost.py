@@ -1,4 +1,4 @@
-"""What a trained drafter costs per block next to the AR verify pass (docs/BENCHMARKS.md, "Trained drafter: decoding").
+"""What a trained drafter costs per block next to the AR verify pass (docs/benchmarks/drafter.md, "Trained drafter: decoding").
 
     OMP_NUM_THREADS=1 python benchmarks/drafter_decode_cost.py MODEL_DIR [--context 200]
 

@@ -2,7 +2,7 @@
 
     python benchmarks/exact_check.py 20        # new tokens per prompt; model /work/models/smollm2-nbdiff
 
-Feeds docs/BENCHMARKS.md, section "Exact mode (issue 12) / Exact mode against generate() on the converted SmolLM2".
+Feeds docs/benchmarks/exact-mode.md, section "Exact mode (issue 12) / Exact mode against generate() on the converted SmolLM2".
 """
 import time, torch, json, sys
 torch.set_num_threads(2)

@@ -2,7 +2,7 @@
 
     python benchmarks/exact_dtype.py [MODEL_DIR]
 
-Feeds docs/BENCHMARKS.md, section "bf16 on CPU (issue 17)".
+Feeds docs/benchmarks/bf16-cpu.md, section "bf16 on CPU (issue 17)".
 """
 import sys
 

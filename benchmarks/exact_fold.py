@@ -14,7 +14,7 @@ mixes in), greedy, one-shot drafts:
   (verify + a draft for every possible accepted length, as TiDAR does) at the prompt's context;
 - tokens per forward and an estimated tokens/s of each scheme from those figures.
 
-Feeds docs/BENCHMARKS.md, section "Exact mode (issue 12) / Acceptance per offset and the fold question".
+Feeds docs/benchmarks/exact-mode.md, section "Exact mode (issue 12) / Acceptance per offset and the fold question".
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ Prompts are raw (no chat template) slices of /work/shared/data/austen.txt cut to
   first token of each turn with the kept cache (nbdiff.api.Session) and with re-encoding.
 Prints Markdown tables; --json writes the figures.
 
-Feeds docs/BENCHMARKS.md, section "Long context (issue 16)".
+Feeds docs/benchmarks/long-context.md, section "Long context (issue 16)".
 """
 
 from __future__ import annotations

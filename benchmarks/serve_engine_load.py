@@ -11,7 +11,7 @@ cost of a step of 1 and of 8 rows), and transformers' own generate() on the same
 time (greedy, EOS honoured): its tokens/s and how many of its texts equal the engine's. The gap to serve_load.py's speedup is what HTTP, streaming and
 a load generator on the same cores cost.
 
-Feeds docs/BENCHMARKS.md, section "Serving (issue 21)".
+Feeds docs/benchmarks/serving.md, section "Serving (issue 21)".
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ the row's speedup over it). A one-client row with M requests covers other prompt
 may be shorter or longer, so it is not the N-client row's baseline.
 Bounded: localhost only, at most --clients x --requests requests per row, --time-limit per row.
 
-Feeds docs/BENCHMARKS.md, section "Serving (issue 21)".
+Feeds docs/benchmarks/serving.md, section "Serving (issue 21)".
 """
 
 from __future__ import annotations

@@ -25,7 +25,8 @@ Throughput counts training tokens: batch * L per step, for every method.
 Each method runs in its own subprocess, so its peak RSS (ru_maxrss) is its own. Before timing,
 the script checks on one batch that `2L` and `per-block` give the same loss and gradients.
 
-Feeds docs/BENCHMARKS.md, section "Training efficiency: one-pass 2L layout vs one forward per block vs plain AR; Adaptation cost (issue 14)".
+Feeds docs/benchmarks/training.md, section "Training efficiency: one-pass 2L layout vs one forward per block vs plain AR",
+and docs/benchmarks/adaptation.md, section "Adaptation cost (issue 14)".
 """
 
 from __future__ import annotations

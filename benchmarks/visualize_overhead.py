@@ -4,7 +4,7 @@
     python benchmarks/visualize_overhead.py                 # tiny random llama, built here
     python benchmarks/visualize_overhead.py MODEL_DIR -b 4  # any converted folder
 
-Feeds docs/BENCHMARKS.md, section "`nbdiff visualize` / Measured".
+Feeds docs/benchmarks/visualize.md, section "`nbdiff visualize` / Measured".
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ fi
 
 # 5. the asset: LoRA + mask row in bf16, one file; its default block size is DEFAULT_BS (the CPU
 #    adapter's replies repeat themselves at blocks 4 and 8, so it decodes at 1 unless asked; see
-#    docs/BENCHMARKS.md "Default model"; check the GPU run's bench before shipping it at 8)
+#    docs/benchmarks/default-model.md; check the GPU run's bench before shipping it at 8)
 run python - "$OUT/run" "$OUT/adapter.safetensors" "$DEFAULT_BS" <<'EOF'
 import json, os, sys
 from nbdiff.default_model import write_asset

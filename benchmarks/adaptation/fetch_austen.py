@@ -10,7 +10,7 @@ Rdata.rdb; Rdata.rdx (gzip) is the index: variable -> (offset, length). Each ent
 package `rdata` parses. Novels are written in the package's (alphabetical) order, lines joined with
 newlines, a blank line between novels.
 
-Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup (the text it trains on)".
+Feeds docs/benchmarks/central-claim.md, section "The central claim at small scale / Setup (the text it trains on)".
 """
 
 from __future__ import annotations

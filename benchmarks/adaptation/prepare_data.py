@@ -8,7 +8,7 @@ files OUT/data/{train,heldout}.txt, and OUT/tokenizer/ (a PreTrainedTokenizerFas
 4096, ChatML specials). The split is by chapter: every 20th chapter (5%) is held out, so the
 held-out text is spread over all six novels and never shares a chapter with the training text.
 
-Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup".
+Feeds docs/benchmarks/central-claim.md, section "The central claim at small scale / Setup".
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ convert and adapt. Chapters are joined with <|endoftext|> and cut into rows of -
 Writes an ordinary Hugging Face folder (config.json, model.safetensors, tokenizer files) plus
 pretrain_log.jsonl, and prints the held-out AR loss.
 
-Feeds docs/BENCHMARKS.md, section "The central claim at small scale / Setup".
+Feeds docs/benchmarks/central-claim.md, section "The central claim at small scale / Setup".
 """
 
 from __future__ import annotations

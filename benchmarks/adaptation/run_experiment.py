@@ -20,7 +20,7 @@ Evaluation: held-out chapters (never trained on), packed by nbdiff.adapt.data ex
 scored by nbdiff.adapt.evaluation.evaluate, whose noise is seeded per (block size, row): every model sees
 the same masks. AR loss = block size 1 with the causal mask for every model.
 
-Feeds docs/BENCHMARKS.md, section "The central claim at small scale".
+Feeds docs/benchmarks/central-claim.md, section "The central claim at small scale".
 """
 
 from __future__ import annotations

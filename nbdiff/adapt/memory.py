@@ -6,7 +6,7 @@ token and layer, from the hidden and MLP widths), and one chunk of LM-head logit
 never build [B, 2L, V]; nbdiff.method.layout.parallel_losses). Its per-token coefficients come from
 counting the tensors saved for backward in a Llama layer and were checked against the measured
 peak of SmolLM2-135M LoRA at batch 8 x 256 under bf16 autocast (6.8 GB measured, 6.7 GB estimated;
-docs/BENCHMARKS.md, "Adaptation cost"): treat it as +-15%. `plan_memory` turns the estimate into a decision: gradient checkpointing off when the step
+docs/benchmarks/adaptation.md, "Adaptation cost"): treat it as +-15%. `plan_memory` turns the estimate into a decision: gradient checkpointing off when the step
 fits comfortably, on when only it makes the step fit, and an NBDiffError with the estimate when
 nothing fits, instead of swapping or being killed halfway through a run.
 """

@@ -39,7 +39,7 @@ OBJECTS = {"avx2": "-mavx2 -mfma", "avx512": "-mavx512f -mfma", "avx512_bf16": "
 ISA_NAMES = {1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
 # Above this many rows torch's product is as fast or faster (fp32: MKL, which the kernel beats until
 # it has to read the weights twice; bf16: oneDNN with AMX, nearly flat in rows). Measured with
-# benchmarks/cpu_kernel.py (docs/BENCHMARKS.md).
+# benchmarks/cpu_kernel.py (docs/benchmarks/cpu-kernel.md).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
 ENV_SWITCH = "NBDIFF_CPU_KERNEL"
 NO_ISA = "off (the CPU has neither AVX-512 nor AVX2 with FMA)"

@@ -55,7 +55,7 @@ class DecodeOptions:
     draft_threshold: float = 0.05
     """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all).
     On a CPU a verify of 8 tokens costs about 2x one; 0.05 cut the tokens checked per verify from 6.4 to 0.75 at
-    the same tokens per verify with a weak drafter (docs/BENCHMARKS.md, "Trained drafter: decoding")."""
+    the same tokens per verify with a weak drafter (docs/benchmarks/drafter.md, "Trained drafter: decoding")."""
 
     def __post_init__(self) -> None:
         if self.block_size is not None:
@@ -130,7 +130,7 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
     - otherwise the n-gram drafter. It needs no draft forward, so every verification pass gives at
       least one token (never fewer tokens per forward than block size 1), while a diffusion draft
       costs one forward more per block and, on the models shipped today, keeps about one drafted
-      token: 1.27 against 1.00 tokens per forward, docs/BENCHMARKS.md "Exact mode's default drafter".
+      token: 1.27 against 1.00 tokens per forward, docs/benchmarks/exact-mode.md "Exact mode's default drafter".
     Any other choice comes back as it is; multi-step diffusion drafting is `drafter='diffusion'`.
     """
     if not isinstance(options.drafter, str) or options.drafter != AUTO:
@@ -138,7 +138,7 @@ def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
     if options.exact and model is not None:
         from nbdiff.drafter.folder import bundled_drafter
 
-        if bundled_drafter(model) is not None:  # lookup first: 1.54 vs 1.23 tokens per verify alone (BENCHMARKS.md)
+        if bundled_drafter(model) is not None:  # lookup first: 1.54 vs 1.23 tokens per verify alone (docs/benchmarks/drafter.md)
             return options.with_(drafter=LOOKUP + TRAINED)
     return options.with_(drafter="diffusion" if options.draft_steps is not None else "ngram")
 
@@ -147,13 +147,13 @@ LOOKUP_BLOCK_SIZE = 2
 """Block size of exact mode with n-gram drafts when none is given (the folder's is the diffusion's) on
 a CPU that multiplies with torch's products: a draft of one token. There wider verification passes
 cost more than their extra accepted tokens give back: 1.09x block size 1 at 2, 0.99x at 4, 0.95x at 8
-(docs/BENCHMARKS.md, "Exact mode's default drafter"); on a GPU, where a pass of 8 tokens costs about
+(docs/benchmarks/exact-mode.md, "Exact mode's default drafter"); on a GPU, where a pass of 8 tokens costs about
 what one does, pass --block-size 8."""
 
 LOOKUP_BLOCK_SIZE_KERNEL = 4
 """The same where nbdiff's few-row CPU kernel runs the model (nbdiff.cpu_kernel): a verify of 4 tokens
 costs about 1.1x one token there, and lookup at block 4 gave 1.15x `generate()` against 1.11x at
-block 2 and 1.10x at 8 (default model, fp32, median of 3 repeats; docs/BENCHMARKS.md, "Few-row fp32
+block 2 and 1.10x at 8 (default model, fp32, median of 3 repeats; docs/benchmarks/cpu-kernel.md, "Few-row fp32
 products on the CPU")."""
 
 

@@ -15,7 +15,7 @@ checkpoints and the metrics; a drafter run swaps four parts (the trainer asks fo
   greedy decoding along the replies of --drafter-eval-data) and the export (`export_drafter`: the
   run folder becomes a drafter folder, nbdiff.drafter.folder).
 
-Options measured in docs/BENCHMARKS.md ("Trained drafter (CPU)"): draft layers and their
+Options measured in docs/benchmarks/drafter.md ("Trained drafter (CPU)"): draft layers and their
 initialisation (random, or copied from AR layers), the AR layers read, the block size, a reduced
 draft vocabulary (the most frequent reply tokens), features cached on disk across epochs, bf16.
 """
@@ -215,7 +215,8 @@ def build_drafter(ar_model, config, mask_token_id: int, draft_vocab: list[int] |
     dconf = DrafterConfig.for_target(
         ar_model, num_hidden_layers=config.drafter_layers,
         target_layer_ids=target_layers(config, ar_model.config.num_hidden_layers), block_size=config.block_size,
-        mask_token_id=mask_token_id, draft_vocab=draft_vocab, target_name=str(config.model))
+        mask_token_id=mask_token_id, draft_vocab=draft_vocab, target_name=str(config.model),
+        intermediate_size=config.drafter_intermediate or None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         drafter = new_drafter(dconf, ar_model).float()  # fp32 master weights (bf16 autocast where native)
