@@ -17,10 +17,10 @@ def distill(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output .jsonl of chat records; prompts already in it are skipped (resume).")] = Path("distill.jsonl"),
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; above 0 samples (more varied data).")] = 0.0,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest reply in tokens.")] = 256,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together (left-padded).")] = 16,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Prompts decoded together (rows of the engine, or one left-padded batch).")] = 16,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N prompts of the file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling generator (with --temperature).")] = 0,
-    backend: Annotated[str, typer.Option("--backend", help="nbdiff (the block decoder at block size 1) or hf (transformers generate).")] = "nbdiff",
+    backend: Annotated[str, typer.Option("--backend", help="engine (the serving engine: continuous batching, a finished row is refilled at once), nbdiff (left-padded batches of the block decoder at block size 1) or hf (transformers generate).")] = "engine",
     device: Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")] = DeviceChoice.auto,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype.")] = DtypeChoice.auto,
 ) -> None:

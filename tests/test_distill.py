@@ -80,7 +80,7 @@ def test_resume_skips_answered_prompts_and_cuts_a_torn_line(loaded, prompt_file,
     assert run(loaded, prompts, out)[-1].done == 0  # nothing left to answer
 
 
-@pytest.mark.parametrize("backend", ["nbdiff", "hf"])
+@pytest.mark.parametrize("backend", ["engine", "nbdiff", "hf"])
 def test_greedy_replies_equal_nbdiff_generate(loaded, prompt_file, tmp_path, backend):
     import nbdiff
     from nbdiff.adapt.distill import read_prompts
@@ -93,6 +93,24 @@ def test_greedy_replies_equal_nbdiff_generate(loaded, prompt_file, tmp_path, bac
         text, final = nbdiff.generate(model, tok, prompt, block_size=1, max_new_tokens=6)
         assert rec["messages"][-1]["content"] == text, prompt
         assert rec["finish"] == final.finish_reason
+        eos = set(nbdiff.api.eos_ids(model, tok))
+        assert rec["tokens"] == len([t for t in final.tokens[0] if t not in eos]), prompt
+
+
+def test_engine_keeps_rows_full_with_fewer_rows_than_prompts(loaded, prompt_file, tmp_path):
+    """Two engine rows for five prompts: every prompt answered once, as it would be alone."""
+    import nbdiff
+    from nbdiff.adapt.distill import read_prompts
+
+    model, tok = loaded
+    out = tmp_path / "d.jsonl"
+    progress = run(loaded, read_prompts(prompt_file), out, batch_size=2, max_new_tokens=9, backend="engine")
+    recs = records(out)
+    assert sorted(r["messages"][0]["content"] for r in recs) == sorted(PROMPTS)
+    assert progress[-1].done == 5 and progress[-1].new_tokens == sum(r["tokens"] for r in recs)
+    for rec in recs:
+        text, _ = nbdiff.generate(model, tok, rec["messages"][0]["content"], block_size=1, max_new_tokens=9)
+        assert rec["messages"][-1]["content"] == text
 
 
 def test_sampling_is_seeded(loaded, prompt_file, tmp_path):

@@ -11,9 +11,13 @@ Notable choices:
 - Resumable: a prompt's id is a hash of its messages; prompts whose id is already in the output
   are skipped. Records are appended one line per `write` and flushed (and fsynced) after every
   batch; a torn last line from an interrupted run is cut off before appending again.
-- Batched: prompts are sorted by token length (inside windows of 8 batches) so a batch pads little; each batch is one left-padded
-  `nbdiff.api.generate` call at block size 1 (greedy AR, or sampled with `temperature`), or
-  transformers `generate()` with `backend="hf"`.
+- Batched, three ways (`backend`): "engine" (the default) hands every prompt to the serving
+  engine (nbdiff.serve.engine: continuous batching, block-size-1 requests packed into one forward),
+  so a row that ends is refilled at once and no forward is spent on finished rows; "nbdiff" sorts
+  prompts by token length (inside windows of 8 batches) and runs each batch as one left-padded
+  `nbdiff.api.generate` call at block size 1 (every row waits for the batch's longest reply); "hf"
+  is transformers `generate()` on the same batches. Greedy replies are the model's greedy replies in
+  all three (tested against `nbdiff.generate` one prompt at a time).
 - Replies cut by `max_new_tokens` are kept by default (`keep_truncated`): they are still the
   model's own text, and dropping them would bias the data towards short replies.
 """
@@ -32,7 +36,7 @@ import torch
 
 from nbdiff.errors import NBDiffError
 
-BACKENDS = ("nbdiff", "hf")
+BACKENDS = ("engine", "nbdiff", "hf")
 
 
 @dataclass
@@ -199,6 +203,47 @@ def _generate_batch(model, tokenizer, batch: list[Prompt], backend: str, tempera
     return replies
 
 
+def _engine_replies(model, tokenizer, todo: list[Prompt], batch_size: int, temperature: float,
+                    max_new_tokens: int, seed: int | None) -> Iterator[tuple[Prompt, str, int, str]]:
+    """(prompt, reply text, reply tokens without EOS, finish reason) in the order replies end, from the engine.
+
+    Every prompt is queued at once; the engine keeps `batch_size` rows decoding and admits the next
+    prompt as soon as a row ends. Prompt i samples with seed + i (its own generator, as alone).
+    The engine hands out text (what it sends a client), which is the text `generate()` decodes.
+    """
+    import queue
+
+    from nbdiff.api import encode
+    from nbdiff.decode.options import DecodeOptions
+    from nbdiff.serve.engine import Delta, Done, Engine, Job
+
+    ended: queue.Queue = queue.Queue()
+    engine = Engine(model, tokenizer, max_batch=batch_size, max_queue=max(len(todo), 1), prefix_cache_bytes=64 << 20)
+    engine.start()
+    try:
+        for i, prompt in enumerate(todo):
+            options = DecodeOptions(block_size=1, temperature=temperature, max_new_tokens=max_new_tokens,
+                                    seed=None if seed is None else seed + i)
+            parts: list[str] = []
+
+            def sink(item, prompt=prompt, parts=parts):  # called on the engine's thread
+                if isinstance(item, Delta):
+                    parts.append(item.text)
+                elif isinstance(item, Done):
+                    ended.put((prompt, "".join(parts), item))
+
+            engine.submit(Job(encode(tokenizer, prompt.messages), options), sink)
+        for _ in todo:
+            prompt, text, done = ended.get()
+            if done.finish_reason not in ("stop", "length"):
+                raise NBDiffError(f"decoding failed: {done.error or done.finish_reason}")
+            reason = "eos" if done.finish_reason == "stop" else "length"
+            # completion_tokens counts the EOS that ended the reply; the record counts reply tokens
+            yield prompt, text, done.completion_tokens - (reason == "eos"), reason
+    finally:
+        engine.close()
+
+
 def distill(
     model,
     tokenizer,
@@ -209,7 +254,7 @@ def distill(
     max_new_tokens: int = 256,
     batch_size: int = 16,
     seed: int | None = 0,
-    backend: str = "nbdiff",
+    backend: str = "engine",
     keep_truncated: bool = True,
 ) -> Iterator[DistillProgress]:
     """Answer every prompt not yet in `out` and append the chat records; yields progress per batch."""
@@ -235,6 +280,11 @@ def distill(
     progress = DistillProgress(done=0, todo=len(todo), skipped=skipped, new_tokens=0, seconds=0.0)
     start = time.perf_counter()
     yield progress
+    if backend == "engine":
+        yield from _distill_engine(model, tokenizer, todo, path, progress, start, temperature=temperature,
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                                   keep_truncated=keep_truncated)
+        return
     with open(path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size):
             batch = todo[i : i + batch_size]
@@ -247,15 +297,35 @@ def distill(
                     if not keep_truncated:
                         continue
                 text = tokenizer.decode(ids, skip_special_tokens=True)
-                record = {
-                    "messages": prompt.messages + [{"role": "assistant", "content": text}],
-                    "id": prompt.id,
-                    "finish": reason,
-                    "tokens": len(ids),
-                }
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(_record(prompt, text, len(ids), reason))
             f.flush()
             os.fsync(f.fileno())
             progress.done += len(batch)
             progress.seconds = time.perf_counter() - start
             yield progress
+
+
+def _record(prompt: Prompt, text: str, tokens: int, reason: str) -> str:
+    record = {"messages": prompt.messages + [{"role": "assistant", "content": text}], "id": prompt.id,
+              "finish": reason, "tokens": tokens}
+    return json.dumps(record, ensure_ascii=False) + "\n"
+
+
+def _distill_engine(model, tokenizer, todo: list[Prompt], path: Path, progress: DistillProgress, start: float, *,
+                    temperature: float, max_new_tokens: int, batch_size: int, seed: int | None,
+                    keep_truncated: bool) -> Iterator[DistillProgress]:
+    """The engine backend: records appended as replies end, flushed and fsynced every `batch_size` replies."""
+    with open(path, "a", encoding="utf-8") as f:
+        for n, (prompt, text, tokens, reason) in enumerate(
+                _engine_replies(model, tokenizer, todo, batch_size, temperature, max_new_tokens, seed), 1):
+            progress.new_tokens += tokens
+            if reason == "length":
+                progress.truncated += 1
+            if reason != "length" or keep_truncated:
+                f.write(_record(prompt, text, tokens, reason))
+            progress.done += 1
+            if n % batch_size == 0 or n == len(todo):
+                f.flush()
+                os.fsync(f.fileno())
+                progress.seconds = time.perf_counter() - start
+                yield progress
