@@ -257,21 +257,43 @@ def test_family_ignoring_masks_fails_before_writing(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
-def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
-    """A tiny llama GGUF (F32 tensors, the tiny BPE tokenizer, tied embeddings) written with gguf."""
+def _k_quant_bytes(g, rows: int, cols: int, qtype) -> "np.ndarray":
+    """Random but valid Q4_K / Q6_K blocks ([rows, bytes per row] uint8): gguf-py cannot quantize
+    K-quants, so the bytes are drawn at random and the fp16 block scales set to small finite values."""
+    import gguf
+    import numpy as np
+
+    block_values, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
+    blocks = g.integers(0, 256, size=(rows * cols // block_values, block_bytes), dtype=np.uint8)
+    scales = (g.uniform(0.0005, 0.004, size=(blocks.shape[0], 2))).astype(np.float16).view(np.uint8)
+    if qtype == gguf.GGMLQuantizationType.Q4_K:
+        blocks[:, 0:4] = scales  # d, dmin
+    else:  # Q6_K: ql, qh, int8 scales, then d
+        blocks[:, -2:] = scales[:, :2]
+    return blocks.reshape(rows, -1)
+
+
+def write_tiny_gguf(path: Path, seed: int = 0, arch: str = "llama", quantized: bool = False) -> Path:
+    """A tiny GGUF written with gguf: the tiny BPE tokenizer and random weights.
+
+    `arch` 'llama' (tied embeddings; q/k rows permuted the llama.cpp way on read) or 'qwen2' (q/k/v
+    biases, an untied output head, as the Qwen2.5-Coder files). `quantized` stores the matrices as
+    Q6_K, Q4_K, Q8_0, Q5_0 and Q4_0 blocks (hidden size 256, a K-quant block) instead of F32.
+    """
     import gguf
     import numpy as np
 
     from nbdiff.testing import CHAT_TEMPLATE
 
+    Q = gguf.GGMLQuantizationType
     tok = tiny_tokenizer()
     vocab = len(tok)
     spec = json.loads(tok.backend_tokenizer.to_str())
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
     id_to_tok = {i: t for t, i in tok.get_vocab().items()}
     specials = set(tok.all_special_tokens)
-    hidden, inter, layers, heads, kv = 64, 128, 2, 4, 2
-    w = gguf.GGUFWriter(str(path), "llama")
+    hidden, inter, layers, heads, kv = (256, 512, 2, 4, 2) if quantized else (64, 128, 2, 4, 2)
+    w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(layers)
     w.add_context_length(256)
     w.add_embedding_length(hidden)
@@ -283,7 +305,7 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     w.add_rope_dimension_count(hidden // heads)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("default" if arch == "llama" else "qwen2")
     w.add_token_list([id_to_tok[i] for i in range(vocab)])
     w.add_token_types([3 if id_to_tok[i] in specials else 1 for i in range(vocab)])  # 3 = control
     w.add_token_merges(merges)
@@ -295,19 +317,32 @@ def write_tiny_gguf(path: Path, seed: int = 0) -> Path:
     def rand(*shape):  # numpy [out, in], as GGUFWriter expects
         return (g.standard_normal(shape) * 0.08).astype(np.float32)
 
-    w.add_tensor("token_embd.weight", rand(vocab, hidden))
+    def matrix(name: str, rows: int, cols: int, qtype) -> None:
+        if not quantized or qtype == Q.F32:
+            w.add_tensor(name, rand(rows, cols))
+        elif qtype in (Q.Q4_K, Q.Q6_K):
+            w.add_tensor(name, _k_quant_bytes(g, rows, cols, qtype), raw_dtype=qtype)
+        else:
+            w.add_tensor(name, gguf.quants.quantize(rand(rows, cols), qtype), raw_dtype=qtype)
+
+    matrix("token_embd.weight", vocab, hidden, Q.Q6_K)
+    if arch == "qwen2":
+        matrix("output.weight", vocab, hidden, Q.Q8_0)
     w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
     for i in range(layers):
         p = f"blk.{i}."
-        w.add_tensor(p + "attn_norm.weight", np.ones(hidden, np.float32))
+        w.add_tensor(p + "attn_norm.weight", (1 + rand(hidden)).astype(np.float32))
         w.add_tensor(p + "ffn_norm.weight", np.ones(hidden, np.float32))
-        w.add_tensor(p + "attn_q.weight", rand(hidden, hidden))
-        w.add_tensor(p + "attn_k.weight", rand(kv * hidden // heads, hidden))
-        w.add_tensor(p + "attn_v.weight", rand(kv * hidden // heads, hidden))
-        w.add_tensor(p + "attn_output.weight", rand(hidden, hidden))
-        w.add_tensor(p + "ffn_gate.weight", rand(inter, hidden))
-        w.add_tensor(p + "ffn_up.weight", rand(inter, hidden))
-        w.add_tensor(p + "ffn_down.weight", rand(hidden, inter))
+        matrix(p + "attn_q.weight", hidden, hidden, Q.Q4_K)
+        matrix(p + "attn_k.weight", kv * hidden // heads, hidden, Q.Q8_0)
+        matrix(p + "attn_v.weight", kv * hidden // heads, hidden, Q.Q5_0)
+        if arch == "qwen2":
+            for part, rows in (("q", hidden), ("k", kv * hidden // heads), ("v", kv * hidden // heads)):
+                w.add_tensor(p + f"attn_{part}.bias", rand(rows))
+        matrix(p + "attn_output.weight", hidden, hidden, Q.Q4_0)
+        matrix(p + "ffn_gate.weight", inter, hidden, Q.Q4_K)
+        matrix(p + "ffn_up.weight", inter, hidden, Q.Q5_0)
+        matrix(p + "ffn_down.weight", hidden, inter, Q.Q6_K)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -332,6 +367,95 @@ def test_gguf_round_trip(tmp_path):
     ids = input_ids(384)
     torch.testing.assert_close(logits(converted, ids)[..., :384], logits(reference, ids), rtol=1e-5, atol=1e-5)
     assert converted.get_output_embeddings().weight.data_ptr() == converted.get_input_embeddings().weight.data_ptr()
+
+
+@pytest.mark.parametrize("arch, dtype", [("llama", "auto"), ("qwen2", "auto"), ("qwen2", "bf16")])
+def test_quantized_gguf_streams_tensor_by_tensor_equal_to_transformers(tmp_path, monkeypatch, arch, dtype):
+    """K-quant and legacy blocks, the llama q/k permutation, qwen2 biases and an untied head: every
+    tensor written equals transformers' own load of the file bit for bit, and so do the logits."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    import nbdiff.convert.gguf_weights as gguf_weights
+    import nbdiff.convert.reading as reading
+    import nbdiff.convert.tensors as tensors
+
+    gguf_path = write_tiny_gguf(tmp_path / f"Tiny-{arch}.gguf", seed=3, arch=arch, quantized=True)
+    # a few rows per dequantization chunk, so every matrix is read in several chunks
+    monkeypatch.setattr(gguf_weights, "CHUNK_VALUES", 3 * 256)
+
+    def whole_model(*_args):
+        raise AssertionError("the GGUF was dequantized whole")
+
+    monkeypatch.setattr(reading, "_dequantize_gguf", whole_model)
+    # streaming: each tensor is written before the next one is read
+    events: list[str] = []
+    real_read, real_write = gguf_weights.GgufTensors._read, tensors.write_data
+    monkeypatch.setattr(gguf_weights.GgufTensors, "_read", lambda self, m, key: (events.append("read"), real_read(self, m, key))[1])
+    monkeypatch.setattr(tensors, "write_data", lambda fh, t: (events.append("write"), real_write(fh, t))[1])
+
+    out = tmp_path / "out"
+    result = convert(gguf_path, out, dtype=dtype)
+    assert events and events == ["read", "write"] * (len(events) // 2)
+
+    target = torch.float32 if dtype == "auto" else torch.bfloat16
+    reference = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=gguf_path.name, dtype=target).eval()
+    expected = {k: v for k, v in reference.state_dict().items()}
+    written = load_file(out / "model.safetensors")
+    tied = arch == "llama"
+    assert set(written) == set(expected) - ({"lm_head.weight"} if tied else set())
+    vocab = reference.config.vocab_size
+    for key, tensor in written.items():
+        assert tensor.dtype == target, key
+        rows = tensor[:vocab] if key in ("model.embed_tokens.weight", "lm_head.weight") else tensor
+        assert torch.equal(rows, expected[key]), key
+    assert result.vocab_size == vocab + 1  # the tiny vocabulary has no spare row: the mask row is added
+    emb = written["model.embed_tokens.weight"]
+    torch.testing.assert_close(emb[vocab], expected["model.embed_tokens.weight"].float().mean(0).to(target))
+
+    converted = load(out, dtype=target)
+    ids = input_ids(vocab)
+    torch.testing.assert_close(logits(converted, ids)[..., :vocab], logits(reference, ids), rtol=0, atol=0)
+
+
+def test_chunked_dequantization_equals_one_call():
+    import gguf
+    import numpy as np
+
+    from nbdiff.convert.gguf_weights import _dequantize_rows
+
+    g = np.random.default_rng(0)
+    for qtype in (gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.Q6_K):
+        raw = _k_quant_bytes(g, 37, 512, qtype)
+        whole = gguf.dequantize(raw, qtype)
+        assert whole.shape == (37, 512) and np.isfinite(whole).all()
+        assert np.array_equal(_dequantize_rows(raw, qtype, gguf.dequantize), whole)
+
+
+def test_shard_writer_writes_what_safetensors_writes(tmp_path):
+    """Tensor by tensor, yet byte for byte the file `save_file` writes (header, order, alignment)."""
+    from safetensors.torch import save_file
+
+    from nbdiff.convert.tensors import write_data, write_header
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "b.weight": torch.randn(3, 5, generator=g),
+        "a.weight": torch.randn(7, generator=g).to(torch.bfloat16),
+        "A.bias": torch.randn(2, 2, generator=g).to(torch.float16),
+        "steps": torch.tensor([1, 2, 3], dtype=torch.int64),
+        "flag": torch.tensor([True, False]),
+        "scale": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "byte": torch.tensor([7], dtype=torch.uint8),
+        "c.weight": torch.randn(1, 3, generator=g),
+    }
+    save_file(tensors, str(tmp_path / "reference.safetensors"), metadata={"format": "pt"})
+    with open(tmp_path / "streamed.safetensors", "wb") as fh:
+        order = write_header(fh, {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}, {"format": "pt"})
+        for key in order:
+            write_data(fh, tensors[key].contiguous())
+    assert (tmp_path / "streamed.safetensors").read_bytes() == (tmp_path / "reference.safetensors").read_bytes()
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,13 +619,12 @@ def test_stale_temp_of_a_killed_convert_is_removed_by_the_next(tmp_path, good_sr
 
 @pytest.mark.parametrize("errno_, cause", [(28, "No space left on device"), (30, "Read-only file system")])
 def test_disk_full_or_read_only_is_one_line_and_leaves_nothing(tmp_path, good_src, monkeypatch, errno_, cause):
-    import safetensors.torch
+    import nbdiff.convert.tensors as tensors
 
-    def refuse(tensors, filename, metadata=None):
-        # safetensors reports I/O failures as its own error type, with the OS error inside
-        raise safetensors.SafetensorError(f"Error while serializing: I/O error: {cause} (os error {errno_})")
+    def refuse(fh, t):
+        raise OSError(errno_, cause)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", refuse)
+    monkeypatch.setattr(tensors, "write_data", refuse)
     out = tmp_path / "out"
     result = cli(str(good_src), "--out", str(out))
     assert_one_line_error(result, str(out), cause)

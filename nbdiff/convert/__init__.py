@@ -1,6 +1,9 @@
 """Turn an autoregressive checkpoint into a block-diffusion initialisation (`nbdiff convert`).
 
 Notable features:
+- Tensor by tensor: a safetensors checkpoint or a GGUF file (dequantized one tensor at a time) is
+  read and written one tensor at a time, so peak memory is about twice the largest tensor plus
+  the libraries, whatever the model size.
 - The weights are not changed, except for at most one new embedding row: the converted model, run
   causally, gives the source's logits. What changes is config.json, which gains an `nbdiff`
   section (block size, mask token, shift, context mask, adapted_block_size=1, source). A source
@@ -14,8 +17,9 @@ Notable features:
 Modules, in the order `convert()` uses them:
 - `converter`: `convert()`, the orchestrator, and its result types.
 - `reading`: config, tokenizer, GGUF, and the model's tensor names (meta device).
+- `gguf_weights`: a GGUF file's tensors, dequantized one at a time as transformers would.
 - `mask_token`: which token becomes the mask token, and its embedding row.
-- `tensors`: where each input tensor lives, the shard plan, streaming writes.
+- `tensors`: where each input tensor lives, the shard plan, shards written tensor by tensor.
 - `card`: the README.md model card.
 
 Beside them: `sources` (where a checkpoint comes from: folder, GGUF, alias, hub id) and `compat`

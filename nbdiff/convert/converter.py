@@ -81,7 +81,7 @@ def convert(
     _check_out_dir(out, src, force)
 
     report(ConvertProgress("load"))
-    # a GGUF file is dequantized straight to the target dtype (bf16 halves the peak)
+    # a GGUF file is dequantized tensor by tensor, straight to the target dtype
     config, load_gguf_weights = read_config(src, target or torch.float32)
     probe_mask_support(config)  # before anything is written: the family must honour 4-D masks
     names = model_names(config)
@@ -91,7 +91,7 @@ def convert(
     tokenizer = read_tokenizer(src)
     n_tokens_before = len(tokenizer)
     mask = choose_mask_token(tokenizer, mask_token)
-    groups = [TensorGroup(state=load_gguf_weights())] if load_gguf_weights else folder_groups(src.path)
+    groups = [load_gguf_weights()] if load_gguf_weights else folder_groups(src.path)
     layout = _output_layout(groups, names, mask, target)
     shards = plan_shards(groups, layout, names.aliases, max_shard_bytes)  # a tied lm_head is re-tied on load
     total, parameters, main_dtype = _weight_totals(layout, [k for s in shards for k in s.keys], target)

@@ -1,7 +1,7 @@
 """Reading a source for conversion: config, tokenizer, generation config, GGUF weights, tensor names.
 
 Nothing here loads real weights into a model: names come from a model built on the meta device,
-and a GGUF file is dequantized into a plain state dict only when its weights are asked for.
+and a GGUF file's weights are read only when asked for, tensor by tensor (`gguf_weights`).
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def _truncated_gguf(path: Path) -> bool:
 
 
 def _read_gguf(source: Source, dtype: torch.dtype):
-    """A GGUF file's config, and a function that dequantizes its weights to `dtype`."""
+    """A GGUF file's config, and a function that gives its weights (in `dtype`) as one tensor group."""
     from transformers import AutoConfig
 
     _check_gguf_header(source.path)
@@ -83,7 +83,23 @@ def _read_gguf(source: Source, dtype: torch.dtype):
                               "download the file again") from None
         raise NBDiffError(f"{name} is not a GGUF model transformers can read ({first_line(exc)})",
                           "pass a GGUF file of a supported architecture (llama, qwen2, qwen3, mistral, ...)") from None
-    return config, lambda: _dequantize_gguf(folder, name, dtype)
+    return config, lambda: _gguf_group(source.path, config, dtype)
+
+
+def _gguf_group(path: Path, config, dtype: torch.dtype):
+    """Tensor by tensor (`GgufTensors`) where that reproduces transformers' load, else the whole
+    model dequantized by transformers (mixture-of-experts files and transformers' newer GGUF path)."""
+    from nbdiff.convert.gguf_weights import GgufTensors, gguf_architecture, streamable
+    from nbdiff.convert.tensors import TensorGroup
+
+    try:
+        if streamable(gguf_architecture(path)):
+            return TensorGroup(gguf=GgufTensors(path, config, dtype))
+    except NBDiffError:
+        raise
+    except Exception as exc:
+        raise NBDiffError(f"cannot read the tensors of {path.name} ({first_line(exc)})") from None
+    return TensorGroup(state=_dequantize_gguf(str(path.parent), path.name, dtype))
 
 
 def _dequantize_gguf(folder: str, name: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -183,4 +199,4 @@ def model_names(config) -> ModelNames:
     return ModelNames(emb_key, head_key, aliases, expected, type(model).__name__)
 
 
-WeightsLoader = Callable[[], dict[str, torch.Tensor]]
+WeightsLoader = Callable[[], "TensorGroup"]  # noqa: F821 - nbdiff.convert.tensors.TensorGroup

@@ -1,17 +1,18 @@
 """Tensors in, shards out: where each input tensor lives, how it is written, and the shard plan.
 
-A safetensors checkpoint is streamed tensor by tensor, input shard by input shard (safe_open): the
-model is never instantiated, so peak memory stays near two shards whatever the model size. Output
-shards never straddle input groups, so at most one input group and one output shard are in
-memory at a time.
+Input is read one tensor at a time: a safetensors checkpoint through safe_open, a GGUF file through
+`GgufTensors` (dequantized tensor by tensor), and never by instantiating the model. Output shards
+are written tensor by tensor too: the safetensors header is known before any data (every shape
+and dtype is planned), so each tensor is appended to its shard and freed. Peak memory is about two
+copies of the largest tensor (the one read and its edited copy), whatever the model size. The files
+are byte for byte what safetensors' `save_file` writes for the same tensors (same header, same
+order), which a test checks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -30,14 +31,18 @@ Meta = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype)
 
 
 class TensorGroup:
-    """One input unit read at a time: a safetensors file (streamed) or an in-memory state dict."""
+    """One input unit read at a time: a safetensors file, a GGUF file, or an in-memory state dict."""
 
-    def __init__(self, path: Path | None = None, state: dict[str, torch.Tensor] | None = None):
+    def __init__(self, path: Path | None = None, state: dict[str, torch.Tensor] | None = None, gguf=None):
         self.path = path
         self.state = state
+        self.gguf = gguf
+        """A `GgufTensors`: meta from its table, tensors dequantized on demand."""
         self.meta: dict[str, Meta] = {}
         if state is not None:
             self.meta = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
+        elif gguf is not None:
+            self.meta = dict(gguf.meta)
         else:
             self.meta = _read_header(path)
 
@@ -45,6 +50,10 @@ class TensorGroup:
     def open(self) -> Iterator[Callable[[str], torch.Tensor]]:
         if self.state is not None:
             yield self.state.__getitem__
+            return
+        if self.gguf is not None:
+            with self.gguf.open() as get:
+                yield get
             return
         from safetensors import safe_open
 
@@ -165,7 +174,7 @@ def write_shards(
     transform: Callable[[str, torch.Tensor], torch.Tensor],
     on_bytes: Callable[[int], None],
 ) -> None:
-    """Write every shard into `folder` (plus the index when there are several).
+    """Write every shard into `folder` (plus the index when there are several), tensor by tensor.
 
     `transform(key, tensor)` edits a tensor before its dtype is set (the mask row); `on_bytes`
     receives the running byte count after each tensor.
@@ -176,40 +185,56 @@ def write_shards(
     for g in groups:
         with g.open() as get:
             for shard in (s for s in shards if s.group is g):
-                tensors: dict[str, torch.Tensor] = {}
-                for key in shard.keys:
-                    t = transform(key, get(key))
-                    dt = layout.meta(key)[1]
-                    tensors[key] = (t.to(dt) if t.dtype != dt else t).contiguous()
-                    weight_map[key] = shard.name
-                    done += layout.nbytes(key)
-                    on_bytes(done)
-                _save(tensors, folder / shard.name)
-                del tensors
+                metas = {key: layout.meta(key) for key in shard.keys}
+                with open(folder / shard.name, "wb") as fh:
+                    order = write_header(fh, metas, {"format": "pt"})
+                    for key in order:  # the header's order, so the data is appended in place
+                        t = transform(key, get(key))
+                        dt = metas[key][1]
+                        t = (t.to(dt) if t.dtype != dt else t).contiguous()
+                        if tuple(t.shape) != metas[key][0]:  # pragma: no cover - planned from the same source
+                            raise NBDiffError(f"tensor {key} has shape {tuple(t.shape)}, planned {metas[key][0]}")
+                        write_data(fh, t)
+                        del t
+                        weight_map[key] = shard.name
+                        done += layout.nbytes(key)
+                        on_bytes(done)
         if g.state is not None:
-            g.state.clear()  # free the dequantized GGUF weights as soon as they are written
+            g.state.clear()  # free the dequantized weights as soon as they are written
     if len(shards) > 1:
         index = {"metadata": {"total_size": done}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
 
-def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' save_file, with its I/O failures (disk full, read-only) raised as OSError."""
-    from safetensors.torch import save_file
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except OSError:
-        raise
-    except Exception as exc:
-        code = re.search(r"os error (\d+)", str(exc))
-        if code is None:
-            raise
-        number = int(code.group(1))
-        raise OSError(number, _strerror(number), str(path)) from None
+# safetensors' own data order: wider dtypes first (so every tensor is aligned), then by name
+_DTYPE_ORDER = [torch.int64, torch.float64, torch.float32, torch.int32, torch.bfloat16, torch.float16,
+                torch.int16, torch.int8, torch.uint8, torch.bool]
+_SAFETENSORS_NAMES = {dt: name for name, dt in SAFETENSORS_DTYPES.items()}
 
 
-def _strerror(number: int) -> str:
-    import os
+def write_header(fh, metas: dict[str, Meta], metadata: dict[str, str]) -> list[str]:
+    """Write a safetensors header for tensors `metas` (key -> (shape, dtype)); returns the data order.
 
-    return os.strerror(number) if number in errno.errorcode else f"I/O error {number}"
+    The layout is safetensors' own: an 8-byte little-endian header length, compact JSON with
+    `__metadata__` first, padded with spaces to a multiple of 8, then the tensors back to back.
+    """
+    order = sorted(metas, key=lambda k: (_DTYPE_ORDER.index(metas[k][1]), k))
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for key in order:
+        shape, dt = metas[key]
+        size = dt.itemsize
+        for s in shape:
+            size *= s
+        header[key] = {"dtype": _SAFETENSORS_NAMES[dt], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    fh.write(len(text).to_bytes(8, "little"))
+    fh.write(text)
+    return order
+
+
+def write_data(fh, t: torch.Tensor) -> None:
+    """Append a contiguous CPU tensor's bytes (no copy: numpy's view of its memory)."""
+    fh.write(t.reshape(-1).view(torch.uint8).numpy().data)
