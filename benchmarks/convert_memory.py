@@ -1,20 +1,32 @@
-"""Peak memory of `nbdiff convert` on a synthetic sharded bf16 Llama-shaped checkpoint.
+"""Peak memory of `nbdiff convert`: a synthetic sharded bf16 checkpoint, or a real GGUF file.
 
-Writes a checkpoint of about `--gb` GB (default 3.2) in `--shards` safetensors shards directly
-with safetensors (constant-filled tensors; the model is never built), plus the tiny test
-tokenizer with a matching vocabulary, into a temporary folder. Then runs `nbdiff convert` in a
-subprocess and reports its peak resident set size (getrusage RUSAGE_CHILDREN) against the target
-"at most twice the largest shard plus 1.5 GB". Everything is deleted afterwards.
+Synthetic (default): writes a checkpoint of about `--gb` GB (default 3.2) in `--shards`
+safetensors shards directly with safetensors (constant-filled tensors; the model is never built),
+plus the tiny test tokenizer with a matching vocabulary, into a temporary folder. Then runs
+`nbdiff convert` in a subprocess and reports its peak resident set size (getrusage
+RUSAGE_CHILDREN) against the target "at most twice the largest shard plus 1.5 GB".
+
+GGUF (`--gguf FILE`): converts the file in a subprocess and reports peak RSS and wall time against
+"at most twice the largest tensor in fp32 plus 1.5 GB" (the largest tensor read from the file's
+tensor table). `--code DIR` runs the converter from another checkout (a `git worktree` of an
+older commit) for a before/after comparison. `--logits` then loads the file with transformers
+(`from_pretrained(folder, gguf_file=...)`, fp32) and the converted folder, one after the other in
+a fresh subprocess, and prints the largest absolute logit difference on a chat prompt (over the
+file's vocabulary; the converted model has one more row, the mask token).
 
     python benchmarks/convert_memory.py [--gb 3.2] [--shards 4] [--keep]
+    python benchmarks/convert_memory.py --gguf model.gguf [--code DIR] [--logits] [--keep]
 
-Feeds docs/benchmarks/convert.md, section "`nbdiff convert` / Peak memory on a sharded checkpoint".
+Everything is written into a temporary folder and deleted afterwards unless `--keep`.
+Feeds docs/benchmarks/convert.md, section "`nbdiff convert` / Peak memory on a sharded checkpoint",
+and docs/benchmarks/real-models.md, section "Converting GGUF tensor by tensor".
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -109,12 +121,96 @@ def write_checkpoint(folder: Path, target_gb: float, n_shards: int) -> tuple[int
     return total, largest
 
 
+def largest_fp32_tensor(path: Path) -> tuple[str, int]:
+    """(name, bytes in fp32) of the GGUF file's largest tensor, from its tensor table."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    biggest = max(reader.tensors, key=lambda t: int(t.n_elements))
+    return biggest.name, int(biggest.n_elements) * 4
+
+
+def run_convert(source: Path, out: Path, code: Path | None) -> tuple[float, int]:
+    """Run `nbdiff convert` in a subprocess; (seconds, peak RSS bytes). Call once per process:
+    RUSAGE_CHILDREN keeps the largest child seen so far."""
+    env = dict(os.environ)
+    if code is not None:  # another checkout's nbdiff first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    cmd = [sys.executable, "-m", "nbdiff_cli.app", "convert", str(source), "--out", str(out)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=str(out.parent))
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        print(proc.stdout, proc.stderr, sep="\n")
+        raise SystemExit(f"convert failed with exit code {proc.returncode}")
+    # ru_maxrss of the largest waited-for child, in KiB on Linux
+    return seconds, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+LOGITS_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+
+_LOGITS_CHILD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+gguf, out, prompt = sys.argv[1], sys.argv[2], sys.argv[3]
+from pathlib import Path
+tok = AutoTokenizer.from_pretrained(out)
+text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+ids = tok(text, return_tensors="pt").input_ids
+with torch.no_grad():
+    ref = AutoModelForCausalLM.from_pretrained(str(Path(gguf).parent), gguf_file=Path(gguf).name, dtype=torch.float32)
+    a = ref(input_ids=ids).logits
+    vocab = a.shape[-1]
+    del ref
+    conv = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    b = conv(input_ids=ids).logits[..., :vocab]
+diff = (a - b).abs().max().item()
+same = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+print(f"logits on a {ids.shape[1]}-token chat prompt: max |transformers(gguf) - converted| = {diff:.3g}, "
+      f"argmax agreement {same:.0%}, equal: {torch.equal(a, b)}")
+"""
+
+
+def gguf_main(args) -> None:
+    gguf = Path(args.gguf).resolve()
+    name, largest = largest_fp32_tensor(gguf)
+    target = 2 * largest + 1.5e9
+    root = Path(tempfile.mkdtemp(prefix="nbdiff-convert-bench-"))
+    try:
+        out = root / "out"
+        seconds, peak = run_convert(gguf, out, Path(args.code).resolve() if args.code else None)
+        out_bytes = sum(p.stat().st_size for p in out.glob("*.safetensors"))
+        who = f"converter from {args.code}" if args.code else "converter of this checkout"
+        print(f"{gguf.name} ({gguf.stat().st_size / 1e9:.2f} GB), {who}")
+        print(f"convert: {seconds:.1f} s wall, output {out_bytes / 1e9:.2f} GB, threads {torch.get_num_threads()}")
+        print(f"peak RSS {peak / 1e9:.2f} GB; target <= 2 x {largest / 1e9:.3f} ({name} in fp32) + 1.5 = "
+              f"{target / 1e9:.2f} GB: {'PASS' if peak <= target else 'FAIL'}")
+        if args.logits:
+            proc = subprocess.run([sys.executable, "-c", _LOGITS_CHILD, str(gguf), str(out), LOGITS_PROMPT],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:])
+                raise SystemExit("the logits comparison failed")
+            print(proc.stdout.strip().splitlines()[-1])
+    finally:
+        if args.keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=3.2, help="checkpoint size in GB (>= 3)")
     parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--gguf", help="measure the conversion of this GGUF file instead")
+    parser.add_argument("--code", help="with --gguf: run the converter from this checkout (PYTHONPATH)")
+    parser.add_argument("--logits", action="store_true", help="with --gguf: compare logits with transformers' load")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
     args = parser.parse_args()
+    if args.gguf:
+        gguf_main(args)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="nbdiff-convert-bench-"))
     try:
