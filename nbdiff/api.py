@@ -10,7 +10,8 @@
 A prompt is a string, a list of chat messages, or a list of either (a batch). Strings and
 message lists go through the tokenizer's chat template when it has one (`raw=True` for a plain
 continuation). Decoding options come from a `DecodeOptions`, overridden by keyword arguments;
-`block_size=None` means the model folder's block size (1 for a never-converted folder).
+`block_size=None` means the block size the model folder was adapted to (`nbdiff.loading.default_block_size`:
+1 for a converted, not yet adapted folder and for a never-converted one).
 
 Layers (as mlx-lm's generate_step / stream_generate / generate): `nbdiff.decode.decoder.decode` knows the
 model and the cache and yields token records; `stream` adds the text of every record and the
@@ -26,7 +27,7 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
-from nbdiff.loading import context_length, load_model, model_settings
+from nbdiff.loading import context_length, default_block_size, load_model, model_settings
 from nbdiff.decode.options import AUTO, TRAINED, DecodeOptions, auto_drafting, lookup_block_size
 
 Message = dict
@@ -61,7 +62,7 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
             options = options.with_(block_size=1)
             notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")
         else:
-            options = options.with_(block_size=settings.block_size)
+            options = options.with_(block_size=default_block_size(settings))  # what it was adapted to
     if settings is None and options.block_size > 1 and trained is None:
         raise NBDiffError(
             f"--block-size {options.block_size} needs a converted model (this folder has no mask token)",

@@ -152,6 +152,20 @@ def model_settings(model) -> BlockDiffusionSettings | None:
     return settings_from_config(model.config)
 
 
+def default_block_size(settings: BlockDiffusionSettings | None) -> int:
+    """The block size a folder decodes at when none is asked for: the one its weights were adapted to.
+
+    A converted, not yet adapted folder says 1 (its weights are the AR model's: larger blocks give
+    poor text until `nbdiff adapt` trains them), an adapted one the last step of its curriculum. The
+    block size it was converted for (`block_size`, the curriculum's target) caps it: a folder may
+    ask to decode below what it was adapted to (the default model: adapted to 8, decodes at 1).
+    A folder that was never converted decodes as plain AR (1).
+    """
+    if settings is None:
+        return 1
+    return min(settings.block_size, settings.adapted_block_size)
+
+
 def context_length(model) -> int | None:
     """The model's maximum number of positions, if its config says."""
     return getattr(model.config, "max_position_embeddings", None)

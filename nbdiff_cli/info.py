@@ -22,7 +22,7 @@ def info(
 
     from nbdiff.cpu_kernel import describe
     from nbdiff.errors import NBDiffError
-    from nbdiff.loading import choose_dtype, resolve_device
+    from nbdiff.loading import choose_dtype, default_block_size, resolve_device
     from nbdiff.method.settings import read_settings
 
     if not model_dir.is_dir():
@@ -40,6 +40,7 @@ def info(
             "weight_files": len(weights),
             "weight_bytes": size,
             "nbdiff": settings.to_dict() if settings else None,
+            "default_block_size": default_block_size(settings),
             "auto_dtype": {"device": device, "dtype": auto.name, "reason": auto.reason},
             "cpu_kernel": describe(),
             "drafter": _drafter(model_dir),
@@ -59,8 +60,9 @@ def info(
     if settings is None:
         table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:
-        table.add_row("block size", str(settings.block_size))
-        table.add_row("adapted block size", str(settings.adapted_block_size))
+        table.add_row("block size", f"{settings.block_size} (converted for: the adaptation's target)")
+        table.add_row("adapted block size", f"{settings.adapted_block_size} (the largest block size its weights were trained for)")
+        table.add_row("decodes at", f"block size {default_block_size(settings)} by default (--block-size N to change it)")
         table.add_row("mask token", f"{settings.mask_token!r} (id {settings.mask_token_id})")
         table.add_row("context mask", settings.context_mask)
         table.add_row("shift", str(settings.shift))

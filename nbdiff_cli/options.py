@@ -56,7 +56,7 @@ ModelArg = Annotated[
 ]
 BlockSize = Annotated[
     Optional[int],
-    typer.Option("--block-size", "-b", help="Block size (power of two; 1 = plain AR). Default: the model's.",
+    typer.Option("--block-size", "-b", help="Block size (power of two; 1 = plain AR). Default: the block size the model was adapted to (1 right after `nbdiff convert`; `nbdiff info` shows it); a larger one decodes with a warning.",
                  rich_help_panel=DECODING),
 ]
 SubBlocks = Annotated[

@@ -29,9 +29,9 @@ def loaded(folder):
 
 def test_generate_and_stream_agree(loaded):
     model, tok = loaded
-    text, final = nbdiff.generate(model, tok, "Hello, how are you?", max_new_tokens=9)
+    text, final = nbdiff.generate(model, tok, "Hello, how are you?", max_new_tokens=9, block_size=4)
     assert isinstance(final, FinalEvent) and final.block_size == 4 and isinstance(text, str)
-    events = list(nbdiff.stream(model, tok, "Hello, how are you?", DecodeOptions(max_new_tokens=9)))
+    events = list(nbdiff.stream(model, tok, "Hello, how are you?", DecodeOptions(max_new_tokens=9, block_size=4)))
     assert isinstance(events[-1], FinalEvent) and events[-1].tokens == final.tokens
     assert any(isinstance(e, StepEvent) and e.ar for e in events)
     assert "".join(e.text for e in events if isinstance(e, BlockEvent)) == text == events[-1].texts[0]
@@ -194,10 +194,37 @@ def test_exact_lookup_drafts_have_their_own_default_block_size(loaded):
         assert resolve_options(model, DecodeOptions(exact=True, drafter="ngram"))[0].block_size == LOOKUP_BLOCK_SIZE
         assert resolve_options(model, DecodeOptions(exact=True, block_size=8))[0].block_size == 8
         for opts in (DecodeOptions(exact=True, drafter="diffusion"), DecodeOptions(exact=True, draft_steps=1), DecodeOptions()):
-            assert resolve_options(model, opts)[0].block_size == 4  # the folder's
+            assert resolve_options(model, opts)[0].block_size == 1  # the folder's: converted, not adapted
         _, final = nbdiff.generate(model, tok, "Hello", exact=True, max_new_tokens=8)
         assert final.block_size == LOOKUP_BLOCK_SIZE and final.steps == 0
         model._nbdiff_cpu_kernel = KernelStatus(True, "on (for this test)", 2)  # cheap verifies: wider drafts
         assert resolve_options(model, DecodeOptions(exact=True))[0].block_size == LOOKUP_BLOCK_SIZE_KERNEL
     finally:
         model._nbdiff_cpu_kernel = kept
+
+
+def test_a_folder_decodes_at_the_block_size_it_was_adapted_to(tmp_path, loaded):
+    """No block size given: a converted, unadapted folder decodes as its AR model (block 1, no note);
+    an adapted one at its last curriculum step; a folder asking for less than it was adapted to gets it."""
+    import torch
+
+    from nbdiff.api import resolve_options
+    from nbdiff.loading import default_block_size, model_settings
+
+    model, tok = loaded  # converted for block size 4, adapted to 1
+    text, final = nbdiff.generate(model, tok, "Hello, how are you?", max_new_tokens=12)
+    assert final.block_size == 1 and not any("adapted" in n for n in final.notes)
+    prompt = nbdiff.api.encode(tok, "Hello, how are you?")
+    with torch.no_grad():
+        ar = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, eos_token_id=tok.eos_token_id,
+                            pad_token_id=tok.pad_token_id)[0, len(prompt):].tolist()
+    assert final.tokens[0] == ar[: len(final.tokens[0])] and len(final.tokens[0]) == len(ar)
+    cases = [(32, 1, 1), (32, 8, 8), (8, 8, 8), (1, 8, 1), (4, 16, 4)]  # (converted for, adapted to, decodes at)
+    for block_size, adapted, expected in cases:
+        folder = converted_folder(tmp_path / f"b{block_size}a{adapted}", "llama", block_size=block_size, adapted=adapted)
+        m, _ = nbdiff.load(folder, device="cpu")
+        assert default_block_size(model_settings(m)) == expected
+        opts, notes = resolve_options(m, DecodeOptions())
+        assert opts.block_size == expected and not any("adapted" in n for n in notes)
+        above, notes = resolve_options(m, DecodeOptions(block_size=adapted * 2))
+        assert above.block_size == adapted * 2 and any("adapted to" in n for n in notes)  # by flag, with the warning

@@ -80,6 +80,46 @@ def test_info_plain_and_converted(tmp_path):
     assert json.loads(result.output)["nbdiff"]["block_size"] == 16
 
 
+def test_info_shows_the_block_size_converted_for_and_the_one_it_decodes_at(tmp_path):
+    from transformers import AutoConfig
+
+    save_tiny_checkpoint(tmp_path)
+    config = AutoConfig.from_pretrained(tmp_path)
+    for adapted, default in ((1, 1), (8, 8)):
+        attach_settings(config, BlockDiffusionSettings(block_size=16, mask_token_id=9, adapted_block_size=adapted))
+        config.save_pretrained(tmp_path)
+        result = runner.invoke(app, ["info", str(tmp_path)], terminal_width=200)
+        assert result.exit_code == 0, result.output
+        assert "16 (converted for" in result.output and f"{adapted} (the largest block size" in result.output
+        assert f"block size {default} by default" in result.output
+        data = json.loads(runner.invoke(app, ["info", str(tmp_path), "--json"]).output)
+        assert data["default_block_size"] == default and data["nbdiff"]["adapted_block_size"] == adapted
+
+
+def test_a_converted_model_answers_as_its_ar_model_with_no_flag(tmp_path):
+    """`nbdiff convert SRC --out D && nbdiff generate D --prompt ...`: the AR model's greedy reply, no flag."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = save_tiny_checkpoint(tmp_path / "src", "qwen2")
+    result = runner.invoke(app, ["convert", str(src), "--out", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert read_settings(tmp_path / "d").block_size == 32  # converted for 32, adapted to 1
+    result = runner.invoke(app, ["generate", str(tmp_path / "d"), "--prompt", "Hello, how are you?", "-n", "16", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["block_size"] == 1 and not any("adapted" in n for n in data["notes"])
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    text = tok.apply_chat_template([{"role": "user", "content": "Hello, how are you?"}], tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    reply = out[0, prompt.shape[1]:].tolist()
+    assert data["new_tokens"] == len(reply)  # the EOS, when it came, counted by both
+    assert data["text"] == tok.decode(reply, skip_special_tokens=True)
+
+
 def test_info_missing_folder_is_one_line_error(tmp_path):
     result = runner.invoke(app, ["info", str(tmp_path / "nope")])
     assert result.exit_code == 1

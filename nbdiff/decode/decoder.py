@@ -146,6 +146,8 @@ class Decoding:
         self.first: tuple[list[int], list[float]] | None = None  # exact mode: next first tokens, decided by verification
         self.trained = self._trained_drafting(model) if options.exact and options.trained_drafter else None
         self.ctx.keep_hidden_states = self.trained is not None
+        if self.trained is None:  # a drafter's cache kept from an earlier call would stop following this one
+            self.ctx.followers = {}
 
     def _trained_drafting(self, model):
         """Exact mode's trained drafter (nbdiff.drafter.decoding): loaded once per model, its cache on the context."""

@@ -24,10 +24,11 @@ LOOKUP = "lookup+"
 
 @dataclass
 class DecodeOptions:
-    """How to decode. `block_size=None` means the model folder's block size."""
+    """How to decode. `block_size=None` means the block size the model folder was adapted to."""
 
     block_size: int | None = None
-    """Tokens per block (power of two; 1 = exactly greedy/sampled AR)."""
+    """Tokens per block (power of two; 1 = exactly greedy/sampled AR). None: the model folder's default
+    (`nbdiff.loading.default_block_size`: the block size it was adapted to, 1 right after conversion)."""
     sub_blocks: int = 1
     """Split each block into this many equal sub-blocks decoded left to right."""
     threshold: float = 0.9
