@@ -142,8 +142,12 @@ class Session:
     """Keeps the KV cache of one conversation between `stream` calls (batch size 1).
 
     The next call reuses the longest cached prefix its prompt shares (a chat's earlier turns) and
-    computes only the rest. The replies are those of a fresh cache: the cached keys/values are the
-    causal ones a fresh prefill would compute for the same tokens.
+    computes only the rest. The replies are those of a fresh call on the same messages: the context
+    keeps keys/values for exactly the tokens it lists (`CachedContext.ids`: the prompt and the
+    committed reply, never a token no pass computed), each the causal one a fresh prefill computes,
+    up to the rounding of a pass of another shape. In fp32 that rounding has not changed a reply
+    (tests/test_session_reuse.py, benchmarks/session_agreement.py); in 16-bit weights a near-tie
+    can go the other way, and `stream` says so in a note.
     """
 
     def __init__(self) -> None:
@@ -233,6 +237,10 @@ def stream(
         notes.append("exact mode in 16-bit weights: drafts are verified by the model's own causal pass, but a "
                      "many-token pass rounds differently from one-token steps, so near-ties can differ from plain AR; "
                      "load with dtype='fp32' for token-identical output")
+    if session is not None and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+        notes.append("a kept conversation in 16-bit weights: its cached keys/values were computed in passes of other "
+                     "shapes than a fresh prefill's and round differently, so a later turn can differ from a fresh call "
+                     "where two tokens nearly tie; load with dtype='fp32' for a fresh call's tokens")
     settings = model_settings(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     eos = eos_ids(model, tokenizer)

@@ -63,6 +63,9 @@ EXACT_DTYPE_REASON = ("exact mode: fp32, so the output is AR's token for token "
 SERVE_DTYPE_REASON = ("nbdiff serve on a CPU: fp32, so a greedy reply is the same alone or beside other "
                       "requests (bf16 products round a row differently in a batch; fp32 few-row products "
                       "go through nbdiff.cpu_kernel)")
+CHAT_DTYPE_REASON = ("nbdiff chat on a CPU: fp32, so a turn through the kept conversation is a fresh call's reply "
+                     "token for token (in bf16 the kept keys/values, computed a token at a time, round unlike a "
+                     "fresh prefill's: 22 of 24 turns identical in bf16, 24 of 24 in fp32, benchmarks/session_agreement.py)")
 
 
 def loaded_dtype(model) -> DtypeChoice | None:

@@ -167,7 +167,8 @@ def chat(
     from nbdiff.api import Session, resolve_options
     from nbdiff.errors import NBDiffError
 
-    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact)
+    # kept: the conversation's cache serves every turn, so --dtype auto loads fp32 on a CPU (a fresh call's replies)
+    mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact, kept=True)
     session = Session()  # the KV cache of the conversation, kept across turns
     templated = bool(getattr(tok, "chat_template", None))
     console.print(Text.assemble(

@@ -49,7 +49,8 @@ def _build_cpu_kernel() -> None:
         err_console.print(f"CPU kernel {state.reason}", style="dim")
 
 
-def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False, served: bool = False):
+def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: bool = False, served: bool = False,
+                      kept: bool = False):
     """Load MODEL (default model when omitted) for a decoding command; errors are one line.
 
     With `exact`, `--dtype auto` loads fp32: exact mode promises AR's tokens, and in bf16 a
@@ -58,17 +59,21 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     With `served` (nbdiff serve) on a CPU it loads fp32 too: a batched greedy reply must equal the
     lone one, and bf16 rows do not keep their bits beside others (12 of 16 replies identical with
     torch's bf16 products, 14 of 16 with nbdiff's kernel).
+    With `kept` (nbdiff chat: a conversation's KV cache kept across turns) on a CPU it loads fp32
+    too: in bf16 the kept keys/values, computed one token at a time, round unlike a fresh prefill's,
+    so a later turn can differ from a fresh call (loading.CHAT_DTYPE_REASON).
     """
     from dataclasses import replace
 
     from nbdiff.api import load
-    from nbdiff.loading import EXACT_DTYPE_REASON, SERVE_DTYPE_REASON, choose_dtype, resolve_device
+    from nbdiff.loading import CHAT_DTYPE_REASON, EXACT_DTYPE_REASON, SERVE_DTYPE_REASON, choose_dtype, resolve_device
     from nbdiff.quantize import normalize
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
     pick = str(value(dtype)).lower()
     on_cpu, unquantized = resolve_device(value(device)) == "cpu", normalize(value(quantize)) is None
-    reason = EXACT_DTYPE_REASON if exact else SERVE_DTYPE_REASON if served and on_cpu else None
+    reason = (EXACT_DTYPE_REASON if exact else SERVE_DTYPE_REASON if served and on_cpu
+              else CHAT_DTYPE_REASON if kept and on_cpu else None)
     fp32 = reason is not None and pick == "auto" and unquantized
     folder = resolve_model(model)
     if on_cpu and unquantized:

@@ -167,3 +167,35 @@ def test_each_turn_shows_its_own_figures_and_says_slow_below_one_token_per_forwa
         assert line.startswith(f"{fresh.new_tokens} tokens, {fresh.tokens_per_forward:.2f} tokens/forward"), line
         assert ("(slow)" in line) == (fresh.tokens_per_forward < 1), line
     assert "(slow)" not in lines[0] + lines[1] and "(slow)" in lines[2]
+
+
+def test_chat_loads_fp32_under_dtype_auto_on_a_cpu_and_a_16_bit_session_gets_a_note(folder, monkeypatch):
+    """In bf16 the keys/values a conversation keeps (computed a token at a time) round unlike a fresh prefill's,
+    so a later turn could differ from a fresh call: chat loads fp32 under --dtype auto on a CPU even where
+    the CPU does bf16 natively, keeps an explicit --dtype, and the API says so to a 16-bit session."""
+    import torch
+
+    import nbdiff
+    from nbdiff import hardware
+    from nbdiff.api import Session
+    from nbdiff.loading import CHAT_DTYPE_REASON, loaded_dtype
+
+    monkeypatch.setattr(hardware, "cpu_bf16", lambda: hardware.CpuBf16(True, "mocked CPU with bf16"))
+    loaded = []
+    real = chat_mod.load_for_decoding
+
+    def spy(*args, **kwargs):
+        model, tok = real(*args, **kwargs)
+        loaded.append(model)
+        return model, tok
+
+    monkeypatch.setattr(chat_mod, "load_for_decoding", spy)
+    assert chat(folder, "Hi\n").exit_code == 0
+    assert loaded[-1].dtype == torch.float32 and loaded_dtype(loaded[-1]).reason == CHAT_DTYPE_REASON
+    assert chat(folder, "Hi\n", "--dtype", "bf16").exit_code == 0
+    assert loaded[-1].dtype == torch.bfloat16
+    model, tok = nbdiff.load(folder, device="cpu", dtype="bf16")
+    _, final = nbdiff.generate(model, tok, "Hi", max_new_tokens=3, session=Session())
+    assert any("kept conversation in 16-bit" in note for note in final.notes)
+    _, final = nbdiff.generate(model, tok, "Hi", max_new_tokens=3)
+    assert not any("kept conversation" in note for note in final.notes)

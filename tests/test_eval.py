@@ -141,7 +141,7 @@ def test_chat_template_and_model_arguments(loaded):
     lm = NBDiffLM(model=model, tokenizer=tok, threshold=0.5)
     text = lm.apply_chat_template([{"role": "user", "content": "Hi"}])
     assert text == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-    assert lm.options.threshold == 0.5 and lm.options.block_size == 4  # the folder's block size
+    assert lm.options.threshold == 0.5 and lm.options.block_size == 1  # the block size the folder was adapted to (converted, not adapted)
     with pytest.raises(NBDiffError, match="unknown model argument"):
         NBDiffLM(model=model, tokenizer=tok, blok_size=2)
 
