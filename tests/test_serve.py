@@ -442,6 +442,33 @@ def test_the_prefix_cache_reuses_shared_starts_and_whole_conversations(served, t
             engine.close()
 
 
+@pytest.mark.parametrize("settings", [dict(block_size=1), dict(block_size=8, threshold=0.5),
+                                      dict(block_size=4, exact=True, drafter="ngram")], ids=["b1", "b8", "exact"])
+def test_three_turns_through_the_prefix_cache_equal_a_server_without_it_and_fresh_calls(served, tiny_converted, settings):
+    """Issue 29: each turn of a conversation, its earlier turns served from the prefix cache, is the reply of an
+    engine with --prefix-cache 0 and of a fresh library call on the same messages (text and token count)."""
+    tok = served[2]
+    model, _ = api.load(tiny_converted, dtype="fp32")
+    options, _ = api.resolve_options(model, DecodeOptions(max_new_tokens=12, **settings))
+    cached, plain = (Engine(model, tok, max_batch=4, prefix_cache_bytes=size).start() for size in (64 << 20, 0))
+    try:
+        messages = []
+        for k, question in enumerate(["Why is the sea salty?", "And the rivers?", "Once upon a time"]):
+            messages.append({"role": "user", "content": question})
+            ids = api.encode(tok, messages)
+            before = cached.stats()["prefix_cache_reused_tokens"]
+            text, done = _collect(cached, Job(ids, options))
+            assert (cached.stats()["prefix_cache_reused_tokens"] > before) == (k > 0), k  # later turns reuse
+            text_plain, done_plain = _collect(plain, Job(ids, options))
+            fresh_text, fresh = api.generate(model, tok, messages, options)
+            assert text == text_plain == fresh_text, k
+            assert done.completion_tokens == done_plain.completion_tokens == fresh.new_tokens, k
+            messages.append({"role": "assistant", "content": text})
+    finally:
+        cached.close()
+        plain.close()
+
+
 def test_prefix_cache_entries_keep_the_longest_and_stay_within_the_budget():
     from nbdiff.serve.prefixes import PrefixCache
 

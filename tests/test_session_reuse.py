@@ -195,6 +195,21 @@ def test_a_cancelled_turn_keeps_a_cache_that_holds_what_it_lists(tiny):
     assert kept.tokens == fresh.tokens and kept.reused_tokens > 0
 
 
+def test_a_sliding_window_cache_past_its_window_is_computed_again(tmp_path):
+    """A sliding-window layer past its window cannot drop columns: the next turn prefills its whole prompt
+    (nothing reused) instead of failing, and still replies as a fresh call."""
+    folder = save_tiny_converted(tmp_path / "m", "mistral", block_size=8, adapted=8, mask="last", sliding_window=16)
+    model, tok = nbdiff.load(folder, device="cpu", dtype="fp32")
+    session, messages = Session(), []
+    for turn in TURNS:
+        messages.append({"role": "user", "content": turn})
+        text, kept = nbdiff.generate(model, tok, messages, block_size=1, max_new_tokens=8, session=session)
+        _, fresh = nbdiff.generate(model, tok, messages, block_size=1, max_new_tokens=8)
+        assert kept.tokens == fresh.tokens and kept.reused_tokens == 0
+        assert session.context.length == len(session.context.ids[0]) == session.context.cache.get_seq_length()
+        messages.append({"role": "assistant", "content": text})
+
+
 # ---- nbdiff chat, driven through a pipe as tests/test_chat.py drives it ---------------------------
 
 

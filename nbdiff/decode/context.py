@@ -94,8 +94,12 @@ class CachedContext:
             keep = gap
         elif self.length and len(rows) == 1 and len(self.ids) == 1:
             old = self.ids[0]
-            while keep < min(len(old), width - 1) and old[keep] == rows[0][keep]:
+            cached = min(len(old), self.cache.get_seq_length())  # a listed token is reused only with its keys/values
+            while keep < min(cached, width - 1) and old[keep] == rows[0][keep]:
                 keep += 1  # at least one prompt token is forwarded again: its logits start the reply
+            if keep < self.cache.get_seq_length() and not self._croppable():
+                keep = 0  # a sliding-window layer past its window cannot go back: compute the prompt again
+                self._new_cache()
         self._crop_to(keep)
         self.length = keep
         self.reused = keep
@@ -111,12 +115,22 @@ class CachedContext:
         """[B, n]: which of these columns are a row's padding."""
         return (cols[None] >= self.gap) & (cols[None] < self.gap + self.pad[:, None])
 
-    def _load(self, prefix: Prefix, rows: int) -> None:
-        """Start a new cache from a prefix's keys/values, the same for every row."""
+    def _croppable(self) -> bool:
+        """Whether every cache layer can drop its last columns (a sliding-window layer past its window cannot)."""
+        return not any(getattr(layer, "is_sliding", False) and layer.get_seq_length() >= layer.sliding_window
+                       for layer in getattr(self.cache, "layers", []))
+
+    def _new_cache(self) -> None:
+        """An empty cache (and no followers' columns)."""
         from transformers import DynamicCache
 
-        self._crop_to(0)  # followers too
         self.cache = DynamicCache(config=self.model.config)
+        for follower in self.followers.values():
+            follower.crop(0)
+
+    def _load(self, prefix: Prefix, rows: int) -> None:
+        """Start a new cache from a prefix's keys/values, the same for every row."""
+        self._new_cache()
         for i, (k, v) in enumerate(prefix.layers):
             k, v = k.to(self.device), v.to(self.device)
             self.cache.update(k.expand(rows, -1, -1, -1).contiguous(), v.expand(rows, -1, -1, -1).contiguous(), i)
