@@ -1,0 +1,357 @@
+"""nbdiff beside llama.cpp on the same weights, same prompts, greedy, same threads, in one run.
+
+    python benchmarks/llamacpp_compare.py --llama-build /work/llama/build \\
+        --gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --nbdiff /work/models/qwen05-nbdiff \\
+        --name qwen05 --threads 2 --out-dir /tmp/llamacpp
+
+Three measurements (pick with --parts single,forward,serve):
+  single  one stream: the first --prompts prompts of the bench suite `code`, chat template applied,
+          greedy, block size 1. nbdiff through the Python API (nbdiff.stream: the first token comes
+          from the prefill, so "prefill excluded" is (tokens - 1) / (end - first token)); llama.cpp's
+          `llama-completion` on the same templated text (`--ignore-eos -n` nbdiff's reply length, so
+          both decode the same number of tokens; its own perf counters, load excluded), and
+          `llama-bench -p PROMPT -n TOKENS` (prefill, generation) as llama.cpp's own reference.
+  forward the cost of one cached forward of 1, 2, 4, 8, 16 tokens at depth 256: nbdiff through
+          benchmarks/cpu_kernel.py's `forwards` (kernel off and on; the timed step includes a copy of
+          the 256-token cache), llama.cpp through `llama-bench -p 1,2,4,8,16 -n 0 -d 256`.
+  serve   `nbdiff serve --max-batch 8` against `llama-server -np 8`: 1 client, then 8 concurrent
+          clients, each sending --requests streamed chat requests (benchmarks/serve_load.py's load
+          generator and prompts), `--serve-tokens` tokens each; replies compared with nbdiff's.
+
+llama.cpp runs every GGUF of --variants: `source` (the GGUF as given, e.g. Q4_K_M: what llama.cpp's
+users run), `F32` and `BF16` (`llama-quantize --allow-requantize` of it, written once into
+--work-dir: the same weights nbdiff's folder holds, dequantized). nbdiff runs each of
+--nbdiff-dtypes (fp32 is its fast dtype on a CPU without AVX512-BF16). The nbdiff model is loaded
+only while its own part runs, so a 1.5B in fp32 is never held twice. Writes NAME.json and
+NAME.md (markdown tables) into --out-dir. Timed figures: run it alone on the machine.
+
+Feeds docs/benchmarks/llamacpp.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import cpu_kernel as kernel_bench  # noqa: E402  (benchmarks/cpu_kernel.py: the forward-cost method)
+import serve_load  # noqa: E402  (benchmarks/serve_load.py: servers on free ports and the load generator)
+
+ROWS = [1, 2, 4, 8, 16]
+
+
+def _bin(build: Path, *names: str) -> Path:
+    for name in names:
+        for path in (build / "bin" / name, build / name):
+            if path.is_file():
+                return path
+    raise SystemExit(f"no {' or '.join(names)} in {build}/bin: build it (cmake --build {build} --target {names[0]})")
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if done.returncode != 0:
+        tail = "\n".join((done.stderr or done.stdout).splitlines()[-5:])
+        raise SystemExit(f"{Path(argv[0]).name} failed ({done.returncode}):\n{tail}")
+    return done
+
+
+def gguf_variants(args) -> dict[str, Path]:
+    """variant name -> GGUF path; F32 / BF16 are requantized from the source once (kept in --work-dir)."""
+    out = {}
+    for v in args.variants.split(","):
+        if v == "source":
+            out[v] = Path(args.gguf)
+            continue
+        target = Path(args.work_dir) / f"{Path(args.gguf).stem}-{v.lower()}.gguf"
+        if not target.exists():
+            tmp = target.with_suffix(".part")
+            _run([str(_bin(args.llama_build, "llama-quantize")), "--allow-requantize", args.gguf, str(tmp), v, "2"], 1800)
+            tmp.rename(target)
+        out[v] = target
+    return out
+
+
+def llama_bench(args, gguf: Path, extra: list[str]) -> list[dict]:
+    argv = [str(_bin(args.llama_build, "llama-bench")), "-m", str(gguf), "-t", str(args.threads),
+            "-r", str(args.repeat_llama), "-o", "json", *extra]
+    return json.loads(_run(argv, 1800).stdout)
+
+
+def _templated(tokenizer, prompt: str) -> str:
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+
+
+PERF = re.compile(r"(prompt eval|eval) time =\s*([\d.]+) ms /\s*(\d+) (tokens|runs)")
+
+
+def llama_completion(args, gguf: Path, text: str, new_tokens: int) -> dict:
+    """One greedy reply of exactly `new_tokens` tokens; llama.cpp's perf counters (model load excluded).
+    The prompt goes in -p with --no-escape: -f drops the template's final newline, escapes would change code."""
+    argv = [str(_bin(args.llama_build, "llama-completion", "llama-cli")), "-m", str(gguf), "-p", text, "--no-escape",
+            "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-s", "0", "-t", str(args.threads),
+            "-tb", str(args.threads), "-c", str(args.context), "-no-cnv", "--no-display-prompt"]
+    done = _run(argv, 1800)
+    perf = {}
+    for line in done.stderr.splitlines():
+        if "perf" in line:  # common_perf_print / llama_perf_context_print, by version
+            m = PERF.search(line)
+            if m:
+                perf[m.group(1)] = (float(m.group(2)), int(m.group(3)))
+    if "prompt eval" not in perf or "eval" not in perf:
+        raise SystemExit("llama-completion printed no perf counters: " + "\n".join(done.stderr.splitlines()[-5:]))
+    (p_ms, p_tok), (e_ms, e_runs) = perf["prompt eval"], perf["eval"]
+    return {"prompt_tokens": p_tok, "new_tokens": new_tokens, "prefill_ms": p_ms, "decode_ms": e_ms, "decode_runs": e_runs,
+            "tokens_per_s": round(new_tokens / ((p_ms + e_ms) / 1e3), 2),
+            "tokens_per_s_no_prefill": round(e_runs / (e_ms / 1e3), 2) if e_runs else None,
+            "text": done.stdout}
+
+
+def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
+    """One greedy block-size-1 reply through nbdiff.stream, with the time its first token arrived."""
+    import nbdiff
+    from nbdiff.decode.events import FinalEvent
+
+    start = time.perf_counter()
+    first = final = None
+    for event in nbdiff.stream(model, tokenizer, prompt, block_size=1, max_new_tokens=max_new_tokens):
+        if first is None and getattr(event, "tokens", None) and not isinstance(event, FinalEvent):
+            first = time.perf_counter()
+        if isinstance(event, FinalEvent):
+            final = event
+    end = time.perf_counter()
+    n = final.new_tokens
+    return {"prompt_tokens": final.prompt_tokens, "new_tokens": n, "finish": final.finish_reason,
+            "prefill_ms": round((first - start) * 1e3, 1), "decode_ms": round((end - first) * 1e3, 1),
+            "tokens_per_s": round(n / (end - start), 2),
+            "tokens_per_s_no_prefill": round((n - 1) / (end - first), 2) if n > 1 else None,
+            "text": final.texts[0], "tokens": final.tokens[0]}
+
+
+def _load(path: str, dtype: str):
+    import nbdiff
+
+    model, tokenizer = nbdiff.load(path, device="cpu", dtype=dtype)
+    return model, tokenizer
+
+
+def part_single(args, ggufs: dict[str, Path], prompts: list[str]) -> dict:
+    out: dict = {"prompts": prompts, "nbdiff": {}, "llama": {}, "llama_bench": {}}
+    lengths = None
+    for dtype in args.nbdiff_dtypes.split(","):
+        model, tokenizer = _load(args.nbdiff, dtype)
+        nbdiff_stream(model, tokenizer, "Say hello.", 4)  # warm-up: first-call allocations
+        runs = [nbdiff_stream(model, tokenizer, p, args.tokens) for p in prompts]
+        out["nbdiff"][dtype] = {"dtype": str(model.dtype).replace("torch.", ""),
+                                "kernel": getattr(getattr(model, "_nbdiff_cpu_kernel", None), "reason", "off"), "runs": runs}
+        lengths = lengths or [r["new_tokens"] for r in runs]
+        texts = [_templated(tokenizer, p) for p in prompts]
+        del model
+        gc.collect()
+    for v, gguf in ggufs.items():
+        runs = [llama_completion(args, gguf, t, n) for t, n in zip(texts, lengths)]
+        ref = out["nbdiff"].get("fp32", next(iter(out["nbdiff"].values())))["runs"]
+        for r, nb in zip(runs, ref):  # same text as nbdiff's fp32 reply up to its length?
+            r["same_text_as_nbdiff"] = r["text"].strip() == nb["text"].strip()
+        out["llama"][v] = {"runs": runs}
+        p = round(sum(r["prompt_tokens"] for r in runs) / len(runs))
+        out["llama_bench"][v] = [{k: row.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "model_type", "build_commit", "build_number")}
+                                 for row in llama_bench(args, gguf, ["-p", str(p), "-n", str(args.tokens)])]
+    return out
+
+
+def part_forward(args, ggufs: dict[str, Path]) -> dict:
+    from nbdiff.cpu_kernel import status
+
+    out: dict = {"depth": args.depth, "rows": ROWS, "nbdiff": {}, "llama": {}}
+    for dtype in args.nbdiff_dtypes.split(","):
+        model, _ = _load(args.nbdiff, dtype)
+        state = status()
+        rows = kernel_bench.forwards(model, ROWS, args.repeat, args.depth, state.isa)
+        out["nbdiff"][dtype] = {"kernel": state.reason, "rows": rows}
+        del model
+        gc.collect()
+    for v, gguf in ggufs.items():
+        bench = llama_bench(args, gguf, ["-p", ",".join(map(str, ROWS)), "-n", "0", "-d", str(args.depth)])
+        out["llama"][v] = [{"rows": row["n_prompt"], "ms": round(row["avg_ns"] / 1e6, 2), "avg_ts": row["avg_ts"],
+                            "model_type": row.get("model_type")} for row in bench]
+    return out
+
+
+def part_serve(args, ggufs: dict[str, Path]) -> dict:
+    counts = [1, args.clients]
+    prompts = serve_load._prompts(sum(counts) * args.requests)
+    slices, at = [], 0
+    for n in counts:
+        slices.append((n, prompts[at: at + n * args.requests]))
+        at += n * args.requests
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
+           "OMP_NUM_THREADS": str(args.threads)}
+    configs = [(f"nbdiff serve --max-batch {args.clients} ({dtype})",
+                [sys.executable, "-m", "nbdiff_cli.app", "serve", args.nbdiff, "--model-name", "bench", "--block-size", "1",
+                 "--dtype", dtype, "--max-batch", str(args.clients), "--max-queue", "256",
+                 "--request-timeout", str(args.time_limit)])
+               for dtype in args.serve_dtypes.split(",")]
+    server_bin = str(_bin(args.llama_build, "llama-server"))
+    for v in args.serve_variants.split(","):
+        configs.append((f"llama-server -np {args.clients} ({v})",
+                        [server_bin, "-m", str(ggufs[v]), "-np", str(args.clients), "-c", str(args.clients * args.slot_context),
+                         "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "-a", "bench",
+                         "--no-webui"]))
+    rows, reference = [], {}
+    for name, argv in configs:
+        server = serve_load._started(name, argv, "bench", env, serve_load.WARM)
+        try:
+            for n, ps in slices:
+                row = serve_load._load(server, ps, n, args.requests, args.serve_tokens, args.time_limit)
+                for prompt, text in row["replies"].items():
+                    reference.setdefault(prompt, text)  # the first server's (nbdiff's) replies
+                row["same_as_first"] = sum(reference[p] == t for p, t in row["replies"].items())
+                rows.append(row)
+                print(f"{name:40s} clients={n} tokens/s={row['tokens_per_s']:.1f} latency p50={row['latency_p50']:.2f} s "
+                      f"same={row['same_as_first']}/{row['requests']}", flush=True)
+        finally:
+            server.stop()
+    return {"clients": counts, "requests_per_client": args.requests, "max_tokens": args.serve_tokens, "rows": rows}
+
+
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return round(sum(xs) / len(xs), 2) if xs else None
+
+
+def markdown(report: dict) -> str:
+    lines = [f"{report['name']}: {report['cpu']}, {report['threads']} threads, torch {report['torch']}, "
+             f"llama.cpp build {report.get('llama_build', '?')}, {report['date']}", ""]
+    single = report.get("single")
+    if single:
+        lines += ["| engine, weights | prompt tokens | new tokens | tokens/s, prefill included | tokens/s, prefill excluded | "
+                  "nbdiff's first dtype / this (incl. / excl.) | same text as nbdiff's |",
+                  "|---|---|---|---|---|---|---|"]
+        base = next(iter(single["nbdiff"].values()))["runs"]
+        base = (_mean([x["tokens_per_s"] for x in base]), _mean([x["tokens_per_s_no_prefill"] for x in base]))
+        ratio = lambda a, b: f"{base[0] / a:.2f}x / {base[1] / b:.2f}x" if a and b else "-"  # noqa: E731
+        for dtype, r in single["nbdiff"].items():
+            runs = r["runs"]
+            lines.append(f"| nbdiff block 1, {r['dtype']} | {_mean([x['prompt_tokens'] for x in runs])} | "
+                         f"{sum(x['new_tokens'] for x in runs)} | {_mean([x['tokens_per_s'] for x in runs])} | "
+                         f"{_mean([x['tokens_per_s_no_prefill'] for x in runs])} | "
+                         f"{ratio(_mean([x['tokens_per_s'] for x in runs]), _mean([x['tokens_per_s_no_prefill'] for x in runs]))} | - |")
+        for v, r in single["llama"].items():
+            runs = r["runs"]
+            kind = (single["llama_bench"][v][0].get("model_type") or v) if single["llama_bench"].get(v) else v
+            lines.append(f"| llama-completion, {v} ({kind}) | {_mean([x['prompt_tokens'] for x in runs])} | "
+                         f"{sum(x['new_tokens'] for x in runs)} | {_mean([x['tokens_per_s'] for x in runs])} | "
+                         f"{_mean([x['tokens_per_s_no_prefill'] for x in runs])} | "
+                         f"{ratio(_mean([x['tokens_per_s'] for x in runs]), _mean([x['tokens_per_s_no_prefill'] for x in runs]))} | "
+                         f"{sum(x['same_text_as_nbdiff'] for x in runs)}/{len(runs)} |")
+        for v, rows in single["llama_bench"].items():
+            pp = next((x for x in rows if x["n_gen"] == 0), None)
+            tg = next((x for x in rows if x["n_prompt"] == 0), None)
+            lines.append(f"| llama-bench, {v}: pp{pp and pp['n_prompt']} / tg{tg and tg['n_gen']} | | | "
+                         f"pp {pp and round(pp['avg_ts'], 1)} | tg {tg and round(tg['avg_ts'], 2)} | "
+                         f"- / {base[1] / tg['avg_ts'] if tg else 0:.2f}x | |")
+        lines.append("")
+    fwd = report.get("forward")
+    if fwd:
+        heads, cols = [], []
+        for dtype, r in fwd["nbdiff"].items():
+            heads += [f"nbdiff {dtype}, torch's products", f"nbdiff {dtype}, nbdiff.cpu_kernel"]
+            cols += [{x["rows"]: x["torch_ms"] for x in r["rows"]}, {x["rows"]: x["kernel_ms"] for x in r["rows"]}]
+        for v, rows in fwd["llama"].items():
+            heads.append(f"llama.cpp {v}")
+            cols.append({x["rows"]: x["ms"] for x in rows})
+        lines += [f"ms per forward at depth {fwd['depth']} (x one token's cost)", "",
+                  "| tokens | " + " | ".join(heads) + " |", "|---|" + "---|" * len(heads)]
+        for n in fwd["rows"]:
+            cells = [f"{c[n]:.1f} ({c[n] / c[1]:.2f}x)" if n in c and 1 in c else "-" for c in cols]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    serve = report.get("serve")
+    if serve:
+        lines += [f"{serve['max_tokens']}-token streamed chat replies, {serve['requests_per_client']} requests per client", "",
+                  "| server | clients | requests | tokens/s | latency p50 / p95 s | TTFT p50 / p95 s | replies equal to nbdiff's |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in serve["rows"]:
+            lines.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['latency_p50']} / {r['latency_p95']} | "
+                         f"{r['ttft_p50']} / {r['ttft_p95']} | {r['same_as_first']}/{r['requests']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--llama-build", type=Path, required=True, help="llama.cpp's CMake build folder (binaries in bin/)")
+    parser.add_argument("--gguf", required=True, help="the GGUF the nbdiff folder was converted from")
+    parser.add_argument("--nbdiff", required=True, help="the nbdiff folder (`nbdiff convert GGUF --out DIR`)")
+    parser.add_argument("--name", default=None, help="file name of the outputs (default: the GGUF's stem)")
+    parser.add_argument("--parts", default="single,forward,serve")
+    parser.add_argument("--variants", default="F32,source,BF16", help="llama.cpp's GGUFs: source, F32, BF16")
+    parser.add_argument("--nbdiff-dtypes", default="fp32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=3, help="prompts of the bench suite `code` (single stream)")
+    parser.add_argument("--tokens", type=int, default=128, help="new tokens at most per single-stream reply")
+    parser.add_argument("--context", type=int, default=1024, help="llama-completion's context")
+    parser.add_argument("--depth", type=int, default=256, help="cached tokens before a timed forward")
+    parser.add_argument("--repeat", type=int, default=10, help="nbdiff's timed forwards per row")
+    parser.add_argument("--repeat-llama", type=int, default=3, help="llama-bench -r")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--serve-tokens", type=int, default=32)
+    parser.add_argument("--serve-dtypes", default="fp32", help="nbdiff serve --dtype values")
+    parser.add_argument("--serve-variants", default="F32,source", help="llama-server GGUFs")
+    parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
+    parser.add_argument("--time-limit", type=float, default=600.0)
+    parser.add_argument("--work-dir", default="/tmp/llamacpp_compare", help="requantized GGUFs (kept) and scratch files")
+    parser.add_argument("--out-dir", default=".")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for path, what in ((args.gguf, "--gguf"), (args.nbdiff, "--nbdiff")):
+        if not Path(path).exists():
+            raise SystemExit(f"{what} {path} does not exist")
+    parts = args.parts.split(",")
+    unknown = set(parts) - {"single", "forward", "serve"}
+    if unknown:
+        raise SystemExit(f"unknown part(s) {', '.join(sorted(unknown))}: pick from single, forward, serve")
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.out_dir).mkdir(parents=True, exist_ok=True)
+    from nbdiff.hardware import cpu_name
+    from nbdiff.resources import bench_suites_dir
+
+    name = args.name or Path(args.gguf).stem
+    variants = set(args.variants.split(","))
+    if "serve" in parts:
+        variants |= set(args.serve_variants.split(","))
+    ggufs = gguf_variants(argparse.Namespace(**{**vars(args), "variants": ",".join(sorted(variants))}))
+    prompts = [json.loads(line)["prompt"] for line in (bench_suites_dir() / "code.jsonl").read_text(encoding="utf-8").splitlines()[:args.prompts]]
+    version = subprocess.run([str(_bin(args.llama_build, "llama-completion", "llama-cli")), "--version"],
+                             capture_output=True, text=True, timeout=60)
+    report = {"name": name, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
+              "llama_build": (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?",
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()}}
+    single_ggufs = {v: ggufs[v] for v in args.variants.split(",")}
+    if "single" in parts:
+        report["single"] = part_single(args, single_ggufs, prompts)
+    if "forward" in parts:
+        report["forward"] = part_forward(args, single_ggufs)
+    if "serve" in parts:
+        report["serve"] = part_serve(args, ggufs)
+    Path(args.out_dir, f"{name}.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    table = markdown(report)
+    Path(args.out_dir, f"{name}.md").write_text(table + "\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
