@@ -173,10 +173,13 @@ def quiet_bitsandbytes() -> None:
     They are not per call: int8 layers warn on every forward that their input is cast to fp16
     (hundreds of identical lines per reply), and on CPU the import warns that the optional
     `kernels` package is missing. Both are expected and harmless here. Errors still show.
+    On CPUs with AVX512-BF16 its import fetches a kernel through the `kernels` package, which says
+    it skips a publisher check in offline mode: nothing a user can act on, so that logger is quieted too.
     """
     import logging
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    for name in ("bitsandbytes", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _gguf_utils_module():

@@ -382,3 +382,16 @@ def test_chat_ctrl_c_ends_the_line_and_shows_nothing_after_it(tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     assert "before\n" in result.output  # the ^C the terminal echoes ends this line, not the next one
     assert "after" not in result.output and "stopped" in result.output
+
+
+def test_the_kernels_packages_offline_notice_is_quieted_with_bitsandbytes():
+    """On AVX512-BF16 CPUs, importing bitsandbytes (peft does, for every adapter folder such as the default
+    model) fetches a kernel through `kernels`, which warns in offline mode that it skips a publisher check."""
+    import logging
+
+    from nbdiff.fsutil import quiet_bitsandbytes
+
+    quiet_bitsandbytes()
+    for name in ("kernels._internals.hf_hub", "bitsandbytes.backends.cpu.ops"):
+        assert not logging.getLogger(name).isEnabledFor(logging.WARNING)
+        assert logging.getLogger(name).isEnabledFor(logging.ERROR)
