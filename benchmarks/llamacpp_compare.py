@@ -225,6 +225,12 @@ def part_serve(args, ggufs: dict[str, Path]) -> dict:
     return {"clients": counts, "requests_per_client": args.requests, "max_tokens": args.serve_tokens, "rows": rows}
 
 
+def _git(*argv: str) -> str:
+    """What nbdiff's checkout was when the figures were taken (library files changed but not committed count)."""
+    done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    return done.stdout.strip()
+
+
 def _mean(xs):
     xs = [x for x in xs if x is not None]
     return round(sum(xs) / len(xs), 2) if xs else None
@@ -232,7 +238,8 @@ def _mean(xs):
 
 def markdown(report: dict) -> str:
     lines = [f"{report['name']}: {report['cpu']}, {report['threads']} threads, torch {report['torch']}, "
-             f"llama.cpp build {report.get('llama_build', '?')}, {report['date']}", ""]
+             f"llama.cpp build {report.get('llama_build', '?')}, nbdiff {report.get('nbdiff_commit', '?')}"
+             f"{' + uncommitted library changes' if report.get('nbdiff_library_changes') else ''}, {report['date']}", ""]
     single = report.get("single")
     if single:
         lines += ["| engine, weights | prompt tokens | new tokens | tokens/s, prefill included | tokens/s, prefill excluded | "
@@ -339,7 +346,9 @@ def main() -> None:
     report = {"name": name, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
               "llama_build": (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()}}
+              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()},
+              "nbdiff_commit": _git("rev-parse", "--short", "HEAD"),
+              "nbdiff_library_changes": _git("status", "--porcelain", "--", "nbdiff").splitlines()}
     single_ggufs = {v: ggufs[v] for v in args.variants.split(",")}
     if "single" in parts:
         report["single"] = part_single(args, single_ggufs, prompts)
