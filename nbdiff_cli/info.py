@@ -21,14 +21,19 @@ def info(
     from rich.text import Text
 
     from nbdiff.cpu_kernel import describe
+    from nbdiff.adapters import is_adapter_folder, read_adapter_folder
     from nbdiff.errors import NBDiffError
     from nbdiff.loading import choose_dtype, default_block_size, resolve_device
     from nbdiff.method.settings import read_settings
 
     if not model_dir.is_dir():
         raise NBDiffError(f"{model_dir} is not a folder", "pass the folder written by `nbdiff convert`")
-    settings = read_settings(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    base = model_dir
+    if is_adapter_folder(model_dir):  # an --export adapter folder (the default model is one): its base's config
+        settings, base = read_adapter_folder(model_dir)
+    else:
+        settings = read_settings(model_dir)
+    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     weights = sorted(model_dir.glob("*.safetensors"))
     size = sum(p.stat().st_size for p in weights)
     device = resolve_device("auto")
@@ -54,15 +59,17 @@ def info(
     table.add_row("model type", str(config.get("model_type")))
     table.add_row("vocabulary", str(config.get("vocab_size")))
     table.add_row("layers / hidden", f"{config.get('num_hidden_layers')} / {config.get('hidden_size')}")
-    table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB")
+    table.add_row("weights", f"{len(weights)} safetensors file(s), {size / 2**20:,.1f} MiB"
+                  + (f" (an adapter over {base})" if base != model_dir else ""))
     table.add_row("--dtype auto here", Text(f"{auto.name} on {device} ({auto.reason})"))
     table.add_row("few-row CPU kernel", Text(describe()))
     if settings is None:
         table.add_row("nbdiff", Text.assemble(("not converted", "yellow"), " (run `nbdiff convert` on it)"))
     else:
-        table.add_row("block size", f"{settings.block_size} (converted for: the adaptation's target)")
-        table.add_row("adapted block size", f"{settings.adapted_block_size} (the largest block size its weights were trained for)")
-        table.add_row("decodes at", f"block size {default_block_size(settings)} by default (--block-size N to change it)")
+        table.add_row("block size", f"{settings.block_size} (converted for)")
+        table.add_row("adapted block size", f"{settings.adapted_block_size} (the largest its weights were trained for)")
+        table.add_row("decodes at", f"block size {default_block_size(settings)} by default (the smaller of the two; "
+                      f"--block-size N for another, with a warning above {settings.adapted_block_size})")
         table.add_row("mask token", f"{settings.mask_token!r} (id {settings.mask_token_id})")
         table.add_row("context mask", settings.context_mask)
         table.add_row("shift", str(settings.shift))

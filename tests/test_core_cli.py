@@ -90,10 +90,28 @@ def test_info_shows_the_block_size_converted_for_and_the_one_it_decodes_at(tmp_p
         config.save_pretrained(tmp_path)
         result = runner.invoke(app, ["info", str(tmp_path)], terminal_width=200)
         assert result.exit_code == 0, result.output
-        assert "16 (converted for" in result.output and f"{adapted} (the largest block size" in result.output
+        assert "16 (converted for)" in result.output and f"{adapted} (the largest its weights" in result.output
         assert f"block size {default} by default" in result.output
         data = json.loads(runner.invoke(app, ["info", str(tmp_path), "--json"]).output)
         assert data["default_block_size"] == default and data["nbdiff"]["adapted_block_size"] == adapted
+
+
+def test_info_reads_an_adapter_folder_through_its_base(tmp_path):
+    """An --export adapter folder (the default model is one) has no config.json: info reads its base's."""
+    from nbdiff.testing import save_tiny_converted
+
+    base = save_tiny_converted(tmp_path / "base", "llama", block_size=8)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    settings = read_settings(base)
+    record = dict(settings.to_dict(), adapted_block_size=4, base_model={"path": str(base), "source": "tiny"})
+    (adapter / "nbdiff.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["info", str(adapter)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "LlamaForCausalLM" in result.output and "block size 4 by default" in result.output
+    assert "an adapter over" in result.output
+    assert json.loads(runner.invoke(app, ["info", str(adapter), "--json"]).output)["default_block_size"] == 4
 
 
 def test_a_converted_model_answers_as_its_ar_model_with_no_flag(tmp_path):
