@@ -34,12 +34,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="fp32")
     parser.add_argument("--conversations", type=int, default=8)
+    parser.add_argument("--start", type=int, default=0, help="the first prompt of distill.jsonl to use")
     parser.add_argument("--max-new-tokens", type=int, default=40)
     parser.add_argument("--model", default=None, help="a model folder (default: the default model)")
     args = parser.parse_args()
     model, tok = nbdiff.load(args.model or ensure_default_model(), dtype=args.dtype)
     lines = asset_path("prompts", "distill.jsonl").read_text(encoding="utf-8").splitlines()
-    prompts = [json.loads(line)["prompt"] for line in lines[: args.conversations]]
+    prompts = [json.loads(line)["prompt"] for line in lines[args.start: args.start + args.conversations]]
     same = total = 0
     for prompt in prompts:
         session, messages = Session(), []
@@ -53,7 +54,8 @@ def main() -> None:
                 same += 1
             else:
                 at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-                print(f"turn {turn} of {prompt[:40]!r}: parts at token {at}")
+                print(f"turn {turn} of {prompt[:40]!r}: parts at token {at}: kept {tok.decode(a[at - 3: at + 9])!r}, "
+                      f"fresh {tok.decode(b[at - 3: at + 9])!r}")
             messages.append({"role": "assistant", "content": text})
     print(f"{args.dtype} ({model.dtype}) on {cpu_name()}: {same} of {total} turns identical to a fresh call")
 
