@@ -13,7 +13,12 @@ Notable choices:
 - Positions are per row (`next_pos`): a hidden column takes no position, so a row that rejected
   part of a block continues exactly where its accepted tokens end.
 - The same context can serve the next prompt (chat): `restart` keeps the longest cached prefix
-  the new prompt shares and `prefill` forwards only the rest (batch size 1).
+  the new prompt shares and `prefill` forwards only the rest (batch size 1). `ids` lists exactly the
+  columns the cache holds, each computed by a causal pass: a block's denoising columns are cropped
+  right after, rejected drafts leave with `keep_last`, and a reply's last block is listed only where
+  a pass computed it (exact mode's verification; never after the last denoised block or the AR
+  step's last token): the next prompt forwards the rest as prompt tokens. A
+  sliding-window layer past its window cannot drop columns: such a cache starts again.
 - A batch whose prompts all begin with the same tokens can start from their keys/values computed
   earlier (`Prefix`, the server's prefix cache): those columns come first, shared by every row, and
   each row's padding sits between them and the rest of its prompt (`gap`).
