@@ -117,6 +117,13 @@ def llama_completion(args, gguf: Path, text: str, new_tokens: int) -> dict:
             "text": done.stdout}
 
 
+def same_reply(nbdiff_run: dict, llama_text: str) -> bool:
+    """llama.cpp's reply is nbdiff's: equal, or where nbdiff ended at EOS, nbdiff's text followed by what
+    --ignore-eos made llama.cpp write instead of EOS (it bans EOS and takes the next best token)."""
+    a, b = nbdiff_run["text"].strip(), llama_text.strip()
+    return a == b or (nbdiff_run["finish"] == "eos" and b.startswith(a))
+
+
 def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
     """One greedy block-size-1 reply through nbdiff.stream, with the time its first token arrived."""
     import nbdiff
@@ -161,8 +168,8 @@ def part_single(args, ggufs: dict[str, Path], prompts: list[str]) -> dict:
     for v, gguf in ggufs.items():
         runs = [llama_completion(args, gguf, t, n) for t, n in zip(texts, lengths)]
         ref = out["nbdiff"].get("fp32", next(iter(out["nbdiff"].values())))["runs"]
-        for r, nb in zip(runs, ref):  # same text as nbdiff's fp32 reply up to its length?
-            r["same_text_as_nbdiff"] = r["text"].strip() == nb["text"].strip()
+        for r, nb in zip(runs, ref):
+            r["same_text_as_nbdiff"] = same_reply(nb, r["text"])
         out["llama"][v] = {"runs": runs}
         p = round(sum(r["prompt_tokens"] for r in runs) / len(runs))
         out["llama_bench"][v] = [{k: row.get(k) for k in ("n_prompt", "n_gen", "avg_ts", "stddev_ts", "model_type", "build_commit", "build_number")}
@@ -303,9 +310,9 @@ def markdown(report: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--llama-build", type=Path, required=True, help="llama.cpp's CMake build folder (binaries in bin/)")
-    parser.add_argument("--gguf", required=True, help="the GGUF the nbdiff folder was converted from")
-    parser.add_argument("--nbdiff", required=True, help="the nbdiff folder (`nbdiff convert GGUF --out DIR`)")
+    parser.add_argument("--llama-build", type=Path, required=False, help="llama.cpp's CMake build folder (binaries in bin/)")
+    parser.add_argument("--gguf", help="the GGUF the nbdiff folder was converted from")
+    parser.add_argument("--nbdiff", help="the nbdiff folder (`nbdiff convert GGUF --out DIR`)")
     parser.add_argument("--name", default=None, help="file name of the outputs (default: the GGUF's stem)")
     parser.add_argument("--parts", default="single,forward,serve")
     parser.add_argument("--variants", default="F32,source,BF16", help="llama.cpp's GGUFs: source, F32, BF16")
@@ -326,9 +333,22 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=600.0)
     parser.add_argument("--work-dir", default="/tmp/llamacpp_compare", help="requantized GGUFs (kept) and scratch files")
     parser.add_argument("--out-dir", default=".")
+    parser.add_argument("--render", default=None, help="only print the markdown of an earlier run's JSON file")
     args = parser.parse_args()
+    if args.render:
+        report = json.loads(Path(args.render).read_text(encoding="utf-8"))
+        single = report.get("single")
+        if single:  # the same-text rule as it stands now
+            ref = single["nbdiff"].get("fp32", next(iter(single["nbdiff"].values())))["runs"]
+            for r in single["llama"].values():
+                for run, nb in zip(r["runs"], ref):
+                    run["same_text_as_nbdiff"] = same_reply(nb, run["text"])
+        print(markdown(report))
+        return
     torch.set_num_threads(args.threads)
-    for path, what in ((args.gguf, "--gguf"), (args.nbdiff, "--nbdiff")):
+    for path, what in ((args.llama_build, "--llama-build"), (args.gguf, "--gguf"), (args.nbdiff, "--nbdiff")):
+        if path is None:
+            raise SystemExit(f"{what} is required (see --help)")
         if not Path(path).exists():
             raise SystemExit(f"{what} {path} does not exist")
     parts = args.parts.split(",")
