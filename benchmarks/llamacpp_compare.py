@@ -82,9 +82,15 @@ def gguf_variants(args) -> dict[str, Path]:
     return out
 
 
+def _load_mode(args) -> list[str]:
+    """llama.cpp's -lm: 'auto' maps the GGUF (pages fault in from disk while a cold file decodes);
+    'none' reads it into memory before the clock starts, as nbdiff's load does."""
+    return [] if args.llama_load_mode == "auto" else ["-lm", args.llama_load_mode]
+
+
 def llama_bench(args, gguf: Path, extra: list[str]) -> list[dict]:
     argv = [str(_bin(args.llama_build, "llama-bench")), "-m", str(gguf), "-t", str(args.threads),
-            "-r", str(args.repeat_llama), "-o", "json", *extra]
+            "-r", str(args.repeat_llama), "-o", "json", *_load_mode(args), *extra]
     return json.loads(_run(argv, 1800).stdout)
 
 
@@ -100,7 +106,7 @@ def llama_completion(args, gguf: Path, text: str, new_tokens: int) -> dict:
     The prompt goes in -p with --no-escape: -f drops the template's final newline, escapes would change code."""
     argv = [str(_bin(args.llama_build, "llama-completion", "llama-cli")), "-m", str(gguf), "-p", text, "--no-escape",
             "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-s", "0", "-t", str(args.threads),
-            "-tb", str(args.threads), "-c", str(args.context), "-no-cnv", "--no-display-prompt"]
+            "-tb", str(args.threads), "-c", str(args.context), "-no-cnv", "--no-display-prompt", *_load_mode(args)]
     done = _run(argv, 1800)
     perf = {}
     for line in done.stderr.splitlines():
@@ -216,7 +222,7 @@ def part_serve(args, ggufs: dict[str, Path]) -> dict:
         configs.append((f"llama-server -np {args.clients} ({v})",
                         [server_bin, "-m", str(ggufs[v]), "-np", str(args.clients), "-c", str(args.clients * args.slot_context),
                          "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "-a", "bench",
-                         "--no-webui"]))
+                         "--no-webui", *_load_mode(args)]))
     rows, reference = [], {}
     for name, argv in configs:
         server = serve_load._started(name, argv, "bench", env, serve_load.WARM)
@@ -330,6 +336,8 @@ def main() -> None:
     parser.add_argument("--serve-dtypes", default="fp32", help="nbdiff serve --dtype values")
     parser.add_argument("--serve-variants", default="F32,source", help="llama-server GGUFs")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")
+    parser.add_argument("--llama-load-mode", default="auto", choices=["auto", "none", "mmap", "mlock"],
+                        help="llama.cpp's -lm (none: read the weights into memory at load, like nbdiff)")
     parser.add_argument("--time-limit", type=float, default=600.0)
     parser.add_argument("--work-dir", default="/tmp/llamacpp_compare", help="requantized GGUFs (kept) and scratch files")
     parser.add_argument("--out-dir", default=".")
@@ -371,7 +379,7 @@ def main() -> None:
     report = {"name": name, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
               "llama_build": (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?",
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()},
+              "llama_load_mode": args.llama_load_mode, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()},
               "nbdiff_commit": _git("rev-parse", "--short", "HEAD"),
               "nbdiff_library_changes": _git("status", "--porcelain", "--", "nbdiff").splitlines()}
     single_ggufs = {v: ggufs[v] for v in args.variants.split(",")}
