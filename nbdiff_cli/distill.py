@@ -21,6 +21,7 @@ def distill(
     limit: Annotated[Optional[int], typer.Option("--limit", help="Use only the first N prompts of the file.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sampling generator (with --temperature).")] = 0,
     backend: Annotated[str, typer.Option("--backend", help="engine (the serving engine: continuous batching, a finished row is refilled at once), nbdiff (left-padded batches of the block decoder at block size 1) or hf (transformers generate).")] = "engine",
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Minutes: start no new prompt after this (the rows decoding then finish); run again to go on. 0 = no limit. Engine backend.")] = 0.0,
     device: Annotated[DeviceChoice, typer.Option("--device", help="Where to run.")] = DeviceChoice.auto,
     dtype: Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype.")] = DtypeChoice.auto,
 ) -> None:
@@ -38,6 +39,10 @@ def distill(
 
     if temperature < 0:
         raise NBDiffError(f"--temperature must be >= 0, got {temperature}")
+    if time_limit < 0:
+        raise NBDiffError(f"--time-limit must be >= 0 minutes, got {time_limit}")
+    if time_limit and backend != "engine":
+        raise NBDiffError("--time-limit needs the engine backend", "drop --backend or --time-limit")
     if limit is not None and limit < 1:
         raise NBDiffError(f"--limit must be >= 1, got {limit}")
     from nbdiff.resources import distill_prompts
@@ -53,7 +58,7 @@ def distill(
     with progress:
         task = progress.add_task("distill", total=None, speed="")
         for last in run_distill(mdl, tok, items, out, temperature=temperature, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size, seed=seed, backend=backend):
+                                batch_size=batch_size, seed=seed, backend=backend, time_limit=time_limit):
             progress.update(task, total=last.todo, completed=last.done,
                             speed=f"{last.tokens_per_second:.1f} tokens/s")
     assert last is not None

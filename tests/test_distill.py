@@ -204,3 +204,20 @@ def test_adapt_logs_the_certainty_term(model_dir, tmp_path):
         assert r["loss"] == pytest.approx(r["mdm"] + r["ar_weight"] * r["ar"] + r["certainty"], rel=1e-4)
     with pytest.raises(NBDiffError, match="certainty-temperature"):
         AdaptConfig(out=str(tmp_path / "x"), certainty_temperature=0.0, **base)
+
+
+def test_time_limit_finishes_started_rows_and_a_rerun_goes_on(loaded, prompt_file, tmp_path):
+    """A run past its time limit starts no new prompt, writes the rows it had started, and the same
+    command again answers the rest: the file then holds every prompt once, as an unlimited run does."""
+    from nbdiff.adapt.distill import read_prompts
+
+    prompts = read_prompts(prompt_file)
+    out = tmp_path / "d.jsonl"
+    first = run(loaded, prompts, out, batch_size=2, time_limit=1e-9)[-1]
+    assert first.done == 2  # the first batch always starts; nothing after the limit
+    assert len(records(out)) == first.done
+    run(loaded, prompts, out, batch_size=2)
+    whole = tmp_path / "w.jsonl"
+    run(loaded, prompts, whole, batch_size=2)
+    by_id = lambda path: {r["id"]: r for r in records(path)}  # noqa: E731
+    assert by_id(out) == by_id(whole)

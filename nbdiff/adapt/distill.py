@@ -204,12 +204,14 @@ def _generate_batch(model, tokenizer, batch: list[Prompt], backend: str, tempera
 
 
 def _engine_replies(model, tokenizer, todo: list[Prompt], batch_size: int, temperature: float,
-                    max_new_tokens: int, seed: int | None) -> Iterator[tuple[Prompt, str, int, str]]:
+                    max_new_tokens: int, seed: int | None,
+                    deadline: float | None = None) -> Iterator[tuple[Prompt, str, int, str]]:
     """(prompt, reply text, reply tokens without EOS, finish reason) in the order replies end, from the engine.
 
-    Every prompt is queued at once; the engine keeps `batch_size` rows decoding and admits the next
-    prompt as soon as a row ends. Prompt i samples with seed + i (its own generator, as alone).
-    The engine hands out text (what it sends a client), which is the text `generate()` decodes.
+    The engine keeps `batch_size` rows decoding and admits the next prompt as soon as a row ends
+    (prompts are handed over a batch ahead). After `deadline` (time.monotonic()) no prompt is handed
+    over any more (the first batch always is) and the rows still decoding finish. Prompt i samples with seed + i (its own
+    generator, as alone). The engine hands out text (what it sends a client): the text `generate()` decodes.
     """
     import queue
 
@@ -218,23 +220,36 @@ def _engine_replies(model, tokenizer, todo: list[Prompt], batch_size: int, tempe
     from nbdiff.serve.engine import Delta, Done, Engine, Job
 
     ended: queue.Queue = queue.Queue()
-    engine = Engine(model, tokenizer, max_batch=batch_size, max_queue=max(len(todo), 1), prefix_cache_bytes=64 << 20)
+    engine = Engine(model, tokenizer, max_batch=batch_size, max_queue=batch_size, prefix_cache_bytes=64 << 20)
     engine.start()
+
+    def submit(i: int, prompt: Prompt) -> None:
+        options = DecodeOptions(block_size=1, temperature=temperature, max_new_tokens=max_new_tokens,
+                                seed=None if seed is None else seed + i)
+        parts: list[str] = []
+
+        def sink(item):  # called on the engine's thread
+            if isinstance(item, Delta):
+                parts.append(item.text)
+            elif isinstance(item, Done):
+                ended.put((prompt, "".join(parts), item))
+
+        engine.submit(Job(encode(tokenizer, prompt.messages), options), sink)
+
     try:
-        for i, prompt in enumerate(todo):
-            options = DecodeOptions(block_size=1, temperature=temperature, max_new_tokens=max_new_tokens,
-                                    seed=None if seed is None else seed + i)
-            parts: list[str] = []
-
-            def sink(item, prompt=prompt, parts=parts):  # called on the engine's thread
-                if isinstance(item, Delta):
-                    parts.append(item.text)
-                elif isinstance(item, Done):
-                    ended.put((prompt, "".join(parts), item))
-
-            engine.submit(Job(encode(tokenizer, prompt.messages), options), sink)
-        for _ in todo:
+        waiting, in_flight, started = iter(enumerate(todo)), 0, 0
+        while True:  # the first batch always starts, so every run makes progress
+            while in_flight < 2 * batch_size and (deadline is None or time.monotonic() < deadline
+                                                  or started < batch_size):
+                nxt = next(waiting, None)
+                if nxt is None:
+                    break
+                submit(*nxt)
+                in_flight, started = in_flight + 1, started + 1
+            if not in_flight:
+                break
             prompt, text, done = ended.get()
+            in_flight -= 1
             if done.finish_reason not in ("stop", "length"):
                 raise NBDiffError(f"decoding failed: {done.error or done.finish_reason}")
             reason = "eos" if done.finish_reason == "stop" else "length"
@@ -256,8 +271,13 @@ def distill(
     seed: int | None = 0,
     backend: str = "engine",
     keep_truncated: bool = True,
+    time_limit: float = 0.0,
 ) -> Iterator[DistillProgress]:
-    """Answer every prompt not yet in `out` and append the chat records; yields progress per batch."""
+    """Answer every prompt not yet in `out` and append the chat records; yields progress per batch.
+
+    `time_limit` (minutes, engine backend, 0 = none): no new prompt starts after it; the rows
+    decoding then finish and are written, so a run in time-boxed chunks loses no reply half-made.
+    """
     from nbdiff.api import encode
 
     if backend not in BACKENDS:
@@ -281,9 +301,10 @@ def distill(
     start = time.perf_counter()
     yield progress
     if backend == "engine":
+        deadline = time.monotonic() + 60 * time_limit if time_limit > 0 else None
         yield from _distill_engine(model, tokenizer, todo, path, progress, start, temperature=temperature,
                                    max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
-                                   keep_truncated=keep_truncated)
+                                   keep_truncated=keep_truncated, deadline=deadline)
         return
     with open(path, "a", encoding="utf-8") as f:
         for i in range(0, len(todo), batch_size):
@@ -313,19 +334,18 @@ def _record(prompt: Prompt, text: str, tokens: int, reason: str) -> str:
 
 def _distill_engine(model, tokenizer, todo: list[Prompt], path: Path, progress: DistillProgress, start: float, *,
                     temperature: float, max_new_tokens: int, batch_size: int, seed: int | None,
-                    keep_truncated: bool) -> Iterator[DistillProgress]:
-    """The engine backend: records appended as replies end, flushed and fsynced every `batch_size` replies."""
+                    keep_truncated: bool, deadline: float | None) -> Iterator[DistillProgress]:
+    """The engine backend: each record appended, flushed and fsynced as its reply ends."""
     with open(path, "a", encoding="utf-8") as f:
         for n, (prompt, text, tokens, reason) in enumerate(
-                _engine_replies(model, tokenizer, todo, batch_size, temperature, max_new_tokens, seed), 1):
+                _engine_replies(model, tokenizer, todo, batch_size, temperature, max_new_tokens, seed, deadline), 1):
             progress.new_tokens += tokens
             if reason == "length":
                 progress.truncated += 1
             if reason != "length" or keep_truncated:
                 f.write(_record(prompt, text, tokens, reason))
             progress.done += 1
-            if n % batch_size == 0 or n == len(todo):
-                f.flush()
-                os.fsync(f.fileno())
-                progress.seconds = time.perf_counter() - start
-                yield progress
+            f.flush()
+            os.fsync(f.fileno())
+            progress.seconds = time.perf_counter() - start
+            yield progress
