@@ -42,13 +42,14 @@ _ONE_TO_ONE = {
 }
 
 
-def gguf_architecture(path: Path) -> str:
-    """`general.architecture` of a GGUF file ('llama', 'qwen2', ...)."""
+def stream_gguf(path: Path, config, dtype: torch.dtype) -> "GgufTensors | None":
+    """The file's tensors to read one by one, or None when `streamable` says transformers must load it."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    reader = GGUFReader(str(path))  # parsing the metadata takes seconds on a 150k-token vocabulary: once
     field = reader.fields["general.architecture"]
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    architecture = bytes(field.parts[field.data[0]]).decode("utf-8")
+    return GgufTensors(path, reader, architecture, config, dtype) if streamable(architecture) else None
 
 
 def streamable(architecture: str) -> bool:
@@ -81,8 +82,8 @@ class _Entry:
 class GgufTensors:
     """The model tensors a GGUF file holds, in the model's state-dict order, read one at a time."""
 
-    def __init__(self, path: Path, config, dtype: torch.dtype):
-        from gguf import GGUFReader
+    def __init__(self, path: Path, reader, architecture: str, config, dtype: torch.dtype):
+        """`reader`: gguf's GGUFReader of `path`; `architecture`: its `general.architecture`."""
         from transformers import AutoModelForCausalLM
         from transformers.modeling_gguf_pytorch_utils import (
             TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint,
@@ -90,9 +91,6 @@ class GgufTensors:
 
         self.path = Path(path)
         self.dtype = dtype
-        reader = GGUFReader(str(self.path))
-        arch_field = reader.fields["general.architecture"]
-        architecture = bytes(arch_field.parts[arch_field.data[0]]).decode("utf-8")
         with quiet_transformers():
             # the processor gets the config transformers parsed from the file, as in its own load
             parsed = load_gguf_checkpoint(str(self.path), return_tensors=False)

@@ -89,12 +89,13 @@ def _read_gguf(source: Source, dtype: torch.dtype):
 def _gguf_group(path: Path, config, dtype: torch.dtype):
     """Tensor by tensor (`GgufTensors`) where that reproduces transformers' load, else the whole
     model dequantized by transformers (mixture-of-experts files and transformers' newer GGUF path)."""
-    from nbdiff.convert.gguf_weights import GgufTensors, gguf_architecture, streamable
+    from nbdiff.convert.gguf_weights import stream_gguf
     from nbdiff.convert.tensors import TensorGroup
 
     try:
-        if streamable(gguf_architecture(path)):
-            return TensorGroup(gguf=GgufTensors(path, config, dtype))
+        tensors = stream_gguf(path, config, dtype)
+        if tensors is not None:
+            return TensorGroup(gguf=tensors)
     except NBDiffError:
         raise
     except Exception as exc:
