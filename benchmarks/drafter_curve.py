@@ -35,30 +35,10 @@ def heldout_rows(tokenizer, path: str, max_len: int = 512):
     return document_rows(load_corpus([path], tokenizer), pad, max_len=max_len)
 
 
-def lookup_accepts(rows, block_size: int, max_ngram: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, L] drafted tokens prompt lookup gets right when anchored at each reply index (-1 elsewhere),
-    and [R, L] the length of the n-gram it matched there (0 = no match)."""
-    from nbdiff.decode.drafters import ngram_match
-    from nbdiff.drafter.data import valid_anchors
-
-    out = torch.full(rows.input_ids.shape, -1, dtype=torch.int64)
-    matched = torch.zeros(rows.input_ids.shape, dtype=torch.int64)
-    valid = valid_anchors(rows.doc_ids, rows.trainable)
-    for r in range(len(rows)):
-        ids = rows.input_ids[r].tolist()
-        for a in valid[r].nonzero().flatten().tolist():
-            draft, matched[r, a] = ngram_match(ids[: a + 1], block_size - 1, max_ngram)
-            n = 0
-            while n < len(draft) and a + 1 + n < len(ids) and rows.trainable[r, a + 1 + n] and draft[n] == ids[a + 1 + n]:
-                n += 1
-            out[r, a] = n
-    return out, matched
-
-
 def cmd_lookup(args) -> None:
     from transformers import AutoTokenizer
 
-    from nbdiff.drafter.train import simulated_tokens_per_verify
+    from nbdiff.drafter.train import lookup_accepts, simulated_tokens_per_verify
 
     rows = heldout_rows(AutoTokenizer.from_pretrained(args.model), args.heldout)
     for b in args.block_sizes:
@@ -71,21 +51,19 @@ def cmd_eval(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from nbdiff.drafter.folder import load_drafter
-    from nbdiff.drafter.train import DrafterTraining, accepted_drafts, simulated_tokens_per_verify
+    from nbdiff.drafter.train import (DrafterTraining, accepted_drafts, lookup_accepts, lookup_first,
+                                      simulated_tokens_per_verify)
 
     tok = AutoTokenizer.from_pretrained(args.model)
     ar = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     module = DrafterTraining(load_drafter(args.drafter, ar), ar)
     rows = heldout_rows(tok, args.heldout)
-    from nbdiff.drafter.decoding import LOOKUP_MIN_MATCH
-
     for b in args.block_sizes:
         t0 = time.perf_counter()
         drafts = accepted_drafts(module, rows, b)
         tpv, tokens, verifies = simulated_tokens_per_verify(drafts, rows)
         lookup, matched = lookup_accepts(rows, b)
-        both = torch.where(matched >= LOOKUP_MIN_MATCH, lookup, drafts)  # what --drafter lookup+DIR drafts
-        combined, _, _ = simulated_tokens_per_verify(both, rows)
+        combined, _, _ = simulated_tokens_per_verify(lookup_first(drafts, lookup, matched), rows)  # lookup+DIR
         print(json.dumps({"drafter": str(args.drafter), "block_size": b, "tokens_per_verify": round(tpv, 3),
                           "lookup_first_tokens_per_verify": round(combined, 3), "tokens": tokens,
                           "verifies": verifies, "replies": len(rows), "seconds": round(time.perf_counter() - t0, 1)}))
@@ -117,22 +95,25 @@ def real_decoding(ar, tok, args, rows) -> None:
 
 
 def cmd_table(args) -> None:
-    """One markdown row per evaluation of each run: replies, targets, minutes, tokens per verify, loss."""
-    print("| run | distinct replies | step | drafted targets | training minutes | tokens per verify | held-out loss |")
-    print("|---|---|---|---|---|---|---|")
+    """One markdown row per evaluation of each run: replies, targets, minutes, tokens per verify (the
+    drafter alone at every evaluated block, and lookup first at block 8), held-out loss."""
+    import yaml
+
+    print("| run | distinct replies | step | drafted targets | training minutes | tokens per verify, block 8 | "
+          "block 16 | lookup first, block 8 | held-out loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for run in args.runs:
         recs = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
-        recipe = (Path(run) / "recipe.yaml").read_text()
-        import yaml
-
-        data = yaml.safe_load(recipe)["data"]
+        data = yaml.safe_load((Path(run) / "recipe.yaml").read_text())["data"]
         replies = sum(sum(1 for _ in open(d, encoding="utf-8")) for d in data)
         trains = {r["step"]: r for r in recs if r["event"] == "train"}
         for ev in (r for r in recs if r["event"] == "eval"):
             tr = trains.get(ev["step"], {})
-            b = str(ev["block_size"])
+            tpv = ev["tokens_per_verify"]
+            cell = lambda d, b: f"{d[b]:.3f}" if b in d else "-"  # noqa: E731
             print(f"| {Path(run).name} | {replies} | {ev['step']} | {tr.get('tokens', 0):,} | "
-                  f"{tr.get('elapsed', 0) / 60:.1f} | {ev['tokens_per_verify'][b]:.3f} | {ev['mdm'][b]:.3f} |")
+                  f"{tr.get('elapsed', 0) / 60:.1f} | {cell(tpv, '8')} | {cell(tpv, '16')} | "
+                  f"{cell(ev.get('lookup_first_tokens_per_verify', {}), '8')} | {ev['mdm'][str(ev['block_size'])]:.3f} |")
 
 
 THROUGHPUT = [

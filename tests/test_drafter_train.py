@@ -242,3 +242,78 @@ def test_time_limit_ends_training_as_at_steps(tiny_target, tmp_path):
     result = adapt(drafter_config(folder, data, tmp_path / "t", steps=50, time_limit=1e-9))
     assert result.status == "completed" and result.steps == 1
     assert (tmp_path / "t" / "model.safetensors").is_file() and result.checkpoint.name == "step-00000001"
+
+
+def test_a_narrower_drafter_is_smaller_and_loads(tiny_target, tmp_path):
+    """--drafter-intermediate narrows every draft layer's MLP (a smaller drafter to ship); the folder loads."""
+    from safetensors.torch import load_file
+
+    from nbdiff.drafter.folder import load_drafter
+
+    folder, data, model, *_ = tiny_target
+    wide = adapt(drafter_config(folder, data, tmp_path / "wide", steps=1))
+    narrow = adapt(drafter_config(folder, data, tmp_path / "narrow", steps=1, drafter_intermediate=24))
+    assert wide.status == narrow.status == "completed"
+    w = load_file(str(tmp_path / "narrow" / "model.safetensors"))
+    assert w["layers.0.mlp.up_proj.weight"].shape == (24, model.config.hidden_size)
+    assert load_file(str(tmp_path / "wide" / "model.safetensors"))["layers.0.mlp.up_proj.weight"].shape[0] == \
+        model.config.intermediate_size
+    drafter = load_drafter(tmp_path / "narrow", model)
+    assert drafter.config.intermediate_size == 24
+    assert all(torch.equal(p.detach().cpu(), w[k]) for k, p in drafter.state_dict().items())
+    with pytest.raises(NBDiffError, match="drafter-intermediate"):
+        drafter_config(folder, data, tmp_path / "x", drafter_intermediate=-1)
+
+
+def test_lookup_walk_counts_what_prompt_lookup_drafts():
+    """Prompt lookup's accepted drafts along a known row, and lookup first / drafter otherwise."""
+    from nbdiff.adapt.data import PackedRows
+    from nbdiff.drafter.train import lookup_accepts, lookup_first
+
+    #        prompt: 5 6 7 8 | reply: 5 6 7 9 5 6 7 8
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 9, 5, 6, 7, 8]])
+    L = ids.shape[1]
+    trainable = torch.zeros(1, L, dtype=torch.bool)
+    trainable[0, 4:] = True
+    rows = PackedRows(ids, torch.arange(L)[None], torch.zeros(1, L, dtype=torch.int64), trainable)
+    acc, matched = lookup_accepts(rows, block_size=4)
+    # anchor 4 (token 5): tail [8, 5]? no; [5] matches at 0 -> drafts 6 7 8; reply goes on 6 7 9: 2 right
+    assert int(matched[0, 4]) == 1 and int(acc[0, 4]) == 2
+    # anchor 8 (token 5, second time): tail [7, 9, 5]? no; [9, 5] no; [5] latest at 4 -> 6 7 9; reply 6 7 8: 2 right
+    assert int(acc[0, 8]) == 2
+    # anchor 9 (token 6 after 5): [9, 5, 6] no, [5, 6] at 4 -> 7 9 5; reply 7 8: 1 right
+    assert int(matched[0, 9]) == 2 and int(acc[0, 9]) == 1
+    assert int(acc[0, 2]) == -1  # prompt positions are not anchors
+    drafts = torch.full_like(acc, 3)
+    both = lookup_first(drafts, acc, matched)
+    assert int(both[0, 9]) == 1 and int(both[0, 4]) == 3  # lookup where its match has 2+ tokens
+
+
+def test_a_resumed_run_reads_its_held_out_features_from_disk(tiny_target, tmp_path, monkeypatch):
+    """With --drafter-cache-features the held-out features are written once; a later process (a resumed
+    chunk) evaluates without an AR pass over them; every evaluation reports blocks 8 and 16, prompt
+    lookup alone and lookup first."""
+    import nbdiff.drafter.train as train
+
+    folder, data, *_ = tiny_target
+    kw = dict(steps=2, block_size=16, drafter_cache_features=True, drafter_vocab=64, drafter_eval_data=str(data))
+    first = adapt(drafter_config(folder, data, tmp_path / "r", **kw))
+    ev = first.evals[-1]
+    assert set(ev["tokens_per_verify"]) == set(ev["lookup_first_tokens_per_verify"]) == {"8", "16"}
+    assert ev["lookup_tokens_per_verify"]["8"] >= 1.0
+    in_eval, calls = [], []
+    real_eval, real_ar = train.evaluate_drafter, train.ar_hidden_states
+
+    def evaluate(*a, **k):
+        in_eval.append(True)
+        try:
+            return real_eval(*a, **k)
+        finally:
+            in_eval.pop()
+
+    monkeypatch.setattr(train, "evaluate_drafter", evaluate)
+    monkeypatch.setattr(train, "ar_hidden_states", lambda *a, **k: calls.append(bool(in_eval)) or real_ar(*a, **k))
+    train._EVAL_ROWS.clear()
+    again = adapt(drafter_config(folder, data, tmp_path / "r", resume=True, **{**kw, "steps": 3}))
+    assert again.status == "completed" and again.steps == 3 and again.evals[-1]["step"] == 3
+    assert True not in calls  # no AR pass while evaluating: the features came from disk

@@ -150,6 +150,8 @@ class AdaptConfig:
     model stays frozen; OUT becomes a drafter folder, nbdiff.drafter)."""
     drafter_layers: int = 2
     """Draft layers (DFlash uses 5)."""
+    drafter_intermediate: int = 0
+    """MLP width of every draft layer (0 = the model's; narrower layers make a smaller drafter to ship)."""
     drafter_init: str = "random"
     """Draft layers start 'random' or as a 'copy' of the model's last layers."""
     drafter_target_layers: str = "auto"
@@ -226,6 +228,7 @@ class AdaptConfig:
         _at_least(self.drafter_layers, 1, "--drafter-layers")
         _at_least(self.drafter_anchors, 1, "--drafter-anchors")
         _at_least(self.drafter_vocab, 0, "--drafter-vocab")
+        _at_least(self.drafter_intermediate, 0, "--drafter-intermediate")
         if self.drafter_gamma is not None and not self.drafter_gamma > 0:
             raise NBDiffError(f"--drafter-gamma must be > 0, got {self.drafter_gamma}")
 

@@ -122,8 +122,10 @@ class DrafterConfig:
     @classmethod
     def for_target(cls, ar_model, *, num_hidden_layers: int = 2, num_target_features: int = 5,
                    target_layer_ids: list[int] | None = None, block_size: int = 16, mask_token_id: int | None = None,
-                   draft_vocab: list[int] | None = None, target_name: str = "") -> "DrafterConfig":
-        """A config matching a loaded AR model: its width, heads and MLP size, DFlash's layer rule."""
+                   draft_vocab: list[int] | None = None, target_name: str = "",
+                   intermediate_size: int | None = None) -> "DrafterConfig":
+        """A config matching a loaded AR model: its width and heads, its MLP size unless `intermediate_size`
+        (a narrower MLP makes a smaller drafter), DFlash's layer rule."""
         c = ar_model.config
         layers = int(c.num_hidden_layers)
         heads = int(c.num_attention_heads)
@@ -133,7 +135,7 @@ class DrafterConfig:
             target_architecture=(getattr(c, "architectures", None) or [type(ar_model).__name__])[0],
             hidden_size=int(c.hidden_size), num_attention_heads=heads,
             num_key_value_heads=int(getattr(c, "num_key_value_heads", None) or heads), head_dim=int(head_dim),
-            intermediate_size=int(c.intermediate_size), num_target_layers=layers,
+            intermediate_size=int(intermediate_size or c.intermediate_size), num_target_layers=layers,
             target_layer_ids=target_layer_ids or target_hidden_layers(layers, min(num_target_features, layers)),
             mask_token_id=default_mask_token_id(ar_model) if mask_token_id is None else mask_token_id,
             vocab_size=int(ar_model.get_output_embeddings().weight.shape[0]), num_hidden_layers=num_hidden_layers,

@@ -284,17 +284,66 @@ def accepted_drafts(module: DrafterTraining, rows, block_size: int, chunk: int =
 
 
 def eval_features(module: DrafterTraining, rows) -> torch.Tensor:
-    """AR features [R, L, n, H] of evaluation rows, computed once per run (the AR model is frozen)."""
+    """AR features [R, L, n, H] of evaluation rows, computed once per run (the AR model is frozen).
+
+    When the run caches its training features on disk, these go there too (a folder of their own,
+    keyed by the evaluation rows), so a resumed run - a chunk of a long CPU run - does not spend
+    an AR pass over the held-out replies again; they are then read back in the cache's dtype.
+    """
     key = (id(rows), tuple(rows.input_ids.shape))
     store = module.__dict__.setdefault("_eval_features", {})
     if key not in store:
         store.clear()
         device = module.drafter.fc.weight.device
-        parts = [[t[r:r + 8].to(device) for t in (rows.input_ids, rows.position_ids, rows.doc_ids)]
-                 for r in range(0, len(rows), 8)]
-        store[key] = torch.cat([ar_hidden_states(module.ar, *part, module.drafter.config.target_layer_ids)
-                                for part in parts])
+        disk = None
+        if module.cache is not None:
+            c = module.drafter.config
+            disk = FeatureStore(module.cache.dir.parent, f"eval|{c.target_fingerprint}|{c.target_layer_ids}|"
+                                f"{tuple(rows.input_ids.shape)}|{int(rows.input_ids.sum())}|"
+                                f"{int((rows.input_ids * rows.position_ids).sum())}", module.cache.dtype)
+        parts = []
+        for r in range(0, len(rows), 8):
+            idx = list(range(r, min(r + 8, len(rows))))
+            hidden = disk.get(idx) if disk is not None else None
+            if hidden is None:
+                part = [t[r:r + 8].to(device) for t in (rows.input_ids, rows.position_ids, rows.doc_ids)]
+                hidden = ar_hidden_states(module.ar, *part, module.drafter.config.target_layer_ids)
+                if disk is not None:
+                    disk.put(idx, hidden)
+                    hidden = hidden.to(disk.dtype)
+            parts.append(hidden.to(device))
+        store[key] = torch.cat(parts)
     return store[key]
+
+
+def lookup_accepts(rows, block_size: int, max_ngram: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """[R, L] drafted tokens prompt lookup gets right when anchored at each reply index (-1 elsewhere),
+    and [R, L] the length of the n-gram it matched there (0 = no match).
+
+    The history is the row up to the anchor (prompt and reply so far), as in decoding
+    (nbdiff.decode.drafters.ngram_match); a draft counts up to its first token that differs from the reply.
+    """
+    from nbdiff.decode.drafters import ngram_match
+
+    out = torch.full(rows.input_ids.shape, -1, dtype=torch.int64)
+    matched = torch.zeros(rows.input_ids.shape, dtype=torch.int64)
+    valid = valid_anchors(rows.doc_ids, rows.trainable)
+    for r in range(len(rows)):
+        ids = rows.input_ids[r].tolist()
+        for a in valid[r].nonzero().flatten().tolist():
+            draft, matched[r, a] = ngram_match(ids[: a + 1], block_size - 1, max_ngram)
+            n = 0
+            while n < len(draft) and a + 1 + n < len(ids) and rows.trainable[r, a + 1 + n] and draft[n] == ids[a + 1 + n]:
+                n += 1
+            out[r, a] = n
+    return out, matched
+
+
+def lookup_first(drafts: torch.Tensor, lookup: torch.Tensor, matched: torch.Tensor) -> torch.Tensor:
+    """What `--drafter lookup+DIR` drafts at each anchor: lookup where its match has LOOKUP_MIN_MATCH+ tokens."""
+    from nbdiff.drafter.decoding import LOOKUP_MIN_MATCH
+
+    return torch.where(matched >= LOOKUP_MIN_MATCH, lookup, drafts)
 
 
 def reply_spans(doc_ids: torch.Tensor, trainable: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -343,25 +392,41 @@ def drafter_eval_loss(module: DrafterTraining, rows, block_size: int, anchors: i
     return loss / max(weight, 1e-9), correct / max(targets, 1), targets
 
 
-def evaluate_drafter(module: DrafterTraining, rows, config, autocast, block_sizes: list[int] | None = None) -> dict:
-    """The eval record's fields: per block size the held-out loss ('mdm'), accuracy and tokens per verify.
+EVAL_BLOCK = 8
+"""Every evaluation also walks block 8 (where CPU decoding runs drafters), whatever block the run trains."""
 
-    Block sizes: the trained one (benchmarks/drafter_curve.py measures others on a finished drafter).
-    The loss is taken at 8 fixed random anchors per row; tokens per verify walks every reply.
+_LOOKUP: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def evaluate_drafter(module: DrafterTraining, rows, config, autocast, block_sizes: list[int] | None = None) -> dict:
+    """The eval record's fields: per block size the held-out loss ('mdm'), accuracy and tokens per verify,
+    with the tokens per verify of prompt lookup alone and of lookup first, this drafter otherwise.
+
+    Block sizes: the trained one and EVAL_BLOCK. The loss is taken at 8 fixed random anchors per
+    row; tokens per verify walks every reply (`simulated_tokens_per_verify`).
     """
     if block_sizes is None:
-        block_sizes = [config.block_size]
+        block_sizes = sorted({config.block_size, min(EVAL_BLOCK, config.block_size)})
     inner = getattr(module, "module", module)
     was_training = inner.training
     inner.eval()
-    res: dict = {"ar": 0.0, "mdm": {}, "acc": {}, "mdm_tokens": {}, "tokens_per_verify": {}}
+    res: dict = {"ar": 0.0, "mdm": {}, "acc": {}, "mdm_tokens": {}, "tokens_per_verify": {},
+                 "lookup_tokens_per_verify": {}, "lookup_first_tokens_per_verify": {}}
     with autocast():
         for b in block_sizes:
             loss, acc, n = drafter_eval_loss(inner, rows, b, min(8, config.drafter_anchors),
                                              inner.drafter.config.mask_token_id, default_gamma(b), config.seed)
-            tpv, _, _ = simulated_tokens_per_verify(accepted_drafts(inner, rows, b), rows)
-            for key, value in (("mdm", loss), ("acc", acc), ("mdm_tokens", n), ("tokens_per_verify", tpv)):
-                res[key][str(b)] = value
+            drafts = accepted_drafts(inner, rows, b)
+            tpv, _, _ = simulated_tokens_per_verify(drafts, rows)
+            key = (id(rows), tuple(rows.input_ids.shape), b)
+            if key not in _LOOKUP:  # the rows' own: the same at every evaluation
+                _LOOKUP[key] = lookup_accepts(rows, b)
+            lookup, matched = _LOOKUP[key]
+            alone, _, _ = simulated_tokens_per_verify(lookup, rows)
+            first, _, _ = simulated_tokens_per_verify(lookup_first(drafts, lookup, matched), rows)
+            for name, value in (("mdm", loss), ("acc", acc), ("mdm_tokens", n), ("tokens_per_verify", tpv),
+                                ("lookup_tokens_per_verify", alone), ("lookup_first_tokens_per_verify", first)):
+                res[name][str(b)] = value
     inner.train(was_training)
     return res
 
