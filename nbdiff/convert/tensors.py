@@ -4,7 +4,8 @@ Input is read one tensor at a time: a safetensors checkpoint through safe_open, 
 `GgufTensors` (dequantized tensor by tensor), and never by instantiating the model. Output shards
 are written tensor by tensor too: the safetensors header is known before any data (every shape
 and dtype is planned), so each tensor is appended to its shard and freed. Peak memory is about two
-copies of the largest tensor (the one read and its edited copy), whatever the model size. The files
+copies of the largest tensor (the one read and its edited copy) whatever the model size, plus, for
+safetensors input, the pages of the input shard being read (memory-mapped). The files
 are byte for byte what safetensors' `save_file` writes for the same tensors (same header, same
 order), which a test checks.
 """
