@@ -1,15 +1,23 @@
-"""The small-row CPU kernel (nbdiff/cpu_kernel) against torch's fp32 product, on this CPU.
+"""The small-row CPU kernel (nbdiff/cpu_kernel) and the lean forward (cpu_kernel/fast_forward.py)
+against torch's fp32 product and transformers' forward, on this CPU.
 
-Two measurements, both with cold caches the way decoding sees them:
+Measurements, all with cold caches the way decoding sees them:
   1. products: the linear layers of one forward of MODEL's shapes (every layer's own weights, so
-     nothing stays in cache), for 1..16 rows: milliseconds per forward, kernel vs torch.
-     Also whether a product's first row has the bits it has alone (torch: not always; the kernel:
-     by construction).
-  2. model: a real forward of MODEL over a cached context for 1..24 new tokens in one row (a
-     decoding step, a verify pass of a drafted block), kernel installed vs not, and the largest
-     difference of the first token's logits between the two.
+     nothing stays in cache), for 1..16 rows: milliseconds per forward, kernel vs torch, and the
+     weights' bytes over that time (GB/s). Also whether a product's first row has the bits it has
+     alone (torch: not always; the kernel: by construction).
+  2. forwards: a real forward of MODEL over a cached context (--context tokens) for 1..24 new
+     tokens in one row (a decoding step, a verify pass of a drafted block) in three
+     configurations: torch's products and transformers' forward; the kernel with transformers'
+     forward; the kernel with the lean forward. The cache is cropped back after each forward, so
+     only the forward is timed (the cache update inside it included). The logits of the lean
+     forward must equal the kernel's bit for bit (column "same bits").
+  3. --breakdown: one one-token forward of each kernel configuration under torch.profiler: time in
+     the products, in attention, in the other tensor operations, and the rest (Python: module
+     calls, argument plumbing, mask and output building), and a streaming read of a 1 GiB tensor
+     for the machine's bandwidth.
 
-    python benchmarks/cpu_kernel.py ~/.cache/nbdiff/base-smollm2-135m --threads 2
+    python benchmarks/cpu_kernel.py ~/.cache/nbdiff/base-smollm2-135m --threads 2 --breakdown
 """
 
 from __future__ import annotations
@@ -23,13 +31,18 @@ import torch
 
 from nbdiff.hardware import cpu_name
 
+CONFIGS = ("torch", "kernel", "lean")
+
 
 def timed(fn, repeat: int) -> float:
+    """Median milliseconds of `repeat` calls after one warm-up call."""
     fn()
-    start = time.perf_counter()
+    times = []
     for _ in range(repeat):
+        start = time.perf_counter()
         fn()
-    return (time.perf_counter() - start) / repeat * 1e3
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
 
 
 def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
@@ -40,6 +53,7 @@ def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
     small_m_linear = partial(small_m_linear, isa=isa)
 
     weights = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
     out = []
     for m in rows:
         xs = {w.shape[1]: torch.randn(m, w.shape[1]).to(w.dtype) for w in weights}
@@ -49,38 +63,101 @@ def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
         same = {name: all(torch.equal(f(xs[w.shape[1]], w)[0], f(xs[w.shape[1]][:1], w)[0]) for w in weights)
                 for name, f in (("torch", torch.nn.functional.linear), ("kernel", small_m_linear))}
         out.append({"rows": m, "torch_ms": round(torch_ms, 2), "kernel_ms": round(kernel_ms, 2),
+                    "torch_gb_s": round(nbytes / torch_ms / 1e6, 1), "kernel_gb_s": round(nbytes / kernel_ms / 1e6, 1),
                     "torch_row_same_alone": same["torch"], "kernel_row_same_alone": same["kernel"]})
     return out
 
 
-@torch.inference_mode()
-def forwards(model, rows: list[int], repeat: int, context: int, isa: int) -> list[dict]:
+def configure(model, config: str, isa: int) -> None:
+    """Put the model in one of CONFIGS."""
+    from nbdiff.cpu_kernel import fast_forward, install, uninstall
+
+    uninstall(model)
+    if config == "torch":
+        return
+    install(model, fast_forward=False)
+    for layer in model.modules():
+        if hasattr(layer, "_isa"):
+            layer._isa = isa
+    if config == "lean" and not fast_forward.install(model):
+        raise SystemExit("the lean forward does not take this model (see nbdiff/cpu_kernel/fast_forward.py)")
+
+
+def _cached(model, context: int, extra: int):
     from transformers import DynamicCache
 
-    from nbdiff.cpu_kernel import install, uninstall
+    ids = torch.randint(0, model.config.vocab_size, (1, context + extra))
+    cache = DynamicCache(config=model.config)
+    model(input_ids=ids[:, :context], cache=cache, use_cache=True)
+    return ids, cache
 
-    ids = torch.randint(0, model.config.vocab_size, (1, context + max(rows)))
-    base = DynamicCache()
-    model(ids[:, :context], past_key_values=base, use_cache=True)
+
+def _step(model, ids, cache, context: int, m: int) -> torch.Tensor:
+    """One forward of m new tokens over the cached context, then the cache cropped back (not timed apart:
+    cropping is a slice)."""
+    logits = model(input_ids=ids[:, context:context + m], position_ids=torch.arange(context, context + m)[None],
+                   cache=cache, use_cache=True, logits_to_keep=0).logits
+    cache.crop(-m)
+    return logits[0]
+
+
+@torch.no_grad()
+def forwards(model, rows: list[int], repeat: int, context: int, isa: int, configs) -> list[dict]:
+    ids, cache = _cached(model, context, max(rows))
     out = []
-
-    def step(m):
-        cache = DynamicCache()
-        for i, layer in enumerate(base.layers):
-            cache.update(layer.keys.clone(), layer.values.clone(), i)
-        return model(ids[:, context:context + m], past_key_values=cache, use_cache=True).logits[0, 0]
-
     for m in rows:
-        uninstall(model)
-        torch_ms, ref = timed(lambda: step(m), repeat), step(m)
-        install(model)
-        for layer in model.modules():
-            if hasattr(layer, "_isa"):
-                layer._isa = isa
-        kernel_ms, got = timed(lambda: step(m), repeat), step(m)
-        out.append({"rows": m, "torch_ms": round(torch_ms, 2), "kernel_ms": round(kernel_ms, 2),
-                    "max_logit_diff_vs_torch": float((got - ref).abs().max())})
-    uninstall(model)
+        row, logits = {"rows": m}, {}
+        for config in configs:
+            configure(model, config, isa)
+            row[f"{config}_ms"] = round(timed(lambda: _step(model, ids, cache, context, m), repeat), 2)
+            logits[config] = _step(model, ids, cache, context, m)
+        if "torch" in logits and "kernel" in logits:
+            row["max_logit_diff_kernel_vs_torch"] = float((logits["kernel"] - logits["torch"]).abs().max())
+        if "lean" in logits and "kernel" in logits:
+            row["lean_same_bits_as_kernel"] = torch.equal(logits["lean"], logits["kernel"])
+        out.append(row)
+    configure(model, "kernel", isa)
+    return out
+
+
+def streaming_gb_s(repeat: int = 5) -> float:
+    """A plain read of 1 GiB (torch's sum over it, the machine's threads): the bandwidth a product could reach."""
+    big = torch.ones(256 * 1024 * 1024)
+    ms = timed(lambda: big.sum(), repeat)
+    return round(big.numel() * 4 / ms / 1e6, 1)
+
+
+@torch.no_grad()
+def breakdown(model, context: int, repeat: int, isa: int) -> dict:
+    """Where a one-token forward's time goes, per kernel configuration (torch.profiler's self times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ids, cache = _cached(model, context, 1)
+    weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
+    groups = {"products": ("nbdiff::",), "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product")}
+    out = {}
+    for config in ("kernel", "lean"):
+        configure(model, config, isa)
+        wall = timed(lambda: _step(model, ids, cache, context, 1), repeat)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(repeat):
+                _step(model, ids, cache, context, 1)
+        ms = {name: 0.0 for name in (*groups, "other tensor ops")}
+        calls = 0
+        for event in prof.key_averages():
+            name = next((g for g, keys in groups.items() if event.key.startswith(keys)), "other tensor ops")
+            if event.key.startswith("aten::") or event.key.startswith("nbdiff::"):
+                ms[name] += event.self_cpu_time_total / 1e3 / repeat
+                calls += event.count
+        # the crop after each forward is in the profile but not in the forward: negligible (a slice per layer)
+        row = {"forward_ms": round(wall, 2), **{k: round(v, 2) for k, v in ms.items()}}
+        row["python_and_rest_ms"] = round(wall - sum(ms.values()), 2)
+        row["ops_per_forward"] = round(calls / repeat)
+        row["products_gb_s"] = round(weights / ms["products"] / 1e6, 1) if ms["products"] else None
+        out[config] = row
+    configure(model, "kernel", isa)
+    out["streaming_read_gb_s"] = streaming_gb_s()
+    out["weights_mb"] = round(weights / 1e6, 1)
     return out
 
 
@@ -94,6 +171,10 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--isa", choices=["auto", "avx2"], default="auto",
                         help="avx2: run the AVX2 version even where AVX-512 is there (to see it on this CPU)")
+    parser.add_argument("--configs", default=",".join(CONFIGS),
+                        help=f"forward configurations to time, of {', '.join(CONFIGS)} (lean: fp32 Llama/Qwen2 only)")
+    parser.add_argument("--skip-products", action="store_true", help="only the model forwards (and --breakdown)")
+    parser.add_argument("--breakdown", action="store_true", help="where a one-token forward's time goes (torch.profiler)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -107,20 +188,38 @@ def main() -> None:
     if not state.ready:
         raise SystemExit(f"the kernel is {state.reason}")
     rows = [int(r) for r in args.rows.split(",")]
+    configs = [c for c in args.configs.split(",") if c]
+    if args.dtype != "fp32" and "lean" in configs:
+        configs.remove("lean")
     isa = 1 if args.isa == "avx2" else state.isa
     report = {"cpu": cpu_name(), "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__, "kernel": state.reason,
-              "isa": ISA_NAMES[isa],
-              "products": products(model, rows, args.repeat, isa), "forwards": forwards(model, rows, args.repeat, args.context, isa)}
+              "isa": ISA_NAMES[isa], "context": args.context,
+              "products": [] if args.skip_products else products(model, rows, args.repeat, isa),
+              "forwards": forwards(model, rows, args.repeat, args.context, isa, configs)}
+    if args.breakdown and args.dtype == "fp32":
+        report["breakdown"] = breakdown(model, args.context, args.repeat, isa)
     if args.json:
         print(json.dumps(report, indent=1))
         return
     print(f"{report['cpu']}, {args.threads} threads, torch {torch.__version__}, kernel {state.reason}, running {report['isa']}, {args.dtype}")
-    print("products of one forward (ms)  rows  torch  kernel  first row's bits as alone (torch / kernel)")
-    for r in report["products"]:
-        print(f"{'':30s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}  {r['torch_row_same_alone']} / {r['kernel_row_same_alone']}")
-    print("model forward over a cached context (ms)  rows  torch  kernel  max |logit diff|")
+    if report["products"]:
+        print("products of one forward (ms, GB/s)  rows  torch          kernel         first row's bits as alone (torch / kernel)")
+        for r in report["products"]:
+            print(f"{'':36s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['torch_gb_s']:5.1f}  {r['kernel_ms']:6.2f} {r['kernel_gb_s']:5.1f}"
+                  f"   {r['torch_row_same_alone']} / {r['kernel_row_same_alone']}")
+    print(f"model forward over {args.context} cached tokens (ms)  rows  " + "  ".join(f"{c:>7s}" for c in configs)
+          + "  max |logit diff| kernel vs torch  lean's bits = kernel's")
     for r in report["forwards"]:
-        print(f"{'':42s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['kernel_ms']:7.2f}  {r['max_logit_diff_vs_torch']:.1e}")
+        print(f"{'':47s}{r['rows']:4d}  " + "  ".join(f"{r[c + '_ms']:7.2f}" for c in configs)
+              + f"  {r.get('max_logit_diff_kernel_vs_torch', float('nan')):.1e}  {r.get('lean_same_bits_as_kernel', '')}")
+    if "breakdown" in report:
+        b = report["breakdown"]
+        print(f"one-token forward, breakdown (ms; weights {b['weights_mb']} MB; a plain read of 1 GiB: {b['streaming_read_gb_s']} GB/s)")
+        for config in ("kernel", "lean"):
+            r = b[config]
+            print(f"  {config:7s} forward {r['forward_ms']:6.2f} = products {r['products']:6.2f} ({r['products_gb_s']} GB/s)"
+                  f" + attention {r['attention']:5.2f} + other tensor ops {r['other tensor ops']:5.2f}"
+                  f" + Python and the rest {r['python_and_rest_ms']:5.2f}  ({r['ops_per_forward']} ops)")
 
 
 if __name__ == "__main__":

@@ -68,6 +68,26 @@ def test_each_row_gets_its_own_bits_whatever_shares_the_product(isa):
     assert torch.equal(cpu_kernel.small_m_linear(mixed, w, b, isa=isa)[0], alone[5])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+def test_several_weights_in_one_call_give_each_products_bits(isa):
+    """small_m_linear_multi (a layer's q/k/v or gate/up in one call): each output is the single product's, bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    ws = [torch.randn(n, 72, generator=gen) for n in (40, 8, 8, 129)]
+    bs = [torch.randn(40, generator=gen), None, torch.randn(8, generator=gen), None]
+    for m in (1, 2, 5, 16, 17):
+        x = torch.randn(1, m, 72, generator=gen)
+        got = torch.ops.nbdiff.small_m_linear_multi(x, ws, bs, isa)
+        assert [y.shape for y in got] == [(1, m, w.shape[0]) for w in ws] and all(y.is_contiguous() for y in got)
+        for y, w, b in zip(got, ws, bs):
+            assert torch.equal(y, cpu_kernel.small_m_linear(x, w, b, isa=isa))
+    meta = torch.ops.nbdiff.small_m_linear_multi(x.to("meta"), [w.to("meta") for w in ws], [None] * 4, isa)
+    assert [y.shape for y in meta] == [y.shape for y in got]
+    with pytest.raises(RuntimeError, match="one bias"):
+        torch.ops.nbdiff.small_m_linear_multi(x, ws, bs[:2], isa)
+    with pytest.raises(RuntimeError, match="x's K"):
+        torch.ops.nbdiff.small_m_linear_multi(x, [torch.randn(4, 71)], [None], isa)
+
+
 def test_shapes_views_and_refusals():
     w = torch.randn(24, 40)
     x = torch.randn(40, 2, 3).permute(1, 2, 0)  # (2, 3, 40), not contiguous

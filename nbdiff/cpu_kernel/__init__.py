@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = Path(__file__).parent
-SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp")
+SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
+TORCH_SOURCES = ("op.cpp", "layers.cpp")  # compiled against torch's headers
 # each kernel source and the compiler flags for its instruction set
 OBJECTS = {"avx2": "-mavx2 -mfma", "avx512": "-mavx512f -mfma", "avx512_bf16": "-mavx512f -mavx512bw -mavx512bf16 -mfma"}
 ISA_NAMES = {1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
@@ -118,10 +119,11 @@ def build(cache: Path | None = None) -> Path:
         for name, flags in OBJECTS.items():  # plain C++ with intrinsics: quick to compile
             _run([*common, "-std=c++17", *flags.split(), "-c", str(HERE / f"{name}.cpp"), "-o", f"{name}.o"], work)
         includes = [f"-I{p}" for p in cpp_extension.include_paths()]  # torch's headers want C++20
-        _run([*common, "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / "op.cpp"), "-o", "op.o"], work)
+        for name in TORCH_SOURCES:
+            _run([*common, "-std=c++20", "-fopenmp", "-w", *includes, "-c", str(HERE / name), "-o", f"{name}.o"], work)
         libs = cpp_extension.library_paths()[0]
-        _run([cxx, "-shared", "-fopenmp", "op.o", *(f"{name}.o" for name in OBJECTS), f"-L{libs}", f"-Wl,-rpath,{libs}",
-              "-lc10", "-ltorch_cpu", "-o", "lib.so"], work)
+        _run([cxx, "-shared", "-fopenmp", *(f"{name}.o" for name in TORCH_SOURCES), *(f"{name}.o" for name in OBJECTS),
+              f"-L{libs}", f"-Wl,-rpath,{libs}", "-lc10", "-ltorch_cpu", "-o", "lib.so"], work)
         os.replace(work / "lib.so", target)  # whole or not at all, also with two builders at once
     return target
 
@@ -190,6 +192,8 @@ def _load() -> KernelStatus:
         if not hasattr(torch.ops.nbdiff, "small_m_linear"):
             load_library()
             torch.library.register_fake("nbdiff::small_m_linear")(_fake)  # shapes for torch.compile / meta
+            torch.library.register_fake("nbdiff::small_m_linear_multi")(_fake_multi)
+            torch.library.register_fake("nbdiff::decoder_layers")(_fake_layers)
     except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
         return KernelStatus(False, f"off ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})")
     return KernelStatus(True, f"on ({ISA_NAMES[isa]}, {_what(isa)})", isa)
@@ -204,6 +208,15 @@ NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
 def _fake(x, w, b, isa):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def _fake_multi(x, ws, bs, isa):
+    return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in ws]
+
+
+def _fake_layers(x, cos, sin, mask, params, eps, keys, values, head_dim, groups, gqa, enable_gqa, is_causal, scaling, isa):
+    grown = [t.new_empty((*t.shape[:-2], t.shape[-2] + x.shape[1], t.shape[-1])) for t in (*keys, *values)]
+    return [x.new_empty(x.shape), *(t for pair in zip(grown[:len(keys)], grown[len(keys):]) for t in pair)]
 
 
 def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -233,11 +246,12 @@ class SmallRowsLinear(nn.Linear):
         return F.linear(x, w, self.bias)
 
 
-def install(model: nn.Module) -> KernelStatus:
+def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:
     """Switch `model`'s CPU nn.Linear layers (exactly nn.Linear, not subclasses such as quantized or
     LoRA layers) in a dtype the kernel takes on this CPU (fp32; bf16 with AVX512-BF16) to
     SmallRowsLinear when the kernel is ready; a no-op otherwise (and no build when the model has no
-    such layer)."""
+    such layer). fast_forward: also give an fp32 Llama/Qwen2 model the lean forward for its few-row
+    passes (nbdiff.cpu_kernel.fast_forward; same bits, less Python)."""
     kinds = dtypes(cpu_isa())
     layers = [m for m in model.modules()
               if type(m) is nn.Linear and m.weight.dtype in kinds and m.weight.device.type == "cpu"]
@@ -248,11 +262,18 @@ def install(model: nn.Module) -> KernelStatus:
         for module in layers:
             module.__class__ = SmallRowsLinear
             module._isa = state.isa
+        if fast_forward:
+            from nbdiff.cpu_kernel import fast_forward as lean
+
+            lean.install(model)
     return state
 
 
 def uninstall(model: nn.Module) -> None:
-    """Back to plain nn.Linear (for comparisons)."""
+    """Back to plain nn.Linear and the model's own forward (for comparisons)."""
+    from nbdiff.cpu_kernel import fast_forward as lean
+
+    lean.uninstall(model)
     for module in model.modules():
         if type(module) is SmallRowsLinear:
             module.__class__ = nn.Linear

@@ -8,6 +8,9 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <vector>
+
 #include "small_m.h"
 
 namespace {
@@ -48,9 +51,60 @@ at::Tensor small_m_linear(const at::Tensor& x, const at::Tensor& w, const std::o
   return y.view(shape);
 }
 
+// Several products of the same x in one call: y_i = x W_i^T + b_i, each output its own contiguous
+// tensor exactly as small_m_linear(x, W_i, b_i) gives it (every output element is summed alone, so
+// sharing a call changes no bit). One parallel_for over all the weights' output columns: a layer's
+// q/k/v (or gate/up) products cost one dispatch and one fork/join of the threads instead of three
+// (two), and the threads split the columns of all of them evenly. fp32 only.
+std::vector<at::Tensor> small_m_linear_multi(const at::Tensor& x, at::TensorList ws,
+                                             const c10::List<std::optional<at::Tensor>>& bs, int64_t isa) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat, "small_m_linear_multi: fp32 CPU tensors only");
+  TORCH_CHECK(isa == 1 || isa == 2 || isa == 3, "small_m_linear_multi: isa must be 1, 2 or 3");
+  TORCH_CHECK(bs.size() == ws.size(), "small_m_linear_multi: one bias (or None) per weight");
+  const int64_t K = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  const size_t S = ws.size();
+  std::vector<at::Tensor> ys, biases(S);
+  std::vector<const float*> wp(S), bp(S);
+  std::vector<float*> yp(S);
+  std::vector<int64_t> start(S + 1, 0);  // output columns of weight s: [start[s], start[s + 1]) of all of them
+  auto shape = x.sizes().vec();
+  for (size_t s = 0; s < S; ++s) {
+    const at::Tensor& w = ws[s];
+    TORCH_CHECK(w.device().is_cpu() && w.scalar_type() == at::kFloat && w.dim() == 2 && w.is_contiguous() && w.size(1) == K,
+                "small_m_linear_multi: every weight must be a contiguous fp32 N x K matrix with x's K");
+    const int64_t N = w.size(0);
+    const std::optional<at::Tensor> b = bs.get(s);
+    if (b.has_value()) {
+      TORCH_CHECK(b->numel() == N && b->scalar_type() == at::kFloat, "small_m_linear_multi: the bias must have N fp32 elements");
+      biases[s] = b->contiguous();
+      bp[s] = biases[s].data_ptr<float>();
+    } else {
+      bp[s] = nullptr;
+    }
+    wp[s] = w.data_ptr<float>();
+    shape.back() = N;
+    ys.push_back(at::empty(shape, x.options()));
+    yp[s] = ys.back().data_ptr<float>();
+    start[s + 1] = start[s] + N;
+  }
+  const float* xp = x2.data_ptr<float>();
+  auto kernel = isa >= 2 ? nbdiff_kernel::rows_avx512 : nbdiff_kernel::rows_avx2;
+  at::parallel_for(0, start[S], 64, [&](int64_t a, int64_t b) {
+    for (size_t s = 0; s < S; ++s) {
+      const int64_t n0 = std::max(a, start[s]), n1 = std::min(b, start[s + 1]);
+      if (n0 < n1) kernel(xp, M, K, wp[s], bp[s], n0 - start[s], n1 - start[s], start[s + 1] - start[s], yp[s]);
+    }
+  });
+  return ys;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(nbdiff, m) {
   m.def("small_m_linear(Tensor x, Tensor w, Tensor? b, int isa) -> Tensor");
+  m.def("small_m_linear_multi(Tensor x, Tensor[] ws, Tensor?[] bs, int isa) -> Tensor[]");
   m.impl("small_m_linear", c10::DispatchKey::CPU, TORCH_FN(small_m_linear));
+  m.impl("small_m_linear_multi", c10::DispatchKey::CPU, TORCH_FN(small_m_linear_multi));
 }

@@ -1,0 +1,264 @@
+"""A lean forward for few-row CPU passes of Llama- and Qwen2-family models: the same fp32 math as
+transformers' modules, with fewer calls around it.
+
+A decoding step (one new token over a cached context), exact mode's verify pass and the server's
+packed step all run the whole model over a handful of rows. With the few-row kernel reading the
+weights (nbdiff.cpu_kernel), what is left of such a forward is mostly Python: per layer a dozen
+module calls, decorators and keyword plumbing around about thirty small tensor operations.
+`install(model)` gives the model an instance-level `forward` that takes those passes through
+`_lean` and everything else (more rows, gradients, hidden states or attentions asked for, unknown
+arguments) through the original forward, unchanged.
+
+`_lean` computes exactly what the original computes, operation for operation:
+- the same torch operations in the same order on the same values for the norms, rotary embedding,
+  residual adds and the MLP's activation (the modules' own code, without the module calls);
+- the mask from transformers' own `create_causal_mask`, the cache's own `update`, and the
+  attention through transformers' own `sdpa_attention_forward`, so the same SDPA kernel runs;
+- the products through the kernel, as `SmallRowsLinear` would run them, except that a layer's
+  q/k/v products and its gate/up products each take one call (`small_m_linear_multi`): every
+  output element is summed alone in the kernel, so sharing a call changes no bit (tested).
+So logits and tokens are bit-identical to the original forward's with the kernel installed
+(tests/test_fast_forward.py compares them on tiny models of both families and on SmolLM2).
+
+Only fp32 weights take it (the bf16 kernel's multi-weight call is not written; bf16 models keep
+the original forward), only with sdpa attention, full attention in every layer, and a cache given.
+`NBDIFF_FAST_FORWARD=0` leaves every model's forward alone.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import types
+
+import torch
+from torch import nn
+
+ENV_SWITCH = "NBDIFF_FAST_FORWARD"
+ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
+# keyword arguments the lean path understands; any other (or a non-default value of these) takes the original
+_KNOWN = {"input_ids", "attention_mask", "position_ids", "use_cache", "logits_to_keep", "return_dict",
+          "output_attentions", "output_hidden_states", "inputs_embeds", "labels"}
+
+
+def switched_off() -> bool:
+    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def _modules(model):
+    """The transformers pieces the lean path calls, or None where the model is not one it knows."""
+    try:
+        from transformers import masking_utils
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward, use_gqa_in_sdpa
+        from transformers.modeling_outputs import CausalLMOutputWithPast
+        from transformers.modeling_utils import slice_logits_to_keep
+    except ImportError:
+        return None
+    if type(model).__name__ not in ARCHITECTURES:
+        return None
+    config = model.config
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return None
+    if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ["full_attention"])):
+        return None  # sliding windows: another mask per layer
+    if getattr(config, "hidden_act", None) != "silu" or len(layers) != config.num_hidden_layers:
+        return None
+    prefix = type(model).__name__.removesuffix("ForCausalLM")
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if (type(layer).__name__ != f"{prefix}DecoderLayer" or type(attn).__name__ != f"{prefix}Attention"
+                or type(mlp).__name__ != f"{prefix}MLP"
+                or type(layer.input_layernorm).__name__ != f"{prefix}RMSNorm"
+                or type(layer.post_attention_layernorm).__name__ != f"{prefix}RMSNorm"):
+            return None
+        if (type(mlp.act_fn).__name__ not in ("SiLUActivation", "SiLU") or not getattr(attn, "is_causal", False)
+                or any(type(norm).forward.__qualname__ != f"{prefix}RMSNorm.forward"  # not swapped for a hub kernel
+                       for norm in (layer.input_layernorm, layer.post_attention_layernorm))):
+            return None
+        projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        if any(not isinstance(p, nn.Linear) or p.weight.dtype is not torch.float32 for p in projections):
+            return None
+    if type(inner.norm).__name__ != f"{prefix}RMSNorm" or not isinstance(model.lm_head, nn.Linear):
+        return None
+    mask_params = inspect.signature(masking_utils.create_causal_mask).parameters
+    cache_name = "cache" if "cache" in mask_params else "past_key_values" if "past_key_values" in mask_params else None
+    out_fields = CausalLMOutputWithPast.__dataclass_fields__
+    out_cache = "cache" if "cache" in out_fields else "past_key_values"
+    if cache_name is None:
+        return None
+    return types.SimpleNamespace(create_causal_mask=masking_utils.create_causal_mask, sdpa=sdpa_attention_forward,
+                                 use_gqa=use_gqa_in_sdpa,
+                                 output=CausalLMOutputWithPast, slice=slice_logits_to_keep,
+                                 cache_name=cache_name, out_cache=out_cache)
+
+
+def _rms(norm, x: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm / Qwen2RMSNorm.forward, operation for operation."""
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + norm.variance_epsilon)
+    return norm.weight * h.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache, logits_to_keep):
+    """The model's forward over input_ids [B, n] (B * n <= the kernel's rows) with a cache. Returns the output
+    the original forward returns (logits and the cache)."""
+    inner = model.model
+    x = inner.embed_tokens(input_ids)  # [B, n, hidden]
+    if position_ids is None:
+        past = cache.get_seq_length()
+        position_ids = (torch.arange(x.shape[1], device=x.device) + past).unsqueeze(0)
+    mask = parts.create_causal_mask(config=model.config, inputs_embeds=x, attention_mask=attention_mask,
+                                    position_ids=position_ids, **{parts.cache_name: cache})
+    cos, sin = inner.rotary_emb(x, position_ids)  # [B, n, head_dim] each
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    native = _native(model, parts, isa, x, mask, cos, sin, cache) if NATIVE else None
+    x = _layers(model, parts, isa, x, mask, cos, sin, cache) if native is None else native
+    x = _rms(inner.norm, x)
+    x = parts.slice(x, logits_to_keep)
+    logits = model.lm_head(x)  # SmallRowsLinear: the kernel for few rows, torch's product for more
+    return parts.output(logits=logits, **{parts.out_cache: cache})
+
+
+def _layers(model, parts, isa: int, x, mask, cos, sin, cache):
+    """The decoder layers from Python, operation for operation as transformers' modules run them."""
+    multi = torch.ops.nbdiff.small_m_linear_multi
+    single = torch.ops.nbdiff.small_m_linear
+    shape = x.shape[:-1]
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        residual = x
+        h = _rms(layer.input_layernorm, x)
+        q, k, v = multi(h, [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight],
+                        [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias], isa)
+        heads = (*shape, -1, attn.head_dim)
+        q, k, v = q.view(heads).transpose(1, 2), k.view(heads).transpose(1, 2), v.view(heads).transpose(1, 2)
+        q = (q * cos) + (_rotate_half(q) * sin)
+        k = (k * cos) + (_rotate_half(k) * sin)
+        k, v = cache.update(k, v, attn.layer_idx)
+        out, _ = parts.sdpa(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
+                            sliding_window=getattr(attn, "sliding_window", None))
+        out = out.reshape(*shape, -1).contiguous()
+        x = residual + single(out, attn.o_proj.weight, attn.o_proj.bias, isa)
+        residual = x
+        h = _rms(layer.post_attention_layernorm, x)
+        gate, up = multi(h, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], isa)
+        x = residual + single(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias, isa)
+    return x
+
+
+NATIVE = True  # the layers in one C++ call where the cache allows (False: from Python; for comparisons)
+
+
+def _native(model, parts, isa: int, x, mask, cos, sin, cache):
+    """The decoder layers in one call of torch.ops.nbdiff.decoder_layers (layers.cpp: the same ATen
+    operations as `_layers`, without Python between them), or None where the cache is not a plain
+    DynamicCache of DynamicLayers or the attention would take a branch layers.cpp does not write."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer
+
+    layers = model.model.layers
+    if (type(cache) is not DynamicCache or getattr(cache, "offloading", False) or len(cache.layers) != len(layers)
+            or any(type(layer) is not DynamicLayer for layer in cache.layers)):
+        return None
+    attn = layers[0].self_attn
+    n = x.shape[1]
+    is_causal = n > 1 and mask is None and attn.is_causal
+    if is_causal and cache.get_seq_length() > 0:
+        return None  # sdpa_attention_forward would crop the keys (an empty StaticCache's case): not written here
+    groups, gqa, enable_gqa = attn.num_key_value_groups, 0, False
+    if groups > 1:  # transformers' sdpa_attention_forward's choice, made once: every layer has the same shapes
+        probe = x.new_empty(1, 1, 0, attn.head_dim)
+        if parts.use_gqa(mask, probe, probe):
+            enable_gqa = True
+        else:
+            gqa = 1 if n == 1 else 2
+    params, eps = [], []
+    for layer in layers:
+        a, mlp = layer.self_attn, layer.mlp
+        params += [layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
+                   a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
+                   mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
+                   mlp.down_proj.weight, mlp.down_proj.bias]
+        eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
+    for layer in cache.layers:
+        if not layer.is_initialized:
+            layer.lazy_initialization(x, x)  # as DynamicLayer.update does on its first call
+    out = torch.ops.nbdiff.decoder_layers(x, cos, sin, mask, params, eps, [layer.keys for layer in cache.layers],
+                                          [layer.values for layer in cache.layers], attn.head_dim, groups, gqa,
+                                          enable_gqa, is_causal, attn.scaling, isa)
+    for i, layer in enumerate(cache.layers):
+        layer.keys, layer.values = out[1 + 2 * i], out[2 + 2 * i]
+    return out[0]
+
+
+def _ready(model) -> int:
+    """The kernel's isa if every product of the model still goes through the kernel (SmallRowsLinear
+    with contiguous weights; a LoRA layer or torch's Linear put in since loading does not), else 0."""
+    from nbdiff.cpu_kernel import SmallRowsLinear
+
+    isa = getattr(model.lm_head, "_isa", 0)
+    if type(model.lm_head) is not SmallRowsLinear or not isa:
+        return 0
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            if type(p) is not SmallRowsLinear or p._isa != isa or not p.weight.is_contiguous():
+                return 0
+    return isa
+
+
+def install(model: nn.Module) -> bool:
+    """Give `model` the lean forward for its few-row passes; False (nothing done) where the model is
+    not a Llama/Qwen2 fp32 model with sdpa attention whose products take the kernel (install the
+    kernel first: nbdiff.cpu_kernel.install), or the switch is off."""
+    from nbdiff.cpu_kernel import MAX_ROWS
+
+    if switched_off() or installed(model):
+        return False
+    parts = _modules(model)
+    if parts is None or not _ready(model):
+        return False
+    original = type(model).forward
+    names = inspect.signature(original).parameters
+    cache_arg = "cache" if "cache" in names else "past_key_values"
+    max_rows = MAX_ROWS[torch.float32]
+
+    @functools.wraps(original)  # the same signature: callers read it (nbdiff.decode.context.cache_kwarg)
+    def forward(self, *args, **kwargs):
+        cache = kwargs.get(cache_arg, kwargs.get("past_key_values"))
+        ids = kwargs.get("input_ids")
+        mask = kwargs.get("attention_mask")
+        if (args or cache is None or ids is None or torch.is_grad_enabled() or self.training
+                or ids.dim() != 2 or ids.numel() > max_rows or kwargs.get("use_cache") is False
+                or isinstance(mask, dict)
+                or any(kwargs.get(name) is not None for name in ("inputs_embeds", "labels"))
+                or any(kwargs.get(name) for name in ("output_attentions", "output_hidden_states"))
+                or kwargs.get("return_dict") is False
+                or not set(kwargs) <= _KNOWN | {cache_arg, "past_key_values"}):
+            return original(self, *args, **kwargs)
+        isa = _ready(self)
+        if not isa:
+            return original(self, *args, **kwargs)
+        return _lean(self, parts, isa, ids, mask, kwargs.get("position_ids"), cache, kwargs.get("logits_to_keep", 0))
+
+    forward._nbdiff_fast_forward = True
+    model.forward = types.MethodType(forward, model)
+    return True
+
+
+def installed(model: nn.Module) -> bool:
+    return getattr(vars(model).get("forward"), "_nbdiff_fast_forward", False)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Back to the class's forward."""
+    if installed(model):
+        del model.forward

@@ -1,0 +1,134 @@
+// Registers torch.ops.nbdiff.decoder_layers: the decoder layers of a Llama/Qwen2 model over a few
+// rows, as nbdiff/cpu_kernel/fast_forward.py's `_lean` runs them from Python, in one call.
+//
+// Why: in a one-token forward on a CPU the products read the weights at the memory's speed; what is
+// left is about forty small tensor operations per layer, and from Python each costs the
+// interpreter, the argument parsing and the dispatcher. Here the same ATen operations run in the
+// same order on tensors of the same shapes and layouts (so every value has the bits it has in
+// transformers' modules), without the Python around them; the products go straight to the
+// few-row kernel (the bits small_m_linear gives).
+//
+// What each layer does (transformers' LlamaDecoderLayer / Qwen2DecoderLayer with sdpa attention
+// and a DynamicLayer cache, shapes for B rows of n tokens, H heads of d, G key/value heads):
+//   h = rmsnorm(x)                          x: [B, n, hidden]
+//   q, k, v = h Wq^T + bq, ...              [B, n, H*d], [B, n, G*d] x2 -> [B, H|G, n, d]
+//   q, k = rotary(q), rotary(k)             (q * cos) + (rotate_half(q) * sin)
+//   k, v = cat(cache_k, k), cat(cache_v, v) along the columns (DynamicLayer.update)
+//   a = sdpa(q, k, v, mask)                 grouped heads as transformers' sdpa_attention_forward picks
+//   x = x + a Wo^T; x = x + down(silu(gate(rmsnorm(x))) * up(...))
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "small_m.h"
+
+namespace {
+
+using OptTensor = std::optional<at::Tensor>;
+
+// y_i = x W_i^T + b_i for each weight, every output its own contiguous tensor shaped like x with
+// N_i features; one parallel_for over all the weights' output columns (as small_m_linear_multi).
+std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<const at::Tensor*>& ws,
+                                 const std::vector<const OptTensor*>& bs, int64_t isa) {
+  const int64_t K = x.size(-1);
+  const at::Tensor x2 = x.reshape({-1, K}).contiguous();
+  const int64_t M = x2.size(0);
+  const size_t S = ws.size();
+  std::vector<at::Tensor> ys;
+  std::vector<int64_t> start(S + 1, 0);
+  auto shape = x.sizes().vec();
+  for (size_t s = 0; s < S; ++s) {
+    shape.back() = ws[s]->size(0);
+    ys.push_back(at::empty(shape, x.options()));
+    start[s + 1] = start[s] + ws[s]->size(0);
+  }
+  const float* xp = x2.data_ptr<float>();
+  auto kernel = isa >= 2 ? nbdiff_kernel::rows_avx512 : nbdiff_kernel::rows_avx2;
+  at::parallel_for(0, start[S], 64, [&](int64_t a, int64_t b) {
+    for (size_t s = 0; s < S; ++s) {
+      const int64_t n0 = std::max(a, start[s]), n1 = std::min(b, start[s + 1]);
+      if (n0 < n1) {
+        const float* bp = bs[s]->has_value() ? (*bs[s])->data_ptr<float>() : nullptr;
+        kernel(xp, M, K, ws[s]->data_ptr<float>(), bp, n0 - start[s], n1 - start[s], start[s + 1] - start[s],
+               ys[s].data_ptr<float>());
+      }
+    }
+  });
+  return ys;
+}
+
+// LlamaRMSNorm.forward for fp32: weight * (x * rsqrt(mean(x^2) + eps))
+at::Tensor rmsnorm(const at::Tensor& x, const at::Tensor& w, double eps) {
+  const at::Tensor variance = x.pow(2).mean({-1}, true);
+  return w * (x * at::rsqrt(variance + eps));
+}
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.slice(-1, half), x.slice(-1, 0, half)}, -1);
+}
+
+// params: 16 per layer (input norm, q, q bias, k, k bias, v, v bias, o, o bias, post-attention norm, gate,
+// gate bias, up, up bias, down, down bias; a missing bias is None);
+// eps: the two norms' epsilons per layer; keys/values: the cache's tensors per layer (DynamicLayer's:
+// an empty 1-D tensor before the first update). gqa: 0 = no grouping or sdpa's enable_gqa, 1 = one
+// query packed as [B, G, H/G, d] (transformers' pack_gqa), 2 = keys/values repeated (repeat_kv).
+// Returns x after the last layer, then each layer's new keys and values.
+std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
+                                       const OptTensor& mask, const c10::List<OptTensor>& params_list,
+                                       at::ArrayRef<double> eps, at::TensorList keys, at::TensorList values,
+                                       int64_t head_dim, int64_t groups, int64_t gqa, bool enable_gqa,
+                                       bool is_causal, double scaling, int64_t isa) {
+  const int64_t layers = keys.size();
+  TORCH_CHECK(params_list.size() == static_cast<size_t>(16 * layers) && values.size() == keys.size() &&
+                  eps.size() == static_cast<size_t>(2 * layers),
+              "decoder_layers: 16 parameters and 2 epsilons per layer, one key and value tensor per layer");
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3, "decoder_layers: fp32 x of [B, n, hidden]");
+  std::vector<OptTensor> params(params_list.begin(), params_list.end());
+  const int64_t B = x_in.size(0), n = x_in.size(1);
+  std::vector<at::Tensor> out(1 + 2 * layers);
+  at::Tensor x = x_in;
+  for (int64_t l = 0; l < layers; ++l) {
+    const OptTensor* p = &params[16 * l];
+    at::Tensor h = rmsnorm(x, *p[0], eps[2 * l]);
+    auto qkv = products(h, {&p[1].value(), &p[3].value(), &p[5].value()}, {&p[2], &p[4], &p[6]}, isa);
+    at::Tensor q = qkv[0].view({B, n, -1, head_dim}).transpose(1, 2);
+    at::Tensor k = qkv[1].view({B, n, -1, head_dim}).transpose(1, 2);
+    at::Tensor v = qkv[2].view({B, n, -1, head_dim}).transpose(1, 2);
+    q = (q * cos) + (rotate_half(q) * sin);
+    k = (k * cos) + (rotate_half(k) * sin);
+    k = at::cat({keys[l], k}, -2);
+    v = at::cat({values[l], v}, -2);
+    out[1 + 2 * l] = k;
+    out[2 + 2 * l] = v;
+    at::Tensor query = q, key = k, value = v;
+    OptTensor m = mask;
+    if (gqa == 1) {  // pack_gqa: one query, [B, H, 1, d] -> [B, G, H/G, d]; a per-head mask likewise
+      query = q.reshape({B, q.size(1) / groups, groups, head_dim});
+      if (m.has_value() && m->size(1) != 1) m = m->reshape({B, m->size(1) / groups, groups, m->size(-1)});
+    } else if (gqa == 2) {  // repeat_kv
+      key = k.unsqueeze(2).expand({B, k.size(1), groups, k.size(2), head_dim}).reshape({B, k.size(1) * groups, k.size(2), head_dim});
+      value = v.unsqueeze(2).expand({B, v.size(1), groups, v.size(2), head_dim}).reshape({B, v.size(1) * groups, v.size(2), head_dim});
+    }
+    at::Tensor a = at::scaled_dot_product_attention(query, key, value, m, 0.0, is_causal, scaling, enable_gqa);
+    a = a.reshape({a.size(0), -1, n, value.size(-1)}).transpose(1, 2).contiguous();
+    a = a.reshape({B, n, -1}).contiguous();
+    x = x + products(a, {&p[7].value()}, {&p[8]}, isa)[0];
+    h = rmsnorm(x, *p[9], eps[2 * l + 1]);
+    auto gu = products(h, {&p[10].value(), &p[12].value()}, {&p[11], &p[13]}, isa);
+    x = x + products(at::silu(gu[0]) * gu[1], {&p[14].value()}, {&p[15]}, isa)[0];
+  }
+  out[0] = x;
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(nbdiff, m) {
+  m.def("decoder_layers(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] params, float[] eps, Tensor[] keys, "
+        "Tensor[] values, int head_dim, int groups, int gqa, bool enable_gqa, bool is_causal, float scaling, int isa) -> Tensor[]");
+  m.impl("decoder_layers", c10::DispatchKey::CPU, TORCH_FN(decoder_layers));
+}

