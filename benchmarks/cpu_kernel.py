@@ -7,15 +7,19 @@ Measurements, all with cold caches the way decoding sees them:
      weights' bytes over that time (GB/s). Also whether a product's first row has the bits it has
      alone (torch: not always; the kernel: by construction).
   2. forwards: a real forward of MODEL over a cached context (--context tokens) for 1..24 new
-     tokens in one row (a decoding step, a verify pass of a drafted block) in three
-     configurations: torch's products and transformers' forward; the kernel with transformers'
-     forward; the kernel with the lean forward. The cache is cropped back after each forward, so
-     only the forward is timed (the cache update inside it included). The logits of the lean
-     forward must equal the kernel's bit for bit (column "same bits").
+     tokens in one row (a decoding step, a verify pass of a drafted block) in four
+     configurations: torch's products and transformers' forward ("torch"); the kernel with
+     transformers' forward ("kernel", nbdiff before the lean forward); the lean forward with its
+     layers from Python ("lean-python": fewer calls, q/k/v and gate/up in one kernel call each);
+     the lean forward with its layers in one C++ call ("lean", what nbdiff runs). The cache is
+     cropped back after each forward, so only the forward is timed (the cache update inside it
+     included). The logits of both lean
+     forwards must equal the kernel's bit for bit (last column).
   3. --breakdown: one one-token forward of each kernel configuration under torch.profiler: time in
      the products, in attention, in the other tensor operations, and the rest (Python: module
      calls, argument plumbing, mask and output building), and a streaming read of a 1 GiB tensor
-     for the machine's bandwidth.
+     for the machine's bandwidth. In "lean" the products' share is the C++ call's own time
+     (products plus its glue); the ATen operations it calls are counted apart, as from Python.
 
     python benchmarks/cpu_kernel.py ~/.cache/nbdiff/base-smollm2-135m --threads 2 --breakdown
 """
@@ -31,7 +35,7 @@ import torch
 
 from nbdiff.hardware import cpu_name
 
-CONFIGS = ("torch", "kernel", "lean")
+CONFIGS = ("torch", "kernel", "lean-python", "lean")
 
 
 def timed(fn, repeat: int) -> float:
@@ -79,7 +83,8 @@ def configure(model, config: str, isa: int) -> None:
     for layer in model.modules():
         if hasattr(layer, "_isa"):
             layer._isa = isa
-    if config == "lean" and not fast_forward.install(model):
+    fast_forward.NATIVE = config == "lean"
+    if config.startswith("lean") and not fast_forward.install(model):
         raise SystemExit("the lean forward does not take this model (see nbdiff/cpu_kernel/fast_forward.py)")
 
 
@@ -113,8 +118,8 @@ def forwards(model, rows: list[int], repeat: int, context: int, isa: int, config
             logits[config] = _step(model, ids, cache, context, m)
         if "torch" in logits and "kernel" in logits:
             row["max_logit_diff_kernel_vs_torch"] = float((logits["kernel"] - logits["torch"]).abs().max())
-        if "lean" in logits and "kernel" in logits:
-            row["lean_same_bits_as_kernel"] = torch.equal(logits["lean"], logits["kernel"])
+        if "kernel" in logits and any(c.startswith("lean") for c in logits):
+            row["lean_same_bits_as_kernel"] = all(torch.equal(v, logits["kernel"]) for c, v in logits.items() if c.startswith("lean"))
         out.append(row)
     configure(model, "kernel", isa)
     return out
@@ -136,7 +141,7 @@ def breakdown(model, context: int, repeat: int, isa: int) -> dict:
     weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     groups = {"products": ("nbdiff::",), "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product")}
     out = {}
-    for config in ("kernel", "lean"):
+    for config in ("kernel", "lean-python", "lean"):
         configure(model, config, isa)
         wall = timed(lambda: _step(model, ids, cache, context, 1), repeat)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -189,8 +194,8 @@ def main() -> None:
         raise SystemExit(f"the kernel is {state.reason}")
     rows = [int(r) for r in args.rows.split(",")]
     configs = [c for c in args.configs.split(",") if c]
-    if args.dtype != "fp32" and "lean" in configs:
-        configs.remove("lean")
+    if args.dtype != "fp32":
+        configs = [c for c in configs if not c.startswith("lean")]
     isa = 1 if args.isa == "avx2" else state.isa
     report = {"cpu": cpu_name(), "threads": args.threads, "dtype": args.dtype, "torch": torch.__version__, "kernel": state.reason,
               "isa": ISA_NAMES[isa], "context": args.context,
@@ -207,17 +212,17 @@ def main() -> None:
         for r in report["products"]:
             print(f"{'':36s}{r['rows']:4d} {r['torch_ms']:6.2f} {r['torch_gb_s']:5.1f}  {r['kernel_ms']:6.2f} {r['kernel_gb_s']:5.1f}"
                   f"   {r['torch_row_same_alone']} / {r['kernel_row_same_alone']}")
-    print(f"model forward over {args.context} cached tokens (ms)  rows  " + "  ".join(f"{c:>7s}" for c in configs)
+    print(f"model forward over {args.context} cached tokens (ms)  rows  " + "  ".join(f"{c:>11s}" for c in configs)
           + "  max |logit diff| kernel vs torch  lean's bits = kernel's")
     for r in report["forwards"]:
-        print(f"{'':47s}{r['rows']:4d}  " + "  ".join(f"{r[c + '_ms']:7.2f}" for c in configs)
+        print(f"{'':47s}{r['rows']:4d}  " + "  ".join(f"{r[c + '_ms']:11.2f}" for c in configs)
               + f"  {r.get('max_logit_diff_kernel_vs_torch', float('nan')):.1e}  {r.get('lean_same_bits_as_kernel', '')}")
     if "breakdown" in report:
         b = report["breakdown"]
         print(f"one-token forward, breakdown (ms; weights {b['weights_mb']} MB; a plain read of 1 GiB: {b['streaming_read_gb_s']} GB/s)")
-        for config in ("kernel", "lean"):
+        for config in ("kernel", "lean-python", "lean"):
             r = b[config]
-            print(f"  {config:7s} forward {r['forward_ms']:6.2f} = products {r['products']:6.2f} ({r['products_gb_s']} GB/s)"
+            print(f"  {config:11s} forward {r['forward_ms']:6.2f} = products {r['products']:6.2f} ({r['products_gb_s']} GB/s)"
                   f" + attention {r['attention']:5.2f} + other tensor ops {r['other tensor ops']:5.2f}"
                   f" + Python and the rest {r['python_and_rest_ms']:5.2f}  ({r['ops_per_forward']} ops)")
 
