@@ -27,8 +27,9 @@ from typing import Any, Callable, Iterator, Sequence, Union
 
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
-from nbdiff.loading import context_length, default_block_size, load_model, model_settings
-from nbdiff.decode.options import AUTO, TRAINED, DecodeOptions, auto_drafting, lookup_block_size
+from nbdiff.loading import context_length, dtype_name, load_model, model_settings
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.plan import DraftingPlan, plan_drafting
 
 Message = dict
 PromptLike = Union[str, Sequence[Message]]
@@ -41,6 +42,12 @@ def load(path, quantize: str | None = None, device: str = "auto", dtype: str = "
 
 def resolve_options(model, options: DecodeOptions | None = None, **overrides: Any) -> tuple[DecodeOptions, list[str]]:
     """Options with keyword overrides applied and block_size filled from the model. Returns (options, notes)."""
+    options, _, notes = resolve(model, options, **overrides)
+    return options, notes
+
+
+def resolve(model, options: DecodeOptions | None = None, **overrides: Any) -> tuple[DecodeOptions, DraftingPlan, list[str]]:
+    """`resolve_options` and the drafting plan (nbdiff.decode.plan), resolved once: `stream` passes the plan to decode()."""
     options = options or DecodeOptions()
     known = set(DecodeOptions.field_names())
     unknown = sorted(set(overrides) - known)
@@ -50,20 +57,12 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
         options = options.with_(**overrides)
     settings = model_settings(model)
     notes: list[str] = []
-    trained = _trained_drafter(model, options)  # it needs no mask token of the model's, and has a block size of its own
+    plan = plan_drafting(model, options)  # which drafter, which block size: decided there, once
     if options.block_size is None:
-        if trained is not None:
-            from nbdiff.drafter.decoding import drafter_block_size
-
-            options = options.with_(block_size=drafter_block_size(model, trained))
-        elif settings is not None and options.exact and auto_drafting(options, model).drafter == "ngram":
-            options = options.with_(block_size=lookup_block_size(model))  # lookup drafts: not the diffusion's
-        elif settings is None:
-            options = options.with_(block_size=1)
+        options = options.with_(block_size=plan.block_size)
+        if settings is None and not plan.trained:
             notes.append("this model was never converted: decoding as plain AR (block size 1); run `nbdiff convert` on it for block diffusion")
-        else:
-            options = options.with_(block_size=default_block_size(settings))  # what it was adapted to
-    if settings is None and options.block_size > 1 and trained is None:
+    if settings is None and options.block_size > 1 and not plan.trained:  # a trained drafter needs no mask token of the model's
         raise NBDiffError(
             f"--block-size {options.block_size} needs a converted model (this folder has no mask token)",
             "run `nbdiff convert SOURCE --out DIR` and pass DIR, or use --block-size 1",
@@ -73,20 +72,7 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
             f"block size {options.block_size} is above the block size this model was adapted to "
             f"({settings.adapted_block_size}): expect poor text"
         )
-    return options, notes
-
-
-def _trained_drafter(model, options: DecodeOptions):
-    """The trained drafter exact mode will use (a DecodeOptions.drafter value), or None."""
-    if not options.exact:
-        return None
-    if options.trained_drafter:
-        return options.drafter
-    if options.drafter == AUTO:
-        from nbdiff.drafter.folder import bundled_drafter
-
-        return TRAINED if bundled_drafter(model) is not None else None
-    return None
+    return options, plan, notes
 
 
 def _is_messages(value: Any) -> bool:
@@ -230,13 +216,10 @@ def stream(
     """
     from nbdiff.decode.decoder import decode
 
-    opts, notes = resolve_options(model, options, **overrides)
+    opts, plan, notes = resolve(model, options, **overrides)
     prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
     opts = _fit_context(model, prompts, opts, notes)
-    if opts.exact and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
-        notes.append("exact mode in 16-bit weights: drafts are verified by the model's own causal pass, but a "
-                     "many-token pass rounds differently from one-token steps, so near-ties can differ from plain AR; "
-                     "load with dtype='fp32' for token-identical output")
+    sixteen = dtype_name(model) if str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16") else None
     if session is not None and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
         notes.append("a kept conversation in 16-bit weights: its cached keys/values were computed in passes of other "
                      "shapes than a fresh prefill's and round differently, so a later turn can differ from a fresh call "
@@ -260,16 +243,28 @@ def stream(
         pad_token_id=pad,
         cancel=cancel,
         context=context,
+        plan=plan,
     )
     try:
         for event in with_text(events, tokenizer, eos):
             if isinstance(event, FinalEvent):
-                event.notes = notes + event.notes
+                event.notes = notes + event.notes + _near_tie_note(opts, sixteen, event)
             yield event
     except BaseException:
         if session is not None:
             session.clear()  # a run that stopped half-way may have left the cache mid-pass
         raise
+
+
+def _near_tie_note(opts: DecodeOptions, sixteen: str | None, final: FinalEvent) -> list[str]:
+    """Exact mode in 16-bit weights verifies in that dtype: say what its reply equals (nbdiff.decode.exact)."""
+    if not opts.exact or sixteen is None:
+        return []
+    from nbdiff.decode.exact import NEAR_TIE_ULPS
+
+    return [f"exact mode in {sixteen}: the reply is block size 1's in {sixteen} token for token except after a near-tie "
+            f"(top two logits within {NEAR_TIE_ULPS} ulps, where the two computations may round to different tokens): "
+            f"{final.near_ties} here; load with dtype='fp32' for token-identical output to fp32 AR"]
 
 
 def generate(

@@ -34,10 +34,11 @@ def _split(text: str, kind, flag: str) -> tuple:
 
 
 def _modes(modes: str, exact: Optional[bool], drafter: Optional[str]) -> list[str]:
-    """--modes, with --exact/--no-exact adding or dropping the exact rows and --drafter adding exact-drafter."""
+    """--modes, with --exact/--no-exact adding or dropping the exact rows (--exact: `exact` per block size and
+    `exact-auto`, exact mode as `nbdiff generate --exact` plans it) and --drafter adding exact-drafter."""
     mode_list = list(_split(modes, str, "--modes"))
-    if exact is True and "exact" not in mode_list:
-        mode_list.append("exact")
+    if exact is True:
+        mode_list += [m for m in ("exact", "exact-auto") if m not in mode_list]
     elif exact is False:
         mode_list = [m for m in mode_list if not m.startswith("exact")]
     if drafter is not None and "exact-drafter" not in mode_list:
@@ -63,9 +64,9 @@ def bench(
     thresholds: Annotated[str, typer.Option("--thresholds", help="Confidence thresholds of the nbdiff rows.", rich_help_panel=BENCH)] = "0.9,0.7,0.5",
     exact_thresholds: Annotated[Optional[str], typer.Option("--exact-thresholds", help="Draft thresholds of the exact rows. [default: --thresholds]",
                                                             show_default=False, rich_help_panel=BENCH)] = None,
-    modes: Annotated[str, typer.Option("--modes", help="Decoder modes: nbdiff, exact (diffusion drafts verified by AR), exact-ngram (n-gram drafts), exact-drafter (a trained drafter), lookup (transformers' prompt lookup).",
+    modes: Annotated[str, typer.Option("--modes", help="Decoder modes: nbdiff, exact (diffusion drafts verified by AR), exact-ngram (n-gram drafts), exact-auto (generate --exact: the drafting plan picks drafter and block size), exact-drafter (a trained drafter), lookup (transformers' prompt lookup).",
                                        rich_help_panel=BENCH)] = "nbdiff,exact",
-    exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Add / drop the exact-mode rows (shorthand for --modes).",
+    exact: Annotated[Optional[bool], typer.Option("--exact/--no-exact", help="Add / drop the exact-mode rows (adds exact and exact-auto to --modes).",
                                                   show_default=False, rich_help_panel=BENCH)] = None,
     draft_steps: DraftSteps = None,
     drafter: Annotated[Optional[str], typer.Option("--drafter", help="Trained drafter folder of the exact-drafter rows (adds them); default: the model folder's drafter/.",
@@ -208,6 +209,8 @@ def _method(row: "BenchRow") -> str:
         return "source generate()"
     if row.mode == "lookup":
         return "prompt lookup"
+    if row.mode.startswith("exact") and row.plan:  # the drafter the plan ran (exact-auto: what it chose)
+        return f"{row.mode} ({row.plan.get('kind')})" if row.mode == "exact-auto" else row.mode
     return row.mode
 
 
@@ -227,6 +230,7 @@ def _cells(row: "BenchRow", several_dtypes: bool) -> list[str]:
         _num(row.ar_agreement, ".2f"),
         _num(row.extra.get("identical"), ".2f"),
         _num(row.extra.get("accepted_length"), ".2f"),
+        _num(row.extra.get("near_ties"), ".0f"),
         _num(row.extra.get("drafter_forwards"), ".0f"),
         _num(row.extra.get("speedup_vs_lookup"), ".2f") + ("x" if "speedup_vs_lookup" in row.extra else ""),
         "!" if row.below_ar else "",
@@ -234,10 +238,10 @@ def _cells(row: "BenchRow", several_dtypes: bool) -> list[str]:
 
 
 HEADERS = ["method", "block", "threshold", "tokens", "forwards", "tokens/forward", "tokens/s", "speedup",
-           "gen ppl", "distinct-2", "AR agreement", "identical", "tokens/verify", "drafter forwards", "vs lookup",
+           "gen ppl", "distinct-2", "AR agreement", "identical", "tokens/verify", "near-ties", "drafter forwards", "vs lookup",
            "below AR"]
 SHORT_HEADERS = ["method", "b", "thr", "tokens", "fwd", "tok/fwd", "tok/s", "speedup", "ppl", "dist-2", "AR agr",
-                 "same", "tok/ver", "dr fwd", "vs lkp", "<AR"]
+                 "same", "tok/ver", "ties", "dr fwd", "vs lkp", "<AR"]
 
 
 def render_table(result: "BenchResult"):
@@ -293,7 +297,7 @@ def plot_result(result: "BenchResult", output: Path) -> None:
     cols = min(3, len(suites))
     rows_n = math.ceil(len(suites) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4.6 * cols, 3.8 * rows_n), squeeze=False)
-    markers = {"nbdiff": "o", "exact": "s", "exact-ngram": "^", "exact-drafter": "v", "lookup": "P"}
+    markers = {"nbdiff": "o", "exact": "s", "exact-ngram": "^", "exact-auto": "D", "exact-drafter": "v", "lookup": "P"}
     colours = {}
     several = len(result.machine.get("dtypes", [])) > 1
     try:

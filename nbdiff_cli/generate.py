@@ -72,13 +72,13 @@ def generate(
         payload.update(dtype=dtype_name(mdl), dtype_reason=choice.reason if choice else None)
         kernel = getattr(mdl, "_nbdiff_cpu_kernel", None)  # nbdiff.cpu_kernel: set by load_model on the CPU
         payload.update(cpu_kernel=kernel.reason if kernel else None)
+        payload.update(plan=final.plan)  # which drafter, which block size, and why (nbdiff.decode.plan)
         if options.exact:  # the drafter that ran, what the verification kept: tokens per block, accepted per offset
-            from nbdiff.decode.options import auto_drafting
-
-            payload.update(drafter=auto_drafting(options, mdl).to_dict()["drafter"],
+            payload.update(drafter=final.plan.get("drafter"),
                            accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
                            accepted=final.accepted, accepted_at=final.accepted_at,
-                           drafter_forwards=final.drafter_forwards)  # `forwards` counts the AR model's only
+                           drafter_forwards=final.drafter_forwards,  # `forwards` counts the AR model's only
+                           near_ties=final.near_ties)  # kept tokens decided by a near-tie (nbdiff.decode.exact)
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return
     console.out("")

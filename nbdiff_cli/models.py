@@ -56,6 +56,11 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     With `exact`, `--dtype auto` loads fp32: exact mode promises AR's tokens, and in bf16 a
     verification pass over a block rounds differently from one-token steps, so near-ties flip
     (measured on SmolLM2: 2 of 6 replies identical in bf16, 6 of 6 in fp32; docs/benchmarks/bf16-cpu.md).
+    On a CPU without native bf16 fp32 is the fast dtype anyway; on one with AVX512-BF16 bf16 would be
+    faster, but exact mode in bf16 under auto waits for a measurement there that its replies keep block
+    size 1's (none was possible on the machines this was written on). An explicit `--dtype bf16 --exact`
+    verifies in bf16: its reply is block size 1's in bf16 except after a near-tie, which it counts
+    (FinalEvent.near_ties, nbdiff.decode.exact).
     With `served` (nbdiff serve) on a CPU it loads fp32 too: a batched greedy reply must equal the
     lone one, and bf16 rows do not keep their bits beside others (12 of 16 replies identical with
     torch's bf16 products, 14 of 16 with nbdiff's kernel).

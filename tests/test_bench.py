@@ -152,6 +152,31 @@ def test_exact_mode_rows_agree_with_ar_when_the_decoder_has_it(tmp_path):
         assert 1.0 <= row.extra["accepted_length"] <= 4.0 and 0.0 <= row.extra["draft_acceptance"] <= 1.0
 
 
+def test_exact_rows_report_the_drafting_plan_and_near_ties(tmp_path, monkeypatch):
+    """`bench --exact` adds `exact-auto` (exact mode as `generate --exact` plans it, whatever --block-sizes says):
+    its row names the plan's drafter and block size; every exact row counts near-ties."""
+    from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL
+    from nbdiff.drafter.folder import REGISTRY_ENV
+
+    monkeypatch.setenv(REGISTRY_ENV, str(tmp_path / "no-registry"))
+    model = converted_folder(tmp_path / "m", block_size=4)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Hello there, hello there\n")
+    args = ["bench", str(model), "--prompts", str(prompts), "--block-sizes", "1", "--modes", "nbdiff", "--exact", "-n", "8",
+            "--no-warmup", "--device", "cpu", "--dtype", "fp32"]
+    result = runner.invoke(app, args + ["--json"])
+    assert result.exit_code == 0, result.output
+    rows = {r["mode"]: r for r in (json.loads(line) for line in result.stdout.splitlines()[1:])}
+    assert set(rows) == {"ar", "nbdiff", "exact-auto"}  # `exact` needs a block size above 1: none asked
+    auto = rows["exact-auto"]
+    assert auto["plan"]["kind"] == "ngram" and auto["block_size"] == auto["plan"]["block_size"]
+    assert auto["block_size"] in (LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL) and auto["plan"]["why"]
+    assert auto["extra"]["identical"] == 1.0 and auto["extra"]["near_ties"] >= 0
+    assert rows["nbdiff"]["plan"]["kind"] == "off" and rows["ar"]["plan"] is None
+    table = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert table.exit_code == 0 and "exact-auto (ngram)" in table.stdout and "ties" in table.stdout
+
+
 # prompts files and suites -------------------------------------------------------------------
 
 

@@ -144,12 +144,12 @@ def test_ngram_drafter_is_exact_and_finds_repeats():
 def test_default_drafting_is_lookup_and_never_below_one_token_per_forward(model):
     """'auto' drafts by n-gram lookup (no draft forward), by diffusion when draft_steps is given; the
     lookup's replies equal AR's at one token per forward or more, diffusion's spend denoising forwards."""
-    from nbdiff.decode.options import auto_drafting
+    from nbdiff.decode.plan import plan_drafting
 
     assert DecodeOptions().drafter == "auto"
-    assert auto_drafting(DecodeOptions(exact=True)).drafter == "ngram"
-    assert auto_drafting(DecodeOptions(exact=True, draft_steps=1)).drafter == "diffusion"
-    assert auto_drafting(DecodeOptions(exact=True, drafter="diffusion")).draft_steps is None  # multi-step, by flag
+    assert plan_drafting(model, DecodeOptions(exact=True, block_size=8)).kind == "ngram"
+    assert plan_drafting(model, DecodeOptions(exact=True, block_size=8, draft_steps=1)).kind == "diffusion"
+    assert DecodeOptions(exact=True, drafter="diffusion").draft_steps is None  # multi-step, by flag
     repeats = [5, 17, 33, 80] * 3
     for prompt in PROMPTS + [repeats]:
         final = run(model, [prompt], block_size=8, max_new_tokens=16)[-1]

@@ -45,8 +45,9 @@ from nbdiff.decode.context import CachedContext, Prefix
 from nbdiff.decode.drafters import ngram_draft
 from nbdiff.errors import NBDiffError
 from nbdiff.decode.events import BlockEvent, Event, FinalEvent, StepEvent
-from nbdiff.decode.exact import verify_greedy, verify_sampled
-from nbdiff.decode.options import DecodeOptions, auto_drafting
+from nbdiff.decode.exact import near_ties, verify_greedy, verify_sampled
+from nbdiff.decode.options import DecodeOptions
+from nbdiff.decode.plan import NGRAM, DraftingPlan, plan_drafting
 from nbdiff.decode.sampling import choose, confidence, select_commits
 
 __all__ = ["CachedContext", "decode"]
@@ -91,6 +92,8 @@ class Stats:
     accepted: int = 0
     accepted_at: list[int] = field(default_factory=list)
     """accepted_at[k]: row-blocks whose draft token at offset k + 1 was accepted."""
+    near_ties: int = 0
+    """Greedy verification: kept tokens whose top two logits were within the dtype's rounding (nbdiff.decode.exact)."""
 
 
 def _eos_set(eos_token_ids) -> set[int]:
@@ -106,12 +109,12 @@ class Decoding:
 
     def __init__(self, model, prompts, options: DecodeOptions, *, mask_token_id: int, eos_token_ids,
                  pad_token_id: int, cancel: threading.Event | None, context: CachedContext | None,
-                 prefix: Prefix | None = None):
-        options = auto_drafting(options, model)
+                 prefix: Prefix | None = None, plan: DraftingPlan | None = None):
         b = options.block_size
         if b is None:
             raise NBDiffError("decode() needs options.block_size", "pass block_size or load a converted model")
-        drafts_alone = options.exact and (options.drafter == "ngram" or options.trained_drafter)
+        self.plan = plan if plan is not None else plan_drafting(model, options)  # what drafts: decided there only
+        drafts_alone = self.plan.kind == NGRAM or self.plan.trained
         if b > 1 and (mask_token_id is None or mask_token_id < 0) and not drafts_alone:
             raise NBDiffError(
                 f"block size {b} needs a mask token, and this model has none",
@@ -144,19 +147,19 @@ class Decoding:
         self.stats = Stats(accepted_at=[0] * max(b - 1, 0))
         self.last_logits: torch.Tensor | None = None  # [B, V] logits that give the next block's first token
         self.first: tuple[list[int], list[float]] | None = None  # exact mode: next first tokens, decided by verification
-        self.trained = self._trained_drafting(model) if options.exact and options.trained_drafter else None
+        self.trained = self._trained_drafting() if self.plan.trained else None
         self.ctx.keep_hidden_states = self.trained is not None
         if self.trained is None:  # a drafter's cache kept from an earlier call would stop following this one
             self.ctx.followers = {}
 
-    def _trained_drafting(self, model):
-        """Exact mode's trained drafter (nbdiff.drafter.decoding): loaded once per model, its cache on the context."""
-        from nbdiff.drafter.decoding import TrainedDrafting, resolve_drafter
+    def _trained_drafting(self):
+        """Exact mode's trained drafter (nbdiff.drafter.decoding): the plan's, its cache on the context."""
+        from nbdiff.drafter.decoding import TrainedDrafting
 
-        drafter, lookup = resolve_drafter(model, self.options.drafter)
+        drafter = self.plan.drafter
         if self.mask_id is None or self.mask_id < 0:  # a plain AR model: the block's filler is the drafter's mask
             self.mask_id = drafter.config.mask_token_id
-        return TrainedDrafting(drafter, self.ctx, lookup=lookup, draft_threshold=self.options.draft_threshold)
+        return TrainedDrafting(drafter, self.ctx, lookup=self.plan.lookup_first, draft_threshold=self.plan.draft_threshold)
 
     # ---- small helpers ---------------------------------------------------------------------
 
@@ -280,7 +283,7 @@ class Decoding:
         """Exact mode's drafts made before the block opens: per row up to width - 1 tokens (and their
         confidences) from the n-gram lookup or the trained drafter; None = the block's denoising drafts it."""
         o = self.options
-        if not o.exact or not (self.trained is not None or o.drafter == "ngram"):
+        if not o.exact or not (self.trained is not None or self.plan.kind == NGRAM):
             return None
         histories = [None if self.done(i) or first[i] in self.eos else self.prompts[i] + self.produced[i] + [first[i]]
                      for i in range(len(first))]
@@ -368,13 +371,16 @@ class Decoding:
             checks_t = torch.tensor(checks, device=self.ctx.device)
             if self.options.temperature == 0:
                 acc, nxt, dist = verify_greedy(logits, block.tokens, checks_t)
+                ties = near_ties(logits, acc, self.ctx.model.dtype)  # [B]: kept tokens decided by a near-tie
             else:
                 o = self.options
                 acc, nxt, dist = verify_sampled(logits, block.tokens, checks_t, temperature=o.temperature,
                                                 top_k=o.top_k, top_p=o.top_p, generator=self.generator)
+                ties = torch.zeros_like(acc)  # sampled tokens: no argmax to tie
             conf = confidence(dist, nxt, self.options.confidence)
-            packed = torch.stack([acc.float(), nxt.float(), conf]).cpu()  # the pass's one host round trip
+            packed = torch.stack([acc.float(), nxt.float(), conf, ties.float()]).cpu()  # the pass's one host round trip
             accepted = [int(a) for a in packed[0]]
+            self.stats.near_ties += sum(int(t) for t, limit in zip(packed[3], block.limit) if limit)
             kept = [accepted[i] + 1 if block.limit[i] else 0 for i in range(B)]
             self.ctx.keep_last(n, kept)
             self.first = ([int(t) for t in packed[1]], packed[2].tolist())
@@ -407,6 +413,7 @@ class Decoding:
             drafted=s.drafted, accepted=s.accepted, accepted_at=list(s.accepted_at), verified_blocks=s.verified,
             accepted_length=(s.verified + s.accepted) / s.verified if s.verified else 0.0,
             reused_tokens=self.ctx.reused, drafter_forwards=self.trained.forwards if self.trained is not None else 0,
+            near_ties=s.near_ties, plan=self.plan.to_dict(),
         )
 
 
@@ -420,16 +427,18 @@ def decode(
     pad_token_id: int = 0,
     cancel: threading.Event | None = None,
     context: CachedContext | None = None,
+    plan: DraftingPlan | None = None,
 ) -> Iterator[Event]:
     """Decode a batch of token-id prompts; yields StepEvent / BlockEvent records, then one FinalEvent.
 
     `options.block_size` must be set (the API fills it from the model folder). Setting `cancel` stops
     before the next forward pass. `context`: a CachedContext to continue (chat keeps one across
-    turns; its cached prefix shared with the new prompt is not computed again).
+    turns; its cached prefix shared with the new prompt is not computed again). `plan`: the drafting
+    plan resolved by the caller (nbdiff.api.stream); None resolves it here (nbdiff.decode.plan).
     """
     run = Decoding(model, prompts, options, mask_token_id=mask_token_id, eos_token_ids=eos_token_ids,
-                   pad_token_id=pad_token_id, cancel=cancel, context=context)
-    o = run.options  # the drafter resolved ('auto')
+                   pad_token_id=pad_token_id, cancel=cancel, context=context, plan=plan)
+    o = run.options
     run.last_logits = run.ctx.prefill()  # [B, V]
     while True:
         first, first_conf = run.first_tokens()

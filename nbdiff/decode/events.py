@@ -102,6 +102,11 @@ class FinalEvent:
     """Prompt tokens served from a kept cache (chat's next turn) instead of being computed again."""
     drafter_forwards: int = 0
     """Exact mode with a trained drafter: its forwards (`forwards` counts the AR model's only)."""
+    near_ties: int = 0
+    """Greedy exact mode: kept tokens whose top two logits were within the dtype's rounding
+    (nbdiff.decode.exact.near_ties); a reply with none is block size 1's reply in the same dtype."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """The drafting plan that ran (nbdiff.decode.plan.DraftingPlan.to_dict: drafter, kind, block size, why)."""
     kind: str = "final"
 
 

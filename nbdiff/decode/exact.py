@@ -15,6 +15,15 @@ p_j of the token at offset j + 1. Drafted tokens are checked left to right again
 
 Either way the token after the accepted prefix (AR's correction, or the bonus token after a
 fully accepted draft) comes from the same pass and becomes the next block's first token.
+
+What "the AR output" means per dtype. In fp32 nbdiff's CPU products give a row the same bits whatever
+shares its product, so greedy exact output equals block size 1's token for token (tests/test_exact.py).
+In bf16/fp16 a verify pass of n tokens rounds unlike n one-token steps, so a position's logits differ
+from block size 1's by a few units in the last place (ulps). Greedy exact output then equals block
+size 1's *in the same dtype* up to the first near-tie: a kept token whose top two logits were within
+NEAR_TIE_ULPS ulps of the dtype at the top logit's magnitude, where the other computation may pick the
+runner-up. `near_ties` counts them (FinalEvent.near_ties; vLLM and SGLang report the same kind of
+count for speculative decoding): a reply with none is block size 1's reply.
 """
 
 from __future__ import annotations
@@ -60,3 +69,24 @@ def verify_sampled(logits: torch.Tensor, block: torch.Tensor, checks: torch.Tens
         dist = torch.where(rejected[:, None], residual, dist)
     nxt = torch.multinomial(dist, 1, generator=generator)[:, 0]
     return accepted, nxt, dist
+
+
+NEAR_TIE_ULPS = 4
+"""A kept token is a near-tie when its top two logits are at most this many ulps apart (ulps of the
+model's dtype at the top logit's magnitude). Measured: bf16 verify passes against one-token steps differ by
+at most ... (docs/benchmarks/exact-mode.md, "Exact mode in the model's own dtype")."""
+
+
+def near_ties(logits: torch.Tensor, accepted: torch.Tensor, dtype: torch.dtype, ulps: float = NEAR_TIE_ULPS) -> torch.Tensor:
+    """Per row, how many of the pass's positions 0..accepted[i] (the ones whose argmax gave a kept token:
+    the accepted drafts and the token after them) had top-2 logits within `ulps` ulps of `dtype`.
+
+    logits [B, n, V] of the verify pass, accepted [B]. Returns [B] long.
+    """
+    top = logits.topk(2, dim=-1).values.float()  # [B, n, 2]
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    tiny = torch.finfo(torch.float32).tiny
+    ulp = eps * torch.exp2(torch.floor(torch.log2(top[..., 0].abs().clamp_min(tiny))))  # [B, n]: one ulp at top1
+    near = (top[..., 0] - top[..., 1]) <= ulps * ulp  # [B, n]
+    upto = torch.arange(logits.shape[1], device=logits.device)[None] <= accepted[:, None]  # [B, n]
+    return (near & upto).sum(1)

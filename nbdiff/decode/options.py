@@ -15,7 +15,8 @@ from nbdiff.method.settings import check_block_size
 CONFIDENCE_RULES = ("prob", "entropy", "margin")
 DRAFTERS = ("auto", "diffusion", "ngram")
 AUTO = "auto"
-"""--drafter value: exact mode's default, resolved by `auto_drafting` (the cheapest drafting measured to pay)."""
+"""--drafter value: exact mode's default, resolved by `nbdiff.decode.plan.plan_drafting` (the cheapest drafting
+measured to pay: the folder's or a shipped drafter after lookup, else lookup)."""
 TRAINED = "trained"
 """--drafter value: the trained drafter in the model folder's drafter/ subfolder."""
 LOOKUP = "lookup+"
@@ -50,7 +51,7 @@ class DecodeOptions:
     draft_steps: int | None = None
     """Exact mode: at most this many denoising forwards per draft (1 = one-shot; None = until filled)."""
     drafter: Any = "auto"
-    """Exact mode: 'auto' (`auto_drafting`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in
+    """Exact mode: 'auto' (`nbdiff.decode.plan`), 'diffusion' (the block's denoising steps), 'ngram' (lookup in
     prompt and reply), a trained drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
     exact mode on), or 'lookup+' before one of those: lookup when it finds a match, the drafter otherwise."""
     draft_threshold: float = 0.05
@@ -120,28 +121,6 @@ class DecodeOptions:
     @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
-
-
-def auto_drafting(options: DecodeOptions, model=None) -> DecodeOptions:
-    """Exact mode's drafting when `drafter` is 'auto': the cheapest one measured to pay on the model.
-
-    - the trained drafter the model folder brings along (its drafter/ subfolder), after prompt lookup
-      ('lookup+trained': lookup where its match has 2+ tokens, the drafter elsewhere);
-    - `draft_steps` given: diffusion drafts of at most that many denoising forwards (what was asked);
-    - otherwise the n-gram drafter. It needs no draft forward, so every verification pass gives at
-      least one token (never fewer tokens per forward than block size 1), while a diffusion draft
-      costs one forward more per block and, on the models shipped today, keeps about one drafted
-      token: 1.27 against 1.00 tokens per forward, docs/benchmarks/exact-mode.md "Exact mode's default drafter".
-    Any other choice comes back as it is; multi-step diffusion drafting is `drafter='diffusion'`.
-    """
-    if not isinstance(options.drafter, str) or options.drafter != AUTO:
-        return options
-    if options.exact and model is not None:
-        from nbdiff.drafter.folder import bundled_drafter
-
-        if bundled_drafter(model) is not None:  # lookup first: 1.54 vs 1.23 tokens per verify alone (docs/benchmarks/drafter.md)
-            return options.with_(drafter=LOOKUP + TRAINED)
-    return options.with_(drafter="diffusion" if options.draft_steps is not None else "ngram")
 
 
 LOOKUP_BLOCK_SIZE = 2

@@ -41,7 +41,7 @@ import torch
 
 from nbdiff.decode.drafters import ngram_match
 from nbdiff.decode.options import LOOKUP, TRAINED
-from nbdiff.drafter.folder import bundled_drafter, folder_block_size, load_drafter
+from nbdiff.drafter.folder import bundled_drafter, load_drafter
 from nbdiff.drafter.model import Drafter, FeatureCache
 from nbdiff.errors import NBDiffError
 
@@ -69,24 +69,17 @@ def drafter_path(model, part: Any) -> Path:
     return Path(part).expanduser()
 
 
-def resolve_drafter(model, spec: Any) -> tuple[Drafter, bool]:
-    """(the Drafter for this model, lookup first?) from a DecodeOptions.drafter value; loaded once per model."""
-    lookup, part = split_spec(spec)
+def loaded_drafter(model, part: Any) -> Drafter:
+    """The Drafter named by `part` ('trained', a folder, or a loaded Drafter) for this model; a folder loads once per model.
+
+    Called by the drafting plan (nbdiff.decode.plan), which decides which drafter runs."""
     if isinstance(part, Drafter):
-        return part, lookup
+        return part
     path = str(drafter_path(model, part).resolve())
     per_model = _LOADED.setdefault(model, {})
     if path not in per_model:
         per_model[path] = load_drafter(path, model)
-    return per_model[path], lookup
-
-
-def drafter_block_size(model, spec: Any) -> int:
-    """The block size a drafter was trained for (the default block size of a plain AR model with one)."""
-    _, part = split_spec(spec)
-    if isinstance(part, Drafter):
-        return part.config.block_size
-    return folder_block_size(drafter_path(model, part))
+    return per_model[path]
 
 
 @dataclass

@@ -3,7 +3,9 @@
 config.json is a Qwen3-style config as DFlash's published drafters carry it (`architectures:
 ["DFlashDraftModel"]`, the layer shape, `block_size`, `num_target_layers`, `dflash_config:
 {target_layer_ids, mask_token_id}`) plus an `nbdiff_drafter` section, the `DrafterConfig`, which
-names the AR model. A model folder that holds a `drafter/` subfolder brings its drafter along.
+names the AR model. A model folder that holds a `drafter/` subfolder brings its drafter along, and
+nbdiff ships drafters under `assets/drafters/<name>/`, found for a model by its fingerprint
+(`shipped_drafter`); which one runs is decided by the drafting plan (nbdiff.decode.plan).
 A DFlash checkpoint (its config.json without our section) loads too, for the AR model it drafts
 for (`from_dflash`): plain DFlashDraftModel drafters (full attention, unscaled RoPE); its AR model
 is not named there, so only the width and the layer count are checked.
@@ -106,6 +108,48 @@ def bundled_drafter(model) -> Path | None:
     return find_drafter(model_folder(model))
 
 
+REGISTRY_ENV = "NBDIFF_DRAFTERS_DIR"
+"""Environment variable naming another folder of shipped drafters (tests, a site's own collection)."""
+
+
+def shipped_drafters_dir() -> Path:
+    """The registry of drafters nbdiff ships: `assets/drafters/<name>/`, each a drafter folder ($NBDIFF_DRAFTERS_DIR overrides)."""
+    import os
+
+    from nbdiff.resources import asset_path
+
+    where = os.environ.get(REGISTRY_ENV)
+    return Path(where).expanduser() if where else asset_path("drafters", must_exist=False)
+
+
+def shipped_drafter(model, registry=None) -> Path | None:
+    """The shipped drafter trained for this model, found by the model's weights, not its name or folder.
+
+    A drafter folder's config records `fingerprint(model)` of the AR model it was trained on (signs of
+    a fixed sample of the embedding and LM head: the same in fp32, bf16 and fp16 copies, and with a
+    mask token's row added by `nbdiff convert`). A drafter of the registry matches when that
+    fingerprint is this model's and `check_pair` accepts it (architecture, width, layer count, token
+    ids in range). The first match in name order wins; None when the registry has none.
+    """
+    root = Path(registry).expanduser() if registry is not None else shipped_drafters_dir()
+    if not root.is_dir():
+        return None
+    mine = None
+    for folder in sorted(p for p in root.iterdir() if is_drafter_folder(p)):
+        try:
+            section = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(SECTION) or {}
+            if not section.get("target_fingerprint"):
+                continue  # a DFlash checkpoint names no AR model: never picked by fingerprint
+            mine = mine or fingerprint(model)
+            if section["target_fingerprint"] != mine:
+                continue
+            check_pair(DrafterConfig.from_dict(section), model, where=f"drafter {folder}")
+        except (OSError, ValueError, NBDiffError):
+            continue  # another model's drafter, or one this nbdiff cannot read: not this model's
+        return folder
+    return None
+
+
 def _read_config_json(path) -> dict:
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -124,11 +168,6 @@ def read_drafter_config(path, ar_model=None) -> DrafterConfig:
     if ar_model is None:
         raise NBDiffError(f"{path} is a DFlash checkpoint: it is read together with its AR model", "load it with load_drafter")
     return from_dflash(data, ar_model, str(path))
-
-
-def folder_block_size(path) -> int:
-    """The block size a drafter folder was trained for (DFlash's and ours sit at the top of config.json)."""
-    return int(_read_config_json(path).get("block_size", 16))
 
 
 def from_dflash(data: dict, ar_model, where: str = "the checkpoint") -> DrafterConfig:

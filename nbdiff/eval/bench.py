@@ -10,12 +10,17 @@ Rows of one run (per dtype, all against the same prompts and weights):
   the replies are the ones a user gets (chat template, EOS honoured);
 - `exact`, `exact-ngram`: the decoder's exact mode (drafts verified by the AR pass) with the
   diffusion or the n-gram drafter, when this version of the decoder has it (`available_modes()`);
-- `exact-drafter`: exact mode with a trained drafter (`BenchConfig.drafter`, or the model folder's
-  drafter/), one row per block size and verify-width threshold; it brings the `lookup` row along:
+- `exact-auto`: exact mode as `nbdiff generate --exact` runs it: the drafting plan decides the drafter
+  and the block size (nbdiff.decode.plan: the folder's drafter/, a shipped drafter found by the model's
+  fingerprint, else prompt lookup), one row per dtype whatever the block sizes asked;
+- `exact-drafter`: exact mode with a trained drafter (`BenchConfig.drafter`, or the one the drafting
+  plan finds), one row per block size and verify-width threshold; it brings the `lookup` row along:
   transformers' own prompt-lookup decoding (`generate(prompt_lookup_num_tokens=...)`), the lossless
   speed-up a user has without nbdiff. Extras: tokens per verify (`accepted_length`), drafter
-  forwards (the `forwards` column counts the AR model's), speed against the `lookup` row, and the
-  share of replies identical to the `ar` row's.
+  forwards (the `forwards` column counts the AR model's), speed against the `lookup` row, the
+  share of replies identical to the `ar` row's, and `near_ties` (kept tokens whose top two logits
+  were within the dtype's rounding: nbdiff.decode.exact). Every decoder row carries the drafting plan
+  that ran (`BenchRow.plan`: drafter, kind, block size, why).
 
 Timing: one prompt at a time (batch 1: no padding, and a row's time is not set by the slowest
 prompt of a batch), after one warm-up decode per row, model loading excluded; each prompt's time
@@ -50,8 +55,8 @@ from nbdiff.resources import bench_suites_dir
 
 SUITES_DIR = bench_suites_dir()
 """Where the shipped suites live (one `NAME.jsonl` per suite)."""
-MODES = ("ar", "source", "lookup", "nbdiff", "exact", "exact-ngram", "exact-drafter")
-DECODER_MODES = ("nbdiff", "exact", "exact-ngram", "exact-drafter", "lookup")
+MODES = ("ar", "source", "lookup", "nbdiff", "exact", "exact-ngram", "exact-auto", "exact-drafter")
+DECODER_MODES = ("nbdiff", "exact", "exact-ngram", "exact-auto", "exact-drafter", "lookup")
 """What --modes takes (`lookup` is transformers' prompt lookup, a baseline like `ar`)."""
 PPL_MARGIN = 1.10
 DISTINCT_MARGIN = 0.05
@@ -155,7 +160,7 @@ def available_modes() -> list[str]:
     if "exact" in names:
         modes.append("exact")
         if "drafter" in names:
-            modes.append("exact-ngram")
+            modes += ["exact-ngram", "exact-auto"]
         if "draft_threshold" in names:
             modes.append("exact-drafter")
     return modes + ["lookup"]
@@ -191,7 +196,7 @@ class BenchConfig:
     exact_thresholds: tuple[float, ...] | None = None
     """Draft thresholds of the exact rows (None = `thresholds`); exact output does not depend on them."""
     drafter: str | None = None
-    """Trained drafter folder of the exact-drafter rows (None = the model folder's drafter/)."""
+    """Trained drafter folder of the exact-drafter rows (None = the drafting plan's: the folder's drafter/ or a shipped one)."""
     draft_thresholds: tuple[float, ...] = field(default_factory=lambda: (_default_draft_threshold(),))
     """Verify-width thresholds of the exact-drafter rows (0 = verify the whole block; default: DecodeOptions')."""
     lookup_tokens: int = 10
@@ -232,11 +237,14 @@ class RowSpec:
     mode: str
     dtype: str
     block_size: int = 1
+    """0 for `exact-auto`: the drafting plan's."""
     threshold: float | None = None
 
     @property
     def label(self) -> str:
         if self.mode in ("ar", "source", "lookup"):
+            return f"{self.dtype} {self.mode}"
+        if self.mode == "exact-auto":
             return f"{self.dtype} {self.mode}"
         thr = "" if self.threshold is None else f" t={self.threshold:g}"
         return f"{self.dtype} {self.mode} b={self.block_size}{thr}"
@@ -252,6 +260,9 @@ def plan_rows(config: BenchConfig, dtypes: Sequence[str], has_source: bool, mode
         if "lookup" in modes or "exact-drafter" in modes:
             specs.append(RowSpec("lookup", dtype))
         for mode in modes:
+            if mode == "exact-auto":  # the plan picks the block size: one row
+                specs.append(RowSpec(mode, dtype, 0))
+                continue
             for b in config.block_sizes:
                 if mode == "exact-drafter" and b > 1:
                     specs += [RowSpec(mode, dtype, b, t) for t in config.draft_thresholds]
@@ -284,6 +295,8 @@ class Sample:
     nll: float = float("nan")
     extra: dict[str, float] = field(default_factory=dict)
     """Exact-mode counts of the decoder's final record (drafted, accepted, verified blocks, per offset)."""
+    plan: dict[str, Any] = field(default_factory=dict)
+    """The drafting plan of a decoder row (FinalEvent.plan)."""
 
 
 @dataclass
@@ -307,6 +320,8 @@ class BenchRow:
     ar_agreement: float
     below_ar: bool
     extra: dict[str, float] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    """Decoder rows: the drafting plan that ran (nbdiff.decode.plan: drafter, kind, block size, why)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -405,6 +420,8 @@ def _sync(model) -> None:
 def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
     from nbdiff.decode.options import DecodeOptions
 
+    if spec.mode == "exact-auto":  # `nbdiff generate --exact`: drafter and block size from the plan
+        return DecodeOptions(exact=True, max_new_tokens=max_new_tokens, temperature=0.0)
     values: dict[str, Any] = dict(block_size=spec.block_size, sub_blocks=min(config.sub_blocks, spec.block_size),
                                   max_new_tokens=max_new_tokens, temperature=0.0)
     if spec.threshold is not None:
@@ -425,7 +442,7 @@ def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
 def _final_extras(final) -> dict[str, float]:
     """Exact-mode counts of a FinalEvent (absent from decoders without exact mode): summable per suite."""
     out: dict[str, float] = {}
-    for name in ("drafted", "accepted", "verified_blocks", "drafter_forwards"):
+    for name in ("drafted", "accepted", "verified_blocks", "drafter_forwards", "near_ties"):
         value = getattr(final, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
@@ -454,7 +471,7 @@ class _Runner:
         _, final = api.generate(model, tok, prompt, _decode_options(spec, self.config, max_new_tokens))
         _sync(model)
         return Sample("", prompt_ids, list(final.tokens[0]), forwards=final.forwards, seconds=final.seconds,
-                      extra=_final_extras(final))
+                      extra=_final_extras(final), plan=dict(getattr(final, "plan", None) or {}))
 
     def timed(self, spec: RowSpec, prompt: BenchPrompt) -> Sample:
         runs = [self.once(spec, prompt.prompt, self.config.max_new_tokens) for _ in range(self.config.repeats)]
@@ -529,9 +546,6 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     missing = [m for m in config.modes if m not in modes]
     if missing:
         notes.append(f"this decoder has no {', '.join(missing)} mode: those rows are skipped")
-    if "exact-drafter" in modes:
-        config, found = _with_drafter(config, model_path, notes)
-        modes = modes if found else [m for m in modes if m != "exact-drafter"]
     source = source_folder(model_path)
     # load every dtype's model (and source model) up front so the rows of a prompt run back to back
     models: dict[str, tuple[Any, Any]] = {}
@@ -548,6 +562,9 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     if source is not None:
         notes.append(f"source AR model: {source}")
     dtypes = list(models)
+    if "exact-drafter" in modes:
+        config, found = _with_drafter(config, next(iter(models.values()))[0], notes)
+        modes = modes if found else [m for m in modes if m != "exact-drafter"]
     specs = plan_rows(config, dtypes, source is not None, modes)
     runner = _Runner(models, sources, config)
     machine = machine_info(models, config, str(model_path))
@@ -578,13 +595,18 @@ def run_bench(model_path: str | Path, prompts: Sequence[BenchPrompt], config: Be
     return BenchResult(machine, rows, notes, samples, suites)
 
 
-def _with_drafter(config: BenchConfig, model_path, notes: list[str]) -> tuple[BenchConfig, bool]:
-    """The exact-drafter rows' drafter: --drafter, else the model folder's drafter/ (else the rows are skipped)."""
+def _with_drafter(config: BenchConfig, model, notes: list[str]) -> tuple[BenchConfig, bool]:
+    """The exact-drafter rows' drafter: --drafter, else the one the drafting plan finds for `model` (the
+    folder's drafter/, a shipped one with its fingerprint); else the rows are skipped."""
     from dataclasses import replace
 
-    from nbdiff.drafter.folder import find_drafter
+    from nbdiff.decode.options import DecodeOptions
+    from nbdiff.decode.plan import plan_drafting
 
-    folder = config.drafter or find_drafter(Path(model_path).expanduser())
+    folder = config.drafter
+    if folder is None:
+        plan = plan_drafting(model, DecodeOptions(exact=True, block_size=1))
+        folder = plan.source if plan.trained else None
     if folder is None:
         notes.append("no trained drafter (pass --drafter DIR, or put one in the model folder's drafter/): "
                      "exact-drafter rows skipped")
@@ -632,8 +654,11 @@ def aggregate(samples: dict[RowSpec, list[Sample]], suites: Sequence[str]) -> li
             if spec.mode == "ar":
                 ar_replies[spec.dtype] = replies
             reference = ar_replies.get(spec.dtype)
+            plan = chosen[0].plan or None  # every prompt of a row runs the same plan
             row = BenchRow(
-                suite=suite, mode=spec.mode, dtype=spec.dtype, block_size=spec.block_size, threshold=spec.threshold,
+                suite=suite, mode=spec.mode, dtype=spec.dtype,
+                block_size=plan["block_size"] if plan and spec.mode == "exact-auto" else spec.block_size,
+                threshold=spec.threshold, plan=plan,
                 prompts=len(chosen), new_tokens=tokens, forwards=forwards,
                 tokens_per_forward=tokens / forwards if forwards else float("nan"),
                 seconds=seconds, tokens_per_second=tokens / seconds if seconds > 0 else float("nan"),
@@ -690,6 +715,7 @@ def _exact_figures(chosen: Sequence[Sample]) -> dict[str, float]:
     out = {"accepted_length": (blocks + sums.get("accepted", 0.0)) / blocks,
            "draft_acceptance": sums.get("accepted", 0.0) / sums["drafted"] if sums.get("drafted") else float("nan"),
            "verified_blocks": blocks}
+    out["near_ties"] = sums.get("near_ties", 0.0)  # kept tokens decided by a near-tie (nbdiff.decode.exact)
     if sums.get("drafter_forwards"):  # a trained drafter's forwards, apart from the AR forwards of the row
         out["drafter_forwards"] = sums["drafter_forwards"]
         out["checked_per_verify"] = sums.get("drafted", 0.0) / blocks  # draft tokens a verify checks (its width - 1)

@@ -1,0 +1,136 @@
+"""The drafting plan: which drafter drafts, at which block size, and why, decided once per decoding call.
+
+`plan_drafting(model, options)` is the one place that reads `DecodeOptions.drafter` and the model's
+folders; `nbdiff.api.stream` resolves a plan and passes it to `decode()`, which asks it (a bare
+`decode()` call without one resolves its own). Exact mode's drafter, in order:
+
+    --drafter DIR / 'trained' / a loaded Drafter   that drafter ('lookup+' before it: prompt lookup first)
+    --drafter diffusion / ngram                    as named
+    --drafter auto (exact mode's default):
+        the model folder's drafter/ subfolder      after prompt lookup ('lookup+trained')
+        a shipped drafter for this model           found by the model's fingerprint
+                                                   (nbdiff.drafter.folder.shipped_drafter), after lookup
+        --draft-steps given                        the block's denoising steps
+        otherwise                                  n-gram prompt lookup
+
+Lookup first, then the drafter: 1.54 against 1.23 tokens per verify for the drafter alone
+(docs/benchmarks/drafter.md). The n-gram drafter needs no forward of its own, so a verify never
+gives fewer tokens than block size 1; a one-step diffusion draft costs a forward and kept about
+one token on the models we ship (docs/benchmarks/exact-mode.md, "Exact mode's default drafter").
+
+Block size when none is asked for: a trained drafter's own (the block it was trained for); lookup
+drafts `lookup_block_size(model)` (the folder's block size is the diffusion's); otherwise the
+block size the folder was adapted to (`nbdiff.loading.default_block_size`), 1 for a model that was
+never converted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nbdiff.decode.options import AUTO, LOOKUP, TRAINED, DecodeOptions, lookup_block_size
+
+OFF, DIFFUSION, NGRAM, TRAINED_KIND = "off", "diffusion", "ngram", "trained"
+KINDS = (OFF, DIFFUSION, NGRAM, TRAINED_KIND)
+
+
+@dataclass(frozen=True)
+class DraftingPlan:
+    """What one decoding call drafts with. Built by `plan_drafting`; the decoder asks it and nothing else."""
+
+    kind: str
+    """'off' (exact mode off: block diffusion, or plain AR at block size 1), 'diffusion' (the block's
+    denoising steps draft), 'ngram' (prompt lookup) or 'trained' (a trained drafter)."""
+    block_size: int
+    """Tokens per block (exact mode: the verify width)."""
+    drafter: Any = None
+    """The loaded nbdiff.drafter.Drafter (kind 'trained'), else None."""
+    lookup_first: bool = False
+    """Kind 'trained': prompt lookup where its match has 2+ tokens, the drafter elsewhere."""
+    draft_threshold: float = 0.0
+    """Kind 'trained': verify draft tokens while the product of their probabilities exceeds this."""
+    source: str | None = None
+    """Kind 'trained': the drafter's folder (None for a Drafter passed in loaded)."""
+    name: str = ""
+    """The drafter in --drafter's words: 'ngram', 'diffusion', 'lookup+trained' (the folder's drafter/), a folder."""
+    why: str = ""
+    """One line for people (generate/bench --json): why this drafter and this block size."""
+
+    @property
+    def exact(self) -> bool:
+        return self.kind != OFF
+
+    @property
+    def trained(self) -> bool:
+        return self.kind == TRAINED_KIND
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for JSON (FinalEvent.plan, generate --json, bench rows)."""
+        return {"drafter": self.name, "kind": self.kind, "block_size": self.block_size, "lookup_first": self.lookup_first,
+                "draft_threshold": self.draft_threshold if self.trained else None, "source": self.source, "why": self.why}
+
+
+def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPlan:
+    """The drafting plan of one decoding call (see the module docstring). `registry`: the folder of
+    shipped drafters to search (default `nbdiff.drafter.folder.shipped_drafters_dir()`)."""
+    if not options.exact:
+        block, because = _block_size(model, options, None)
+        return DraftingPlan(OFF, block, name=OFF, why=f"exact mode off; block size {block}: {because}")
+    kind, part, lookup, name, why = _drafter(model, options, registry)
+    drafter = source = None
+    if kind == TRAINED_KIND:
+        from nbdiff.drafter.decoding import drafter_path, loaded_drafter
+
+        path = None if not isinstance(part, (str, Path)) else drafter_path(model, part)  # 'trained': the folder's drafter/
+        drafter = loaded_drafter(model, part if path is None else path)
+        source = None if path is None else str(path)
+    block, because = _block_size(model, options, kind, drafter)
+    return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
+                        source, name, f"{why}; block size {block}: {because}")
+
+
+def _drafter(model, options: DecodeOptions, registry) -> tuple[str, Any, bool, str, str]:
+    """(kind, the trained part: 'trained', a folder or a Drafter, lookup first?, name, why)."""
+    spec = options.drafter
+    if isinstance(spec, str) and spec in (DIFFUSION, NGRAM):
+        return spec, None, False, spec, f"--drafter {spec}"
+    if not (isinstance(spec, str) and spec == AUTO):
+        from nbdiff.drafter.decoding import split_spec
+
+        lookup, part = split_spec(spec)
+        if not isinstance(part, (str, Path)):
+            name = (LOOKUP if lookup else "") + f"<{type(part).__name__} for {part.config.target_architecture}>"
+            return TRAINED_KIND, part, lookup, name, "a loaded drafter"
+        return TRAINED_KIND, part, lookup, str(spec), f"--drafter {spec}"
+    from nbdiff.drafter.folder import bundled_drafter, shipped_drafter
+
+    found = bundled_drafter(model)
+    if found is not None:
+        return TRAINED_KIND, found, True, LOOKUP + TRAINED, "--drafter auto: prompt lookup, then the model folder's drafter/"
+    shipped = shipped_drafter(model, registry)
+    if shipped is not None:
+        return (TRAINED_KIND, shipped, True, LOOKUP + str(shipped),
+                f"--drafter auto: prompt lookup, then the shipped drafter {shipped.name} (its target's fingerprint is this model's)")
+    if options.draft_steps is not None:
+        return DIFFUSION, None, False, DIFFUSION, "--drafter auto with --draft-steps: the block's denoising steps draft"
+    return NGRAM, None, False, NGRAM, "--drafter auto: prompt lookup (no drafter/ in the model folder, no shipped drafter for this model)"
+
+
+def _block_size(model, options: DecodeOptions, kind: str | None, drafter=None) -> tuple[int, str]:
+    """(block size, why) when options.block_size is None; as asked otherwise."""
+    from nbdiff.loading import default_block_size, model_settings
+
+    if options.block_size is not None:
+        return options.block_size, "as asked"
+    settings = model_settings(model)
+    if drafter is not None:
+        return drafter.config.block_size, "the block the drafter was trained for"
+    if settings is not None and kind == NGRAM:
+        kernel = getattr(model, "_nbdiff_cpu_kernel", None)
+        where = "with nbdiff's few-row CPU kernel" if kernel is not None and kernel.ready else "with torch's products"
+        return lookup_block_size(model), f"lookup drafts' measured best {where}"
+    if settings is None:
+        return 1, "a model that was never converted decodes as plain AR"
+    return default_block_size(settings), "the block size the folder was adapted to"
