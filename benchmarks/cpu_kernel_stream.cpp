@@ -5,7 +5,8 @@
 // The variants keep the kernel's summation order (one accumulator per output, k in order).
 //
 //   g++ -O3 -mavx512f -mfma -fopenmp -ffp-contract=off benchmarks/cpu_kernel_stream.cpp -o /tmp/stream
-//   /tmp/stream smollm2 5; /tmp/stream qwen05 4        # argument 2: repeats (the best is printed)
+//   /tmp/stream smollm2 9; /tmp/stream qwen05 7   # argument 2: rounds, every variant once per round (median printed)
+//   ONLY="8 rows" /tmp/stream qwen05 7           # only the variants whose name contains this
 #include <immintrin.h>
 #include <omp.h>
 #include <chrono>
@@ -143,6 +144,14 @@ int main(int argc, char** argv) {
     {"rows+16 T0, NB16", block<1, 16, 0, 0, 16>, 0},
     {"none, NB16", block<1, 16, 1, 0, 4>, 0},
     {"rows+6 T0, NB6", block<1, 6, 0, 0, 6>, 0},
+    {"no prefetch, NB8", block<1, 8, 1, 0, 4>, 0},
+    {"linear 4KB T0, NB8", block<1, 8, 2, 0, 4>, 4096},
+    {"linear 16KB T0, NB8", block<1, 8, 2, 0, 4>, 16384},
+    {"linear 32KB T0, NB8", block<1, 8, 2, 0, 4>, 32768},
+    {"linear 16KB T1, NB8", block<1, 8, 2, 1, 4>, 16384},
+    {"linear 32KB T2, NB8", block<1, 8, 2, 2, 4>, 32768},
+    {"linear 16KB NTA, NB8", block<1, 8, 2, 3, 4>, 16384},
+    {"rows+6 T1 8 rows NB3", block<8, 3, 0, 1, 6>, 0},
     {"current, NB4", block<1, 4, 0, 0, 4>, 0},
     {"rows+8 T0, NB4", block<1, 4, 0, 0, 8>, 0},
     {"current 2 rows NB4", block<2, 4, 0, 0, 4>, 0},
@@ -155,11 +164,14 @@ int main(int argc, char** argv) {
     {"rows+2 T0 16 rows NB1", block<16, 1, 0, 0, 2>, 0},
   };
   const char* only = getenv("ONLY");
-  for (auto& v : vs) {
+  std::vector<std::vector<double>> all(vs.size());
+  for (int round = 0; round < reps; ++round)
+  for (size_t vi = 0; vi < vs.size(); ++vi) {
+    auto& v = vs[vi];
     if (only && !strstr(v.name, only)) continue;
     int R = strstr(v.name, "16 rows") ? 16 : strstr(v.name, "8 rows") ? 8 : strstr(v.name, "2 rows") ? 2 : 1;
     double best = 1e9;
-    for (int rep = 0; rep < reps; ++rep) {
+    for (int rep = 0; rep < 1; ++rep) {
       auto t0 = std::chrono::steady_clock::now();
       for (auto& m : mats) {
 #pragma omp parallel num_threads(2)
@@ -173,6 +185,10 @@ int main(int argc, char** argv) {
       double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       best = std::min(best, s);
     }
-    printf("  %-32s rows %d: %.2f ms = %.1f GB/s\n", v.name, R, best * 1e3, bytes / best / 1e9);
+    all[vi].push_back(best);
+    if (round == reps - 1) {
+      auto t = all[vi]; std::sort(t.begin(), t.end()); double med = t[t.size() / 2];
+      printf("  %-32s rows %d: median of %d interleaved rounds %.2f ms = %.1f GB/s (best %.2f)\n", v.name, R, reps, med * 1e3, bytes / med / 1e9, t[0] * 1e3);
+    }
   }
 }
