@@ -7,8 +7,8 @@ Measurements, all with cold caches the way decoding sees them:
      weights' bytes over that time (GB/s). Also whether a product's first row has the bits it has
      alone (torch: not always; the kernel: by construction).
   2. forwards: a real forward of MODEL over a cached context (--context tokens) for 1..24 new
-     tokens in one row (a decoding step, a verify pass of a drafted block) in four
-     configurations: torch's products and transformers' forward ("torch"); the kernel with
+     tokens in one row (a decoding step, a verify pass of a drafted block), medians of --repeat
+     forwards taken in turn across four configurations: torch's products and transformers' forward ("torch"); the kernel with
      transformers' forward ("kernel", nbdiff before the lean forward); the lean forward with its
      layers from Python ("lean-python": fewer calls, q/k/v and gate/up in one kernel call each);
      the lean forward with its layers in one C++ call ("lean", what nbdiff runs). The cache is
@@ -111,11 +111,18 @@ def forwards(model, rows: list[int], repeat: int, context: int, isa: int, config
     ids, cache = _cached(model, context, max(rows))
     out = []
     for m in rows:
-        row, logits = {"rows": m}, {}
-        for config in configs:
+        row, logits, times = {"rows": m}, {}, {config: [] for config in configs}
+        for config in configs:  # warm-up, and the logits to compare
             configure(model, config, isa)
-            row[f"{config}_ms"] = round(timed(lambda: _step(model, ids, cache, context, m), repeat), 2)
             logits[config] = _step(model, ids, cache, context, m)
+        for _ in range(repeat):  # the configurations in turn, one forward each: this machine's speed drifts
+            for config in configs:
+                configure(model, config, isa)
+                start = time.perf_counter()
+                _step(model, ids, cache, context, m)
+                times[config].append(time.perf_counter() - start)
+        for config in configs:
+            row[f"{config}_ms"] = round(sorted(times[config])[repeat // 2] * 1e3, 2)
         if "torch" in logits and "kernel" in logits:
             row["max_logit_diff_kernel_vs_torch"] = float((logits["kernel"] - logits["torch"]).abs().max())
         if "kernel" in logits and any(c.startswith("lean") for c in logits):
