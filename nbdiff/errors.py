@@ -17,3 +17,9 @@ class NBDiffError(Exception):
 
     def __str__(self) -> str:
         return self.message if not self.hint else f"{self.message} ({self.hint})"
+
+
+def first_line(exc: BaseException) -> str:
+    """`Type: first line of the message`, for one-line errors about third-party failures."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__

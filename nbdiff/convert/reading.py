@@ -13,15 +13,9 @@ from typing import Callable
 
 import torch
 
-from nbdiff.errors import NBDiffError
+from nbdiff.errors import NBDiffError, first_line
 from nbdiff.fsutil import quiet_transformers
 from nbdiff.convert.sources import Source
-
-
-def first_line(exc: BaseException) -> str:
-    """`Type: first line of the message`, for one-line errors about third-party failures."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def read_config(source: Source, dtype: torch.dtype):

@@ -20,8 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from nbdiff.errors import NBDiffError
-from nbdiff.convert.reading import first_line
+from nbdiff.errors import NBDiffError, first_line
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
