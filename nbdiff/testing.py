@@ -136,3 +136,17 @@ def save_tiny_converted(path, arch: str = "llama", *, block_size: int = 4, adapt
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)
+
+
+def random_drafter(model, mask_token_id: int, block_size: int = 8, seed: int = 0):
+    """An untrained drafter for `model` with weights far from their init, so its drafts are some fixed
+    function of the context features (tests of drafting and verification need drafts that are sometimes
+    right and sometimes wrong, without training)."""
+    from nbdiff.drafter import DrafterConfig, new_drafter
+
+    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=mask_token_id), model)
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for p in drafter.parameters():
+            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
+    return drafter.eval()

@@ -11,6 +11,7 @@ from nbdiff.decode.events import BlockEvent, FinalEvent
 from nbdiff.decode.options import DecodeOptions
 from nbdiff.drafter import DrafterConfig, new_drafter, save_drafter
 from nbdiff.errors import NBDiffError
+from nbdiff import testing
 from nbdiff.testing import ARCHITECTURES, tiny_model
 
 from decode_helpers import assert_top2_ar_distribution, linked_copy
@@ -20,13 +21,7 @@ PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
 
 
 def random_drafter(model, block_size=8, seed=0, mask_token_id=MASK):
-    """An untrained drafter with weights far from their init, so its drafts are some fixed function of the context."""
-    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=mask_token_id), model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for p in drafter.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
-    return drafter.eval()
+    return testing.random_drafter(model, mask_token_id, block_size=block_size, seed=seed)
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)

@@ -11,20 +11,10 @@ import nbdiff
 from nbdiff.decode.decoder import decode
 from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL, DecodeOptions
 from nbdiff.decode.plan import DraftingPlan, plan_drafting
-from nbdiff.drafter import DrafterConfig, new_drafter, save_drafter
+from nbdiff.drafter import save_drafter
 from nbdiff.drafter.folder import REGISTRY_ENV, shipped_drafter
 from nbdiff.errors import NBDiffError
-from nbdiff.testing import save_tiny_checkpoint, save_tiny_converted, tiny_model
-
-
-def _drafter(model, block_size, mask_token_id, seed=0):
-    """An untrained drafter with weights far from their init (its drafts are some fixed function of the context)."""
-    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=mask_token_id), model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for p in drafter.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
-    return drafter.eval()
+from nbdiff.testing import random_drafter, save_tiny_checkpoint, save_tiny_converted, tiny_model
 
 
 @pytest.fixture
@@ -80,18 +70,18 @@ def test_a_plan_for_each_drafter_value(converted, tmp_path):
     with pytest.raises(NBDiffError, match="no trained drafter"):
         plan_drafting(model, DecodeOptions(drafter="trained"))  # no drafter/ in the folder
 
-    save_drafter(_drafter(model, 8, mask), tmp_path / "d")
+    save_drafter(random_drafter(model, mask, block_size=8), tmp_path / "d")
     folder = plan_drafting(model, DecodeOptions(drafter=str(tmp_path / "d")))  # a folder turns exact mode on
     assert (folder.kind, folder.block_size, folder.lookup_first, folder.source) == ("trained", 8, False, str(tmp_path / "d"))
     assert folder.draft_threshold == DecodeOptions.draft_threshold and folder.name == str(tmp_path / "d")
     both = plan_drafting(model, DecodeOptions(drafter=f"lookup+{tmp_path / 'd'}", block_size=4, draft_threshold=0.3))
     assert (both.kind, both.block_size, both.lookup_first, both.draft_threshold) == ("trained", 4, True, 0.3)
     assert both.drafter is folder.drafter  # loaded once per model
-    loaded = _drafter(model, 16, mask, seed=1)
+    loaded = random_drafter(model, mask, block_size=16, seed=1)
     given = plan_drafting(model, DecodeOptions(drafter=loaded))
     assert given.drafter is loaded and given.source is None and given.block_size == 16 and given.name.startswith("<Drafter")
 
-    save_drafter(_drafter(model, 8, mask), tmp_path / "m" / "drafter")  # the folder brings one along now
+    save_drafter(random_drafter(model, mask, block_size=8), tmp_path / "m" / "drafter")  # the folder brings one along now
     bundled = plan_drafting(model, DecodeOptions(exact=True))
     assert (bundled.kind, bundled.lookup_first, bundled.name, bundled.block_size) == ("trained", True, "lookup+trained", 8)
     assert "drafter/" in bundled.why
@@ -131,7 +121,7 @@ def test_one_decoding_call_resolves_its_plan_once(converted, tmp_path, monkeypat
 
     _, final = nbdiff.generate(model, tok, "Hello, how are you?", exact=True, max_new_tokens=8)
     assert calls == {"plan": 1, "bundled": 1, "shipped": 1, "load": 0} and final.plan["kind"] == "ngram"
-    save_drafter(_drafter(model, 4, model_settings(model).mask_token_id), tmp_path / "m" / "drafter")
+    save_drafter(random_drafter(model, model_settings(model).mask_token_id, block_size=4), tmp_path / "m" / "drafter")
     for turn in range(2):
         calls.update(plan=0, bundled=0, shipped=0)
         _, final = nbdiff.generate(model, tok, "Hello, how are you?", exact=True, max_new_tokens=8)
@@ -151,8 +141,8 @@ def test_a_shipped_drafter_is_found_by_the_models_fingerprint(tmp_path, registry
     model, tok = nbdiff.load(folder, device="cpu", dtype="fp32")
     assert plan_drafting(model, DecodeOptions(exact=True)).kind == "ngram"  # empty registry: lookup, as before
     other = tiny_model("llama", seed=3)
-    save_drafter(_drafter(other, 8, tok.pad_token_id), registry / "a-other")  # same shape, other weights
-    save_drafter(_drafter(model, 4, tok.pad_token_id), registry / "b-mine")
+    save_drafter(random_drafter(other, tok.pad_token_id, block_size=8), registry / "a-other")  # same shape, other weights
+    save_drafter(random_drafter(model, tok.pad_token_id, block_size=4), registry / "b-mine")
     (registry / "c-not-a-drafter").mkdir()
     assert shipped_drafter(model) == registry / "b-mine" and shipped_drafter(other) == registry / "a-other"
     assert shipped_drafter(tiny_model("qwen2")) is None  # another architecture
@@ -170,7 +160,7 @@ def test_a_shipped_drafter_is_found_by_the_models_fingerprint(tmp_path, registry
     assert shipped_drafter(bf16) == registry / "b-mine"
     assert plan_drafting(model, DecodeOptions(exact=True, drafter="ngram")).kind == "ngram"  # asked for beats shipped
     assert plan_drafting(model, DecodeOptions()).kind == "off"  # exact mode off: nothing searched for
-    save_drafter(_drafter(model, 8, tok.pad_token_id, seed=2), folder / "drafter")
+    save_drafter(random_drafter(model, tok.pad_token_id, block_size=8, seed=2), folder / "drafter")
     assert plan_drafting(model, DecodeOptions(exact=True)).source.endswith("drafter")  # the folder's own comes first
 
 

@@ -11,7 +11,6 @@ prefix it shares with them. Tiny random models first; SmolLM2 and the default mo
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import pytest
 import torch
@@ -22,7 +21,7 @@ from nbdiff.api import Session, encode
 from nbdiff.decode.context import cache_kwarg
 from nbdiff.decode.events import BlockEvent, FinalEvent
 from nbdiff.decode.options import DecodeOptions
-from nbdiff.testing import save_tiny_converted
+from nbdiff.testing import random_drafter, save_tiny_converted
 from nbdiff_cli.app import app
 from nbdiff_cli.console import printable
 
@@ -39,18 +38,6 @@ FIGURES = ("new_tokens", "forwards", "tokens_per_forward", "steps", "drafted", "
 runner = CliRunner()
 
 
-def random_drafter(model, mask_token_id: int, block_size: int = 4, seed: int = 0):
-    """An untrained drafter with weights far from their init: some fixed function of the context features."""
-    from nbdiff.drafter import DrafterConfig, new_drafter
-
-    drafter = new_drafter(DrafterConfig.for_target(model, block_size=block_size, mask_token_id=mask_token_id), model)
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(seed)
-        for p in drafter.parameters():
-            p.normal_(1.0 if p.dim() == 1 else 0.0, 0.2)
-    return drafter.eval()
-
-
 @pytest.fixture(scope="module", params=["llama", "qwen3"])
 def tiny(request, tmp_path_factory):
     """(folder, model, tokenizer, drafter folder): a tiny folder adapted to 8, and a drafter saved for it."""
@@ -59,7 +46,7 @@ def tiny(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"reuse-{request.param}")
     folder = save_tiny_converted(root / "m", request.param, block_size=8, adapted=8, mask="last")
     model, tok = nbdiff.load(folder, device="cpu", dtype="fp32")
-    drafter_dir = save_drafter(random_drafter(model, tok.pad_token_id), root / "drafter")
+    drafter_dir = save_drafter(random_drafter(model, tok.pad_token_id, block_size=4), root / "drafter")
     return folder, model, tok, str(drafter_dir)
 
 
@@ -276,7 +263,7 @@ def test_smollm2_three_turns_through_a_session_equal_fresh_calls(smollm2_folder,
 @pytest.mark.smollm2
 def test_smollm2_with_a_drafter_three_turns_equal_fresh_calls(smollm2_folder):
     model, tok = nbdiff.load(smollm2_folder, device="cpu", dtype="fp32")
-    drafter = random_drafter(model, tok.pad_token_id)
+    drafter = random_drafter(model, tok.pad_token_id, block_size=4)
     converse(model, tok, DecodeOptions(exact=True, drafter=drafter, block_size=4, draft_threshold=0.0, max_new_tokens=16))
 
 
