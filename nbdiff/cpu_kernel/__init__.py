@@ -29,8 +29,9 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear  # noqa: F401 (public here)
 
 HERE = Path(__file__).parent
 SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
@@ -38,10 +39,6 @@ TORCH_SOURCES = ("op.cpp", "layers.cpp")  # compiled against torch's headers
 # each kernel source and the compiler flags for its instruction set
 OBJECTS = {"avx2": "-mavx2 -mfma", "avx512": "-mavx512f -mfma", "avx512_bf16": "-mavx512f -mavx512bw -mavx512bf16 -mfma"}
 ISA_NAMES = {1: "AVX2", 2: "AVX-512", 3: "AVX-512 + BF16"}
-# Above this many rows torch's product is as fast or faster (fp32: MKL, which the kernel beats until
-# it has to read the weights twice; bf16: oneDNN with AMX, nearly flat in rows). Measured with
-# benchmarks/cpu_kernel.py (docs/benchmarks/cpu-kernel.md).
-MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
 ENV_SWITCH = "NBDIFF_CPU_KERNEL"
 NO_ISA = "off (the CPU has neither AVX-512 nor AVX2 with FMA)"
 
@@ -227,23 +224,6 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     if not state.ready:
         raise RuntimeError(f"the CPU kernel is {state.reason}")
     return torch.ops.nbdiff.small_m_linear(x, weight, bias, state.isa if isa is None else isa)
-
-
-class SmallRowsLinear(nn.Linear):
-    """nn.Linear whose CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel (fp32;
-    bf16 too at isa 3)."""
-
-    _isa = 0  # set by install(); 0 (a layer made some other way): torch's product always
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        dt = x.dtype
-        if (self._isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and self._isa == 3))
-                and x.device.type == "cpu"
-                and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return torch.ops.nbdiff.small_m_linear(x, w, self.bias, self._isa)
-        return F.linear(x, w, self.bias)
 
 
 def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:

@@ -208,7 +208,7 @@ def _native(model, parts, isa: int, x, mask, cos, sin, cache):
 def _ready(model) -> int:
     """The kernel's isa if every product of the model still goes through the kernel (SmallRowsLinear
     with contiguous weights; a LoRA layer or torch's Linear put in since loading does not), else 0."""
-    from nbdiff.cpu_kernel import SmallRowsLinear
+    from nbdiff.cpu_kernel.linear import SmallRowsLinear
 
     isa = getattr(model.lm_head, "_isa", 0)
     if type(model.lm_head) is not SmallRowsLinear or not isa:
@@ -225,7 +225,7 @@ def install(model: nn.Module) -> bool:
     """Give `model` the lean forward for its few-row passes; False (nothing done) where the model is
     not a Llama/Qwen2 fp32 model with sdpa attention whose products take the kernel (install the
     kernel first: nbdiff.cpu_kernel.install), or the switch is off."""
-    from nbdiff.cpu_kernel import MAX_ROWS
+    from nbdiff.cpu_kernel.linear import MAX_ROWS
 
     if switched_off() or installed(model):
         return False
