@@ -220,7 +220,7 @@ def stream(
     prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
     opts = _fit_context(model, prompts, opts, notes)
     sixteen = dtype_name(model) if str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16") else None
-    if session is not None and str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16"):
+    if session is not None and sixteen:
         notes.append("a kept conversation in 16-bit weights: its cached keys/values were computed in passes of other "
                      "shapes than a fresh prefill's and round differently, so a later turn can differ from a fresh call "
                      "where two tokens nearly tie; load with dtype='fp32' for a fresh call's tokens")
