@@ -4,7 +4,7 @@
         --gguf qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --nbdiff /work/models/qwen05-nbdiff \\
         --name qwen05 --threads 2 --out-dir /tmp/llamacpp
 
-Three measurements (pick with --parts single,forward,serve):
+Four measurements (pick with --parts single,rounds,forward,serve):
   single  one stream: the first --prompts prompts of the bench suite `code`, chat template applied,
           greedy, block size 1. nbdiff through the Python API (nbdiff.stream: the first token comes
           from the prefill, so "prefill excluded" is (tokens - 1) / (end - first token)); llama.cpp's
@@ -14,6 +14,14 @@ Three measurements (pick with --parts single,forward,serve):
   forward the cost of one cached forward of 1, 2, 4, 8, 16 tokens at depth 256: nbdiff through
           benchmarks/cpu_kernel.py's `forwards` (kernel off and on; the timed step includes a copy of
           the 256-token cache), llama.cpp through `llama-bench -p 1,2,4,8,16 -n 0 -d 256`.
+  rounds  single stream again, interleaved: --rounds rounds, each running every engine once over the same
+          prompts (--suites: the first --prompts prompts of each bench suite), the engines' order turned
+          by one each round, so a drift of the machine's memory speed (minutes long on a shared host)
+          falls on every engine alike. Engines: nbdiff block 1 (nbdiff.stream, kernel and lean forward on),
+          transformers' generate() on the same loaded model with nbdiff's kernel taken out
+          (cpu_kernel.uninstall: plain nn.Linear, the model's own forward; greedy, KV cache), and
+          llama-completion on each of --variants. Reported: each engine's tokens/s per round (prefill
+          included), the ratio nbdiff / engine within each round, and its median, low and high.
   serve   `nbdiff serve --max-batch 8` against `llama-server -np 8`: 1 client, then 8 concurrent
           clients, each sending --requests streamed chat requests (benchmarks/serve_load.py's load
           generator and prompts), `--serve-tokens` tokens each; replies compared with nbdiff's.
@@ -183,6 +191,87 @@ def part_single(args, ggufs: dict[str, Path], prompts: list[str]) -> dict:
     return out
 
 
+def hf_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
+    """transformers' generate() on the templated prompt: greedy, its own KV cache, exactly `new_tokens`
+    tokens (EOS ignored, as llama-completion's --ignore-eos), timed from the call to the last token."""
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        return_tensors="pt", return_dict=True)["input_ids"]
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    tokens = out[0, ids.shape[1]:].tolist()
+    return {"prompt_tokens": ids.shape[1], "new_tokens": len(tokens), "seconds": round(seconds, 3),
+            "tokens_per_s": round(len(tokens) / seconds, 2), "tokens": tokens}
+
+
+def part_rounds(args, ggufs: dict[str, Path]) -> dict:
+    """Interleaved single-stream rounds (see the module's doc): every engine once per round, order turned."""
+    from nbdiff.cpu_kernel import install, uninstall
+    from nbdiff.resources import bench_suites_dir
+
+    suites = args.suites.split(",")
+    prompts = []
+    for suite in suites:
+        lines = (bench_suites_dir() / f"{suite}.jsonl").read_text(encoding="utf-8").splitlines()[:args.prompts]
+        prompts += [(suite, json.loads(line)["prompt"]) for line in lines]
+    model, tokenizer = _load(args.nbdiff, "fp32")
+    nbdiff_stream(model, tokenizer, "Say hello.", 4)  # warm-up: first-call allocations
+    first = [nbdiff_stream(model, tokenizer, p, args.tokens) for _, p in prompts]  # the lengths every engine decodes
+    lengths = [r["new_tokens"] for r in first]
+    texts = [_templated(tokenizer, p) for _, p in prompts]
+
+    def run_nbdiff():
+        install(model)
+        runs = [nbdiff_stream(model, tokenizer, p, n) for (_, p), n in zip(prompts, lengths)]
+        assert [r["new_tokens"] for r in runs] == lengths, "nbdiff's replies changed length between rounds"
+        return runs
+
+    def run_generate():
+        uninstall(model)
+        try:
+            return [hf_generate(model, tokenizer, p, n) for (_, p), n in zip(prompts, lengths)]
+        finally:
+            install(model)
+
+    engines = {"nbdiff block 1 (fp32)": run_nbdiff, "transformers generate() (fp32)": run_generate}
+    for v, gguf in ggufs.items():
+        engines[f"llama-completion ({v})"] = (lambda g=gguf: [llama_completion(args, g, t, n) for t, n in zip(texts, lengths)])
+    names = list(engines)
+    rounds = []
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        got = {}
+        for name in order:
+            runs = engines[name]()
+            seconds = sum(x["new_tokens"] / x["tokens_per_s"] for x in runs)
+            got[name] = {"tokens_per_s": round(sum(lengths) / seconds, 2), "runs": runs}
+            print(f"round {r + 1}/{args.rounds} {name:36s} {got[name]['tokens_per_s']:7.2f} tokens/s", flush=True)
+        rounds.append({"order": order, "engines": got})
+    ref = first
+    for rnd in rounds:
+        for name, e in rnd["engines"].items():
+            if name.startswith("llama-completion"):
+                e["same_text_as_nbdiff"] = sum(same_reply(nb, x["text"]) for nb, x in zip(ref, e["runs"]))
+            elif name.startswith("transformers"):
+                e["same_tokens_as_nbdiff"] = sum(nb["tokens"] == x["tokens"] for nb, x in zip(ref, e["runs"]))
+            for x in e["runs"]:
+                x.pop("tokens", None)
+    for x in first:
+        x.pop("tokens", None)
+    del model
+    gc.collect()
+    return {"suites": suites, "prompts": [p for _, p in prompts], "new_tokens": lengths, "engines": names,
+            "nbdiff_first_run": first, "rounds": rounds}
+
+
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2) if xs else None
+
+
 def part_forward(args, ggufs: dict[str, Path]) -> dict:
     from nbdiff.cpu_kernel import cpu_isa, dtypes, status
 
@@ -284,6 +373,23 @@ def markdown(report: dict) -> str:
                          f"pp {pp and round(pp['avg_ts'], 1)} | tg {tg and round(tg['avg_ts'], 2)} | "
                          f"- / {base[1] / tg['avg_ts'] if tg else 0:.2f}x | |")
         lines.append("")
+    rnds = report.get("rounds")
+    if rnds:
+        names, base = rnds["engines"], rnds["engines"][0]
+        lines += [f"{len(rnds['rounds'])} interleaved rounds, {len(rnds['prompts'])} prompts ({', '.join(rnds['suites'])}), "
+                  f"{sum(rnds['new_tokens'])} new tokens per engine per round; tokens/s prefill included", "",
+                  "| engine | tokens/s per round | median | nbdiff / this, per round: median (low - high) | same reply as nbdiff |",
+                  "|---|---|---|---|---|"]
+        for name in names:
+            speeds = [r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
+            ratios = [r["engines"][base]["tokens_per_s"] / r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
+            last = rnds["rounds"][-1]["engines"][name]
+            same = (f"{last['same_text_as_nbdiff']}/{len(last['runs'])} (text)" if "same_text_as_nbdiff" in last else
+                    f"{last['same_tokens_as_nbdiff']}/{len(last['runs'])} (tokens)" if "same_tokens_as_nbdiff" in last else "-")
+            lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in speeds)} | {_median(speeds):.2f} | "
+                         + ("-" if name == base else f"**{_median(ratios):.2f}x** ({min(ratios):.2f} - {max(ratios):.2f})")
+                         + f" | {same} |")
+        lines.append("")
     fwd = report.get("forward")
     if fwd:
         heads, cols = [], []
@@ -327,6 +433,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=3, help="prompts of the bench suite `code` (single stream)")
     parser.add_argument("--tokens", type=int, default=128, help="new tokens at most per single-stream reply")
     parser.add_argument("--context", type=int, default=1024, help="llama-completion's context")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part `rounds`)")
+    parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic", help="bench suites of part `rounds`")
     parser.add_argument("--depth", type=int, default=256, help="cached tokens before a timed forward")
     parser.add_argument("--repeat", type=int, default=10, help="nbdiff's timed forwards per row")
     parser.add_argument("--repeat-llama", type=int, default=3, help="llama-bench -r")
@@ -360,9 +468,9 @@ def main() -> None:
         if not Path(path).exists():
             raise SystemExit(f"{what} {path} does not exist")
     parts = args.parts.split(",")
-    unknown = set(parts) - {"single", "forward", "serve"}
+    unknown = set(parts) - {"single", "rounds", "forward", "serve"}
     if unknown:
-        raise SystemExit(f"unknown part(s) {', '.join(sorted(unknown))}: pick from single, forward, serve")
+        raise SystemExit(f"unknown part(s) {', '.join(sorted(unknown))}: pick from single, rounds, forward, serve")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     from nbdiff.hardware import cpu_name
@@ -385,6 +493,8 @@ def main() -> None:
     single_ggufs = {v: ggufs[v] for v in args.variants.split(",")}
     if "single" in parts:
         report["single"] = part_single(args, single_ggufs, prompts)
+    if "rounds" in parts:
+        report["rounds"] = part_rounds(args, single_ggufs)
     if "forward" in parts:
         report["forward"] = part_forward(args, single_ggufs)
     if "serve" in parts:
