@@ -131,6 +131,32 @@ def llama_completion(args, gguf: Path, text: str, new_tokens: int) -> dict:
             "text": done.stdout}
 
 
+LOOKUP = re.compile(r"(encoded|decoded)\s+(\d+) tokens in\s+([\d.]+) seconds")
+LOOKUP_COUNTS = re.compile(r"(n_drafted|n_accept)\s*=\s*(\d+)")
+
+
+def llama_lookup(args, gguf: Path, text: str, new_tokens: int) -> dict:
+    """One greedy reply through llama.cpp's prompt lookup decoding (llama-lookup: n-grams of the prompt and the
+    reply drafted, verified by the model; `--spec-draft-n-max` tokens at most per draft). It stops past
+    `new_tokens` (it may overshoot by a draft); tokens/s from its own encode + decode clocks."""
+    argv = [str(_bin(args.llama_build, "llama-lookup")), "-m", str(gguf), "-p", text, "--no-escape",
+            "-n", str(new_tokens), "--ignore-eos", "--temp", "0", "-s", "0", "-t", str(args.threads),
+            "-tb", str(args.threads), "-c", str(args.context), "--spec-draft-n-max", str(args.lookup_draft),
+            *_load_mode(args)]
+    done = _run(argv, 1800)
+    clocks = {m.group(1): (int(m.group(2)), float(m.group(3))) for m in LOOKUP.finditer(done.stderr + done.stdout)}
+    counts = {m.group(1): int(m.group(2)) for m in LOOKUP_COUNTS.finditer(done.stderr + done.stdout)}
+    if "encoded" not in clocks or "decoded" not in clocks:
+        raise SystemExit("llama-lookup printed no clocks: " + "\n".join(done.stderr.splitlines()[-5:]))
+    (p_tok, p_s), (n, d_s) = clocks["encoded"], clocks["decoded"]
+    out = done.stdout  # the prompt, then the reply: keep what follows the prompt's end
+    tail = text[-40:]
+    cut = out.rfind(tail)
+    return {"prompt_tokens": p_tok, "new_tokens": n, "prefill_ms": round(p_s * 1e3, 1), "decode_ms": round(d_s * 1e3, 1),
+            "tokens_per_s": round(n / (p_s + d_s), 2), "drafted": counts.get("n_drafted"), "accepted": counts.get("n_accept"),
+            "text": out[cut + len(tail):] if cut >= 0 else out}
+
+
 def same_reply(nbdiff_run: dict, llama_text: str) -> bool:
     """llama.cpp's reply is nbdiff's: equal, or where nbdiff ended at EOS, nbdiff's text followed by what
     --ignore-eos made llama.cpp write instead of EOS (it bans EOS and takes the next best token)."""
@@ -138,14 +164,16 @@ def same_reply(nbdiff_run: dict, llama_text: str) -> bool:
     return a == b or (nbdiff_run["finish"] == "eos" and b.startswith(a))
 
 
-def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
-    """One greedy block-size-1 reply through nbdiff.stream, with the time its first token arrived."""
+def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int, **overrides) -> dict:
+    """One greedy reply through nbdiff.stream (block size 1 unless `overrides` say otherwise, e.g. exact=True:
+    the drafting plan's block size), with the time its first token arrived."""
     import nbdiff
     from nbdiff.decode.events import FinalEvent
 
     start = time.perf_counter()
     first = final = None
-    for event in nbdiff.stream(model, tokenizer, prompt, block_size=1, max_new_tokens=max_new_tokens):
+    settings = {"block_size": 1, **overrides} if not overrides.get("exact") else overrides
+    for event in nbdiff.stream(model, tokenizer, prompt, max_new_tokens=max_new_tokens, **settings):
         if first is None and getattr(event, "tokens", None) and not isinstance(event, FinalEvent):
             first = time.perf_counter()
         if isinstance(event, FinalEvent):
@@ -156,7 +184,7 @@ def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
             "prefill_ms": round((first - start) * 1e3, 1), "decode_ms": round((end - first) * 1e3, 1),
             "tokens_per_s": round(n / (end - start), 2),
             "tokens_per_s_no_prefill": round((n - 1) / (end - first), 2) if n > 1 else None,
-            "text": final.texts[0], "tokens": final.tokens[0]}
+            "forwards": getattr(final, "forwards", None), "text": final.texts[0], "tokens": final.tokens[0]}
 
 
 def _load(path: str, dtype: str):
@@ -191,15 +219,16 @@ def part_single(args, ggufs: dict[str, Path], prompts: list[str]) -> dict:
     return out
 
 
-def hf_generate(model, tokenizer, prompt: str, new_tokens: int) -> dict:
-    """transformers' generate() on the templated prompt: greedy, its own KV cache, exactly `new_tokens`
-    tokens (EOS ignored, as llama-completion's --ignore-eos), timed from the call to the last token."""
+def hf_generate(model, tokenizer, prompt: str, new_tokens: int, eos_last: bool = False) -> dict:
+    """transformers' generate() on the templated prompt: greedy, its own KV cache, `new_tokens` tokens (EOS
+    held back until then; eos_last: the reply nbdiff ended at EOS, so EOS may come as the last one), timed
+    from the call to the last token."""
     ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                         return_tensors="pt", return_dict=True)["input_ids"]
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
-                             min_new_tokens=new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+                             min_new_tokens=new_tokens - 1 if eos_last else new_tokens, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     seconds = time.perf_counter() - start
     tokens = out[0, ids.shape[1]:].tolist()
     return {"prompt_tokens": ids.shape[1], "new_tokens": len(tokens), "seconds": round(seconds, 3),
@@ -231,13 +260,22 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
     def run_generate():
         uninstall(model)
         try:
-            return [hf_generate(model, tokenizer, p, n) for (_, p), n in zip(prompts, lengths)]
+            return [hf_generate(model, tokenizer, p, n, r["finish"] == "eos") for (_, p), n, r in zip(prompts, lengths, first)]
         finally:
             install(model)
 
+    def run_exact():
+        install(model)
+        return [nbdiff_stream(model, tokenizer, p, n, exact=True) for (_, p), n in zip(prompts, lengths)]
+
     engines = {"nbdiff block 1 (fp32)": run_nbdiff, "transformers generate() (fp32)": run_generate}
+    if args.nbdiff_exact:
+        engines["nbdiff --exact (fp32, plan auto)"] = run_exact
     for v, gguf in ggufs.items():
         engines[f"llama-completion ({v})"] = (lambda g=gguf: [llama_completion(args, g, t, n) for t, n in zip(texts, lengths)])
+        if args.llama_lookup:
+            engines[f"llama-lookup ({v}, draft {args.lookup_draft})"] = (
+                lambda g=gguf: [llama_lookup(args, g, t, n) for t, n in zip(texts, lengths)])
     names = list(engines)
     rounds = []
     for r in range(args.rounds):
@@ -246,15 +284,17 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
         for name in order:
             runs = engines[name]()
             seconds = sum(x["new_tokens"] / x["tokens_per_s"] for x in runs)
-            got[name] = {"tokens_per_s": round(sum(lengths) / seconds, 2), "runs": runs}
+            got[name] = {"tokens_per_s": round(sum(x["new_tokens"] for x in runs) / seconds, 2), "runs": runs}
             print(f"round {r + 1}/{args.rounds} {name:36s} {got[name]['tokens_per_s']:7.2f} tokens/s", flush=True)
         rounds.append({"order": order, "engines": got})
     ref = first
     for rnd in rounds:
         for name, e in rnd["engines"].items():
-            if name.startswith("llama-completion"):
+            if name.startswith("llama-lookup"):  # it may decode past the length asked (a whole draft at the end)
+                e["same_text_as_nbdiff"] = sum(x["text"].strip().startswith(nb["text"].strip()) for nb, x in zip(ref, e["runs"]))
+            elif name.startswith("llama-"):
                 e["same_text_as_nbdiff"] = sum(same_reply(nb, x["text"]) for nb, x in zip(ref, e["runs"]))
-            elif name.startswith("transformers"):
+            elif not name.startswith("nbdiff block 1"):
                 e["same_tokens_as_nbdiff"] = sum(nb["tokens"] == x["tokens"] for nb, x in zip(ref, e["runs"]))
             for x in e["runs"]:
                 x.pop("tokens", None)
@@ -264,6 +304,17 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
     gc.collect()
     return {"suites": suites, "prompts": [p for _, p in prompts], "new_tokens": lengths, "engines": names,
             "nbdiff_first_run": first, "rounds": rounds}
+
+
+def _drafts(runs: list[dict]) -> str:
+    """Tokens per target forward of a drafting engine's replies (nbdiff: its forward count; llama-lookup:
+    1 + accepted tokens per decoded token run), else '-'."""
+    if runs and all(r.get("forwards") for r in runs) and any(r["forwards"] != r["new_tokens"] for r in runs):
+        return f"{sum(r['new_tokens'] for r in runs) / sum(r['forwards'] for r in runs):.2f} tokens/forward"
+    if runs and all(r.get("drafted") is not None for r in runs):
+        drafted, accepted = sum(r["drafted"] for r in runs), sum(r["accepted"] for r in runs)
+        return f"{accepted}/{drafted} drafted tokens kept"
+    return "-"
 
 
 def _median(xs):
@@ -378,8 +429,8 @@ def markdown(report: dict) -> str:
         names, base = rnds["engines"], rnds["engines"][0]
         lines += [f"{len(rnds['rounds'])} interleaved rounds, {len(rnds['prompts'])} prompts ({', '.join(rnds['suites'])}), "
                   f"{sum(rnds['new_tokens'])} new tokens per engine per round; tokens/s prefill included", "",
-                  "| engine | tokens/s per round | median | nbdiff / this, per round: median (low - high) | same reply as nbdiff |",
-                  "|---|---|---|---|---|"]
+                  "| engine | tokens/s per round | median | nbdiff / this, per round: median (low - high) | same reply as nbdiff | drafts |",
+                  "|---|---|---|---|---|---|"]
         for name in names:
             speeds = [r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
             ratios = [r["engines"][base]["tokens_per_s"] / r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
@@ -388,7 +439,7 @@ def markdown(report: dict) -> str:
                     f"{last['same_tokens_as_nbdiff']}/{len(last['runs'])} (tokens)" if "same_tokens_as_nbdiff" in last else "-")
             lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in speeds)} | {_median(speeds):.2f} | "
                          + ("-" if name == base else f"**{_median(ratios):.2f}x** ({min(ratios):.2f} - {max(ratios):.2f})")
-                         + f" | {same} |")
+                         + f" | {same} | {_drafts(last['runs'])} |")
         lines.append("")
     fwd = report.get("forward")
     if fwd:
@@ -434,6 +485,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="new tokens at most per single-stream reply")
     parser.add_argument("--context", type=int, default=1024, help="llama-completion's context")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part `rounds`)")
+    parser.add_argument("--nbdiff-exact", action="store_true", help="part `rounds`: add nbdiff --exact (its drafting plan)")
+    parser.add_argument("--llama-lookup", action="store_true", help="part `rounds`: add llama-lookup (prompt lookup decoding)")
+    parser.add_argument("--lookup-draft", type=int, default=8, help="llama-lookup's --spec-draft-n-max")
     parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic", help="bench suites of part `rounds`")
     parser.add_argument("--depth", type=int, default=256, help="cached tokens before a timed forward")
     parser.add_argument("--repeat", type=int, default=10, help="nbdiff's timed forwards per row")
