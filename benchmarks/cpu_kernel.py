@@ -11,7 +11,12 @@ Measurements, all with cold caches the way decoding sees them:
      forwards taken in turn across four configurations: torch's products and transformers' forward ("torch"); the kernel with
      transformers' forward ("kernel", nbdiff before the lean forward); the lean forward with its
      layers from Python ("lean-python": fewer calls, q/k/v and gate/up in one kernel call each);
-     the lean forward with its layers in one C++ call ("lean", what nbdiff runs). The cache is
+     the lean forward with its layers in one C++ call over transformers' DynamicCache, which
+     concatenates every layer's keys/values per token, its parameters read again every forward
+     ("lean-cat", nbdiff before issue 31); the same over nbdiff's GrowingLayer cache, appended in
+     place ("lean-room"); that with layers.cpp's fused elementwise loops ("lean-fused"); that with
+     the parameters kept per model ("lean", what nbdiff runs). Each step is measured alone as the
+     difference between neighbours in the same run. The cache is
      cropped back after each forward, so only the forward is timed (the cache update inside it
      included). The logits of both lean
      forwards must equal the kernel's bit for bit (last column).
@@ -35,7 +40,9 @@ import torch
 
 from nbdiff.hardware import cpu_name
 
-CONFIGS = ("torch", "kernel", "lean-python", "lean")
+CONFIGS = ("torch", "kernel", "lean-python", "lean-cat", "lean-room", "lean-fused", "lean")
+LEAN = ("lean-python", "lean-cat", "lean-room", "lean-fused", "lean")
+GROWING = ("lean-room", "lean-fused", "lean")  # the configurations over nbdiff's GrowingLayer cache
 
 
 def timed(fn, repeat: int) -> float:
@@ -73,28 +80,40 @@ def products(model, rows: list[int], repeat: int, isa: int) -> list[dict]:
 
 
 def configure(model, config: str, isa: int) -> None:
-    """Put the model in one of CONFIGS."""
+    """Put the model in one of CONFIGS (switching among the lean ones keeps the installed forward and its plan)."""
     from nbdiff.cpu_kernel import fast_forward, install, uninstall
 
+    fast_forward.NATIVE = config in LEAN[1:]
+    fast_forward.FUSED = config in ("lean-fused", "lean")
+    fast_forward.KEEP_PLAN = config == "lean"
+    if vars(model).get("_bench_config") in LEAN and config in LEAN:
+        model._bench_config = config
+        return
     uninstall(model)
+    model._bench_config = config
     if config == "torch":
         return
     install(model, fast_forward=False)
     for layer in model.modules():
         if hasattr(layer, "_isa"):
             layer._isa = isa
-    fast_forward.NATIVE = config == "lean"
-    if config.startswith("lean") and not fast_forward.install(model):
+    if config in LEAN and not fast_forward.install(model):
         raise SystemExit("the lean forward does not take this model (see nbdiff/cpu_kernel/fast_forward.py)")
 
 
-def _cached(model, context: int, extra: int):
+def _cached(model, context: int, extra: int, configs, isa: int):
+    """Token ids and, per configuration, a cache holding the first `context` of them: a DynamicCache that
+    concatenates (transformers' own), or nbdiff's GrowingLayers that append in place (as decoding uses)."""
     from transformers import DynamicCache
 
+    from nbdiff.decode.context import growing_cache
+
     ids = torch.randint(0, model.config.vocab_size, (1, context + extra))
-    cache = DynamicCache(config=model.config)
-    model(input_ids=ids[:, :context], cache=cache, use_cache=True)
-    return ids, cache
+    configure(model, "kernel", isa)
+    plain, growing = DynamicCache(config=model.config), growing_cache(model.config)
+    for cache in (plain, growing):
+        model(input_ids=ids[:, :context], cache=cache, use_cache=True)
+    return ids, {config: growing if config in GROWING else plain for config in configs}
 
 
 def _step(model, ids, cache, context: int, m: int) -> torch.Tensor:
@@ -108,18 +127,18 @@ def _step(model, ids, cache, context: int, m: int) -> torch.Tensor:
 
 @torch.no_grad()
 def forwards(model, rows: list[int], repeat: int, context: int, isa: int, configs) -> list[dict]:
-    ids, cache = _cached(model, context, max(rows))
+    ids, caches = _cached(model, context, max(rows), configs, isa)
     out = []
     for m in rows:
         row, logits, times = {"rows": m}, {}, {config: [] for config in configs}
         for config in configs:  # warm-up, and the logits to compare
             configure(model, config, isa)
-            logits[config] = _step(model, ids, cache, context, m)
+            logits[config] = _step(model, ids, caches[config], context, m)
         for _ in range(repeat):  # the configurations in turn, one forward each: this machine's speed drifts
             for config in configs:
                 configure(model, config, isa)
                 start = time.perf_counter()
-                _step(model, ids, cache, context, m)
+                _step(model, ids, caches[config], context, m)
                 times[config].append(time.perf_counter() - start)
         for config in configs:
             row[f"{config}_ms"] = round(sorted(times[config])[repeat // 2] * 1e3, 2)
@@ -144,12 +163,14 @@ def breakdown(model, context: int, repeat: int, isa: int) -> dict:
     """Where a one-token forward's time goes, per kernel configuration (torch.profiler's self times)."""
     from torch.profiler import ProfilerActivity, profile
 
-    ids, cache = _cached(model, context, 1)
+    configs = ("kernel", *LEAN)
+    ids, caches = _cached(model, context, 1, configs, isa)
     weights = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear))
     groups = {"products": ("nbdiff::",), "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product")}
     out = {}
-    for config in ("kernel", "lean-python", "lean"):
+    for config in configs:
         configure(model, config, isa)
+        cache = caches[config]
         wall = timed(lambda: _step(model, ids, cache, context, 1), repeat)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(repeat):
@@ -227,7 +248,7 @@ def main() -> None:
     if "breakdown" in report:
         b = report["breakdown"]
         print(f"one-token forward, breakdown (ms; weights {b['weights_mb']} MB; a plain read of 1 GiB: {b['streaming_read_gb_s']} GB/s)")
-        for config in ("kernel", "lean-python", "lean"):
+        for config in ("kernel", *LEAN):
             r = b[config]
             print(f"  {config:11s} forward {r['forward_ms']:6.2f} = products {r['products']:6.2f} ({r['products_gb_s']} GB/s)"
                   f" + attention {r['attention']:5.2f} + other tensor ops {r['other tensor ops']:5.2f}"

@@ -211,8 +211,10 @@ def _fake_multi(x, ws, bs, isa):
     return [x.new_empty((*x.shape[:-1], w.shape[0])) for w in ws]
 
 
-def _fake_layers(x, cos, sin, mask, params, eps, keys, values, head_dim, groups, gqa, enable_gqa, is_causal, scaling, isa):
-    grown = [t.new_empty((*t.shape[:-2], t.shape[-2] + x.shape[1], t.shape[-1])) for t in (*keys, *values)]
+def _fake_layers(x, cos, sin, mask, params, eps, keys, values, head_dim, groups, gqa, enable_gqa, is_causal, scaling,
+                 used, fused, isa):
+    length = (lambda t: t.shape[-2] + x.shape[1]) if used < 0 else (lambda t: used + x.shape[1])
+    grown = [t.new_empty((*t.shape[:-2], length(t), t.shape[-1])) for t in (*keys, *values)]
     return [x.new_empty(x.shape), *(t for pair in zip(grown[:len(keys)], grown[len(keys):]) for t in pair)]
 
 

@@ -20,11 +20,14 @@ arguments) through the original forward, unchanged.
 So logits and tokens are bit-identical to the original forward's with the kernel installed
 (tests/test_fast_forward.py compares them on tiny models of both families and on SmolLM2).
 
-Where the cache is a plain DynamicCache (decoding, exact mode, chat), the decoder layers run in one
-C++ call instead (`_native`, torch.ops.nbdiff.decoder_layers in layers.cpp): the same ATen
-operations again, in the same order, without the Python between them (a one-token forward of
-SmolLM2 28.8 ms against 38.6 ms with transformers' modules; docs/benchmarks/cpu-speed.md). Other
-caches (the server's packed lanes grow theirs in place) take the Python loop (`_layers`).
+Where the cache is a plain DynamicCache (of DynamicLayers, or of nbdiff's GrowingLayers: decoding,
+exact mode, chat and the server's packed lane), the decoder layers run in one C++ call instead
+(`_native`, torch.ops.nbdiff.decoder_layers in layers.cpp): the same ATen operations again, in the
+same order, without the Python between them (a one-token forward of SmolLM2 28.8 ms against 38.6 ms
+with transformers' modules; docs/benchmarks/cpu-speed.md). A GrowingLayer's new keys/values are
+written into its room in place (no copy of the whole cache per token). What a forward passes to C++
+per layer is read once per model and kept (`_Plan`) while every module and weight stays in place.
+Other caches take the Python loop (`_layers`).
 
 Only fp32 weights take it (the bf16 kernel's multi-weight call is not written; bf16 models keep
 the original forward), only with sdpa attention, full attention in every layer, and a cache given.
@@ -162,17 +165,23 @@ def _layers(model, parts, isa: int, x, mask, cos, sin, cache):
 
 
 NATIVE = True  # the layers in one C++ call where the cache allows (False: from Python; for comparisons)
+FUSED = True  # layers.cpp's elementwise loops (False: torch's elementwise operations there; the same bits, for comparisons)
 
 
 def _native(model, parts, isa: int, x, mask, cos, sin, cache):
     """The decoder layers in one call of torch.ops.nbdiff.decoder_layers (layers.cpp: the same ATen
     operations as `_layers`, without Python between them), or None where the cache is not a plain
-    DynamicCache of DynamicLayers or the attention would take a branch layers.cpp does not write."""
+    DynamicCache of DynamicLayers (concatenated, as DynamicLayer.update does) or of GrowingLayers
+    (written into their room in place), or the attention would take a branch layers.cpp does not write."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
 
+    from nbdiff.decode.context import GrowingLayer
+
     layers = model.model.layers
-    if (type(cache) is not DynamicCache or getattr(cache, "offloading", False) or len(cache.layers) != len(layers)
-            or any(type(layer) is not DynamicLayer for layer in cache.layers)):
+    if type(cache) is not DynamicCache or getattr(cache, "offloading", False) or len(cache.layers) != len(layers):
+        return None
+    kind = type(cache.layers[0])
+    if kind not in (DynamicLayer, GrowingLayer) or any(type(layer) is not kind for layer in cache.layers):
         return None
     attn = layers[0].self_attn
     n = x.shape[1]
@@ -186,39 +195,99 @@ def _native(model, parts, isa: int, x, mask, cos, sin, cache):
             enable_gqa = True
         else:
             gqa = 1 if n == 1 else 2
+    plan = vars(model).get("_nbdiff_plan") if KEEP_PLAN else None  # kept by _ready, called just before
+    params, eps = (plan.params, plan.eps) if plan is not None else _params(model)
+    if kind is GrowingLayer:
+        kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        new = x.new_empty(x.shape[0], kv_heads, n, attn.head_dim)  # [B, G, n, d]: the shape of a layer's new keys
+        rooms = [layer.reserve(new, new) for layer in cache.layers]
+        used = rooms[0][2]
+        if any(r[2] != used for r in rooms):
+            return None
+        keys, values = [r[0] for r in rooms], [r[1] for r in rooms]
+    else:
+        for layer in cache.layers:
+            if not layer.is_initialized:
+                layer.lazy_initialization(x, x)  # as DynamicLayer.update does on its first call
+        keys, values, used = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], -1
+    out = torch.ops.nbdiff.decoder_layers(x, cos, sin, mask, params, eps, keys, values, attn.head_dim, groups,
+                                          gqa, enable_gqa, is_causal, attn.scaling, used, FUSED, isa)
+    for i, layer in enumerate(cache.layers):
+        layer.keys, layer.values = out[1 + 2 * i], out[2 + 2 * i]
+    return out[0]
+
+
+def _params(model) -> tuple[list, list[float]]:
+    """decoder_layers' parameters (16 per layer: input norm, q, q bias, k, k bias, v, v bias, o, o bias,
+    post-attention norm, gate, gate bias, up, up bias, down, down bias; None for a missing bias) and
+    epsilons (2 per layer)."""
     params, eps = [], []
-    for layer in layers:
+    for layer in model.model.layers:
         a, mlp = layer.self_attn, layer.mlp
         params += [layer.input_layernorm.weight, a.q_proj.weight, a.q_proj.bias, a.k_proj.weight, a.k_proj.bias,
                    a.v_proj.weight, a.v_proj.bias, a.o_proj.weight, a.o_proj.bias, layer.post_attention_layernorm.weight,
                    mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight, mlp.up_proj.bias,
                    mlp.down_proj.weight, mlp.down_proj.bias]
         eps += [layer.input_layernorm.variance_epsilon, layer.post_attention_layernorm.variance_epsilon]
-    for layer in cache.layers:
-        if not layer.is_initialized:
-            layer.lazy_initialization(x, x)  # as DynamicLayer.update does on its first call
-    out = torch.ops.nbdiff.decoder_layers(x, cos, sin, mask, params, eps, [layer.keys for layer in cache.layers],
-                                          [layer.values for layer in cache.layers], attn.head_dim, groups, gqa,
-                                          enable_gqa, is_causal, attn.scaling, isa)
-    for i, layer in enumerate(cache.layers):
-        layer.keys, layer.values = out[1 + 2 * i], out[2 + 2 * i]
-    return out[0]
+    return params, eps
+
+
+class _Plan:
+    """What every forward of one model passes to decoder_layers (`_params`), kept between forwards (reading it
+    again costs about 1 ms per token on SmolLM2's 30 layers), with the places it was read from: `current()`
+    is True while every module, parameter and epsilon is still the object it was (a LoRA layer, torch's
+    Linear or a new weight put in since makes a new plan) and every projection still takes the kernel at `isa`."""
+
+    def __init__(self, model, isa: int):
+        from nbdiff.cpu_kernel.linear import SmallRowsLinear
+
+        self.isa, self._kernel = isa, SmallRowsLinear
+        self.params, self.eps = _params(model)
+        self.projections = [model.lm_head]
+        self.places = []  # (dict, key, the object found there)
+        watch = lambda owner, where, names: self.places.extend((vars(owner)[where], n, vars(owner)[where].get(n)) for n in names)
+        watch(model, "_modules", ("model", "lm_head"))
+        watch(model.model, "_modules", ("layers",))
+        watch(model.model.layers, "_modules", tuple(model.model.layers._modules))
+        for layer in model.model.layers:
+            watch(layer, "_modules", ("self_attn", "mlp", "input_layernorm", "post_attention_layernorm"))
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                watch(norm, "_parameters", ("weight",))
+                self.places.append((vars(norm), "variance_epsilon", norm.variance_epsilon))
+            for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                                  (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+                watch(parent, "_modules", names)
+                for name in names:
+                    proj = getattr(parent, name)
+                    watch(proj, "_parameters", ("weight", "bias"))
+                    self.projections.append(proj)
+
+    def current(self) -> bool:
+        return (all(where.get(name) is obj for where, name, obj in self.places)
+                and all(type(p) is self._kernel and p._isa == self.isa and p.weight.is_contiguous() for p in self.projections))
+
+
+KEEP_PLAN = True  # the parameters kept per model between forwards (False: read again every forward; for comparisons)
 
 
 def _ready(model) -> int:
     """The kernel's isa if every product of the model still goes through the kernel (SmallRowsLinear
-    with contiguous weights; a LoRA layer or torch's Linear put in since loading does not), else 0."""
+    with contiguous weights; a LoRA layer or torch's Linear put in since loading does not), else 0.
+    Checked against the model's kept `_Plan` where it has one (cheap), else in full (and a plan kept)."""
     from nbdiff.cpu_kernel.linear import SmallRowsLinear
 
+    plan = vars(model).get("_nbdiff_plan")
+    if KEEP_PLAN and plan is not None and plan.current():
+        return plan.isa
     isa = getattr(model.lm_head, "_isa", 0)
-    if type(model.lm_head) is not SmallRowsLinear or not isa:
-        return 0
-    for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        for p in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj):
-            if type(p) is not SmallRowsLinear or p._isa != isa or not p.weight.is_contiguous():
-                return 0
-    return isa
+    ready = bool(isa) and type(model.lm_head) is SmallRowsLinear and all(
+        type(p) is SmallRowsLinear and p._isa == isa and p.weight.is_contiguous()
+        for layer in model.model.layers
+        for p in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+                  layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+    if KEEP_PLAN:
+        vars(model)["_nbdiff_plan"] = _Plan(model, isa) if ready else None
+    return isa if ready else 0
 
 
 def install(model: nn.Module) -> bool:
@@ -266,5 +335,6 @@ def installed(model: nn.Module) -> bool:
 
 def uninstall(model: nn.Module) -> None:
     """Back to the class's forward."""
+    vars(model).pop("_nbdiff_plan", None)
     if installed(model):
         del model.forward

@@ -34,9 +34,84 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+from transformers.cache_utils import DynamicLayer
 
 from nbdiff.errors import NBDiffError
 from nbdiff.method.masks import cached_rows, to_model_mask
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer that appends into spare room (doubling) instead of concatenating.
+
+    `keys`/`values` are views of the first columns of the room ([B, heads, capacity, dim]), so an
+    append writes only the new columns; a crop (DynamicLayer.crop) shortens the view and the next
+    append overwrites what was cropped. Whoever keeps a layer's keys/values past a crop must copy
+    them (the prefix cache's `index_select` does). Anything that puts other tensors in `keys`/`values`
+    (row surgery, index selects) is noticed at the next append, which starts a new room from them.
+    The lean forward's decoder layers (nbdiff.cpu_kernel.fast_forward) write into the room in C++.
+    """
+
+    _room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self._room = None
+
+    def _holds(self) -> bool:
+        """Whether keys/values are still the first columns of the room."""
+        if self._room is None:
+            return False
+        for t, room in zip((self.keys, self.values), self._room):
+            if (t.dim() != 4 or t.data_ptr() != room.data_ptr() or t.stride() != room.stride()
+                    or t.shape[:2] != room.shape[:2] or t.shape[-1] != room.shape[-1]):
+                return False
+        return True
+
+    def reserve(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Room for these new columns: (key room, value room, columns used), the rooms holding at least used + n."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        used, n = self.get_seq_length(), key_states.shape[-2]
+        if not self._holds() or used + n > self._room[0].shape[-2]:
+            self._grow(key_states, value_states, used, used + n)
+        return self._room[0], self._room[1], used
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        k, v, used = self.reserve(key_states, value_states)
+        n = key_states.shape[-2]
+        k[:, :, used : used + n] = key_states
+        v[:, :, used : used + n] = value_states
+        self.keys, self.values = k[:, :, : used + n], v[:, :, : used + n]
+        return self.keys, self.values
+
+    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, need: int) -> None:
+        room = max(256, 2 * need)
+        k = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[-1])
+        v = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[-1])
+        if used:
+            k[:, :, :used] = self.keys
+            v[:, :, :used] = self.values
+        self._room = (k, v)
+        self.keys, self.values = k[:, :, :used], v[:, :, :used]
+
+    def keep(self, cols: torch.Tensor) -> None:
+        """Keep only these columns (in order)."""
+        if not self.is_initialized:
+            return
+        keys, values = self.keys.index_select(2, cols), self.values.index_select(2, cols)
+        self._room = None
+        self.keys = self.values = torch.tensor([], dtype=keys.dtype, device=keys.device)
+        if len(cols):
+            self.update(keys, values)
+
+
+def growing_cache(config):
+    """A DynamicCache for `config` whose full-attention layers are `GrowingLayer`s (sliding ones stay)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
 
 
 def cache_kwarg(model) -> str:
@@ -60,12 +135,10 @@ class CachedContext:
     """A DynamicCache plus the bookkeeping for left padding, hidden columns and per-row positions."""
 
     def __init__(self, model, prompts: Sequence[Sequence[int]], pad_token_id: int = 0, prefix: Prefix | None = None):
-        from transformers import DynamicCache
-
         self.model = model
         self.device = model.device
         self.pad_token_id = pad_token_id
-        self.cache = DynamicCache(config=model.config)
+        self.cache = growing_cache(model.config)
         self.length = 0
         self.forwards = 0
         self.ids: list[list[int]] = []  # token id of every cached column, per row (host)
@@ -127,9 +200,7 @@ class CachedContext:
 
     def _new_cache(self) -> None:
         """An empty cache (and no followers' columns)."""
-        from transformers import DynamicCache
-
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = growing_cache(self.model.config)
         for follower in self.followers.values():
             follower.crop(0)
 

@@ -21,7 +21,8 @@ Notable choices:
 - Prompt tokens enter at most `prefill_chunk` (256) per forward, so a long prompt that joins
   holds the running requests up by one chunk at a time, not by its whole prefill.
 - Leaving copies nothing until dead columns outnumber live ones; then one compaction.
-- The cache appends into spare capacity (doubling), so a step does not copy every earlier column.
+- The cache appends into spare capacity (doubling; `GrowingLayer`), so a step does not copy every
+  earlier column, and the lean forward runs its layers in one C++ call over it.
 - Attention runs over all packed columns under a mask: cheap at the lengths a CPU server sees,
   and the reason block sizes above 1 (denoising passes with their own masks) keep `Lane`.
 - Sampling per row is `Sampler.draw`, as in `Lane.pick` (the row's own generator, one draw per
@@ -33,9 +34,8 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
-from nbdiff.decode.context import Prefix, cache_kwarg
+from nbdiff.decode.context import GrowingLayer, Prefix, cache_kwarg
 from nbdiff.decode.events import BlockEvent
 from nbdiff.decode.options import DecodeOptions
 from nbdiff.decode.sampling import choose
@@ -47,42 +47,6 @@ from nbdiff.serve.lane import _lane_options, _sampler, lane_key
 def packs(options: DecodeOptions) -> bool:
     """True for the settings a `PackedLane` decodes (plain autoregressive decoding)."""
     return options.block_size == 1 and not options.exact
-
-
-class _GrowingLayer(DynamicLayer):
-    """A full-attention cache layer that appends into spare room instead of concatenating."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-            self._room = None
-        used, n = self.get_seq_length(), key_states.shape[-2]
-        if self._room is None or used + n > self._room[0].shape[-2]:
-            self._grow(key_states, value_states, used, used + n)
-        k, v = self._room
-        k[:, :, used : used + n] = key_states
-        v[:, :, used : used + n] = value_states
-        self.keys, self.values = k[:, :, : used + n], v[:, :, : used + n]
-        return self.keys, self.values
-
-    def _grow(self, key_states: torch.Tensor, value_states: torch.Tensor, used: int, need: int) -> None:
-        room = max(256, 2 * need)
-        k = key_states.new_empty(*key_states.shape[:2], room, key_states.shape[-1])
-        v = value_states.new_empty(*value_states.shape[:2], room, value_states.shape[-1])
-        if used:
-            k[:, :, :used] = self.keys
-            v[:, :, :used] = self.values
-        self._room = (k, v)
-
-    def keep(self, cols: torch.Tensor) -> None:
-        """Keep only these columns (in order)."""
-        if not self.is_initialized:
-            return
-        keys, values = self.keys.index_select(2, cols), self.values.index_select(2, cols)
-        self._room = None
-        self.keys = self.values = torch.tensor([], dtype=keys.dtype, device=keys.device)
-        if len(cols):
-            self.update(keys, values)
 
 
 class PackedLane:
@@ -102,7 +66,7 @@ class PackedLane:
         self.key = lane_key(options[0])
         self.eos = set(eos_token_ids or ())
         self.cache = DynamicCache(config=model.config)
-        self.cache.layers = [_GrowingLayer() for _ in self.cache.layers]
+        self.cache.layers = [GrowingLayer() for _ in self.cache.layers]
         self._cache_kwarg = cache_kwarg(model)
         self.owner_of = torch.empty(0, dtype=torch.long, device=self.device)  # [columns]: row id, -1 = dead
         self.forwards = 0

@@ -23,10 +23,13 @@ from nbdiff.errors import NBDiffError
 
 
 def plain_cache(cache) -> bool:
-    """True when every layer of a transformers cache is a full (non-sliding) layer of plain key/value tensors."""
+    """True when every layer of a transformers cache is a full (non-sliding) layer of plain key/value tensors
+    (a GrowingLayer's keys/values are views of its room; one put in their place starts a new room)."""
     from transformers.cache_utils import DynamicLayer
 
-    return all(type(layer) is DynamicLayer for layer in cache.layers)
+    from nbdiff.decode.context import GrowingLayer
+
+    return all(type(layer) in (DynamicLayer, GrowingLayer) for layer in cache.layers)
 
 
 def can_merge(ctx: CachedContext) -> bool:
