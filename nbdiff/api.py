@@ -46,8 +46,12 @@ def resolve_options(model, options: DecodeOptions | None = None, **overrides: An
     return options, notes
 
 
-def resolve(model, options: DecodeOptions | None = None, **overrides: Any) -> tuple[DecodeOptions, DraftingPlan, list[str]]:
-    """`resolve_options` and the drafting plan (nbdiff.decode.plan), resolved once: `stream` passes the plan to decode()."""
+def resolve(model, options: DecodeOptions | None = None, *, plan: DraftingPlan | None = None,
+            **overrides: Any) -> tuple[DecodeOptions, DraftingPlan, list[str]]:
+    """`resolve_options` and the drafting plan (nbdiff.decode.plan), resolved once: `stream` passes the plan to decode().
+
+    `plan`: one resolved earlier for these options (chat resolves before the reply for its notes and
+    hands it to `stream`), so the model folder and the drafters are not looked at again."""
     options = options or DecodeOptions()
     known = set(DecodeOptions.field_names())
     unknown = sorted(set(overrides) - known)
@@ -57,7 +61,8 @@ def resolve(model, options: DecodeOptions | None = None, **overrides: Any) -> tu
         options = options.with_(**overrides)
     settings = model_settings(model)
     notes: list[str] = []
-    plan = plan_drafting(model, options)  # which drafter, which block size: decided there, once
+    if plan is None:
+        plan = plan_drafting(model, options)  # which drafter, which block size: decided there, once
     if options.block_size is None:
         options = options.with_(block_size=plan.block_size)
         if settings is None and not plan.trained:
@@ -206,17 +211,19 @@ def stream(
     system: str | None = None,
     raw: bool = False,
     session: Session | None = None,
+    plan: DraftingPlan | None = None,
     **overrides: Any,
 ) -> Iterator[Event]:
     """Decode and yield StepEvent / BlockEvent records, then one FinalEvent.
 
     Errors in the input (empty prompt, prompt longer than the context, bad options) are raised
     by the first `next()`; set `cancel` to stop before the next forward pass. `session` keeps the
-    KV cache for the next call (one prompt at a time).
+    KV cache for the next call (one prompt at a time). `plan`: the drafting plan `resolve` gave for
+    these options (None: resolved here).
     """
     from nbdiff.decode.decoder import decode
 
-    opts, plan, notes = resolve(model, options, **overrides)
+    opts, plan, notes = resolve(model, options, plan=plan, **overrides)
     prompts, _ = _prompts(tokenizer, prompt_or_messages, system, raw)
     opts = _fit_context(model, prompts, opts, notes)
     sixteen = dtype_name(model) if str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16") else None

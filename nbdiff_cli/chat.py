@@ -107,10 +107,11 @@ def _stats(final) -> str:
     return figures(final) + ("" if final.finish_reason != "cancelled" else ", stopped")
 
 
-def _reply(model, tokenizer, messages, options, system, session=None):
+def _reply(model, tokenizer, messages, options, system, session=None, plan=None):
     """Stream one reply; returns (text, final or None). Ctrl-C cancels and still returns what was said.
 
-    `session` (nbdiff.api.Session) keeps the KV cache: the next turn computes only its new tokens."""
+    `session` (nbdiff.api.Session) keeps the KV cache: the next turn computes only its new tokens.
+    `plan`: the turn's drafting plan, resolved once before the reply (nbdiff.api.resolve)."""
     from nbdiff.api import stream
     from nbdiff.decode.events import BlockEvent, FinalEvent
 
@@ -119,7 +120,8 @@ def _reply(model, tokenizer, messages, options, system, session=None):
 
     def work():
         try:
-            for event in stream(model, tokenizer, messages, options, cancel=cancel, system=system, session=session):
+            for event in stream(model, tokenizer, messages, options, cancel=cancel, system=system, session=session,
+                                plan=plan):
                 events.put(event)
         except BaseException as exc:  # handed to the main thread, which reports it
             events.put(exc)
@@ -164,7 +166,7 @@ def chat(
     system: Optional[str] = None,
 ) -> None:
     """Chat with a model; each block is printed as it is committed. /help lists the commands."""
-    from nbdiff.api import Session, resolve_options
+    from nbdiff.api import Session, resolve
     from nbdiff.errors import NBDiffError
 
     # kept: the conversation's cache serves every turn, so --dtype auto loads fp32 on a CPU (a fresh call's replies)
@@ -214,12 +216,12 @@ def chat(
             continue
         messages.append({"role": "user", "content": text})
         try:
-            _, notes = resolve_options(mdl, options)
+            resolved, plan, notes = resolve(mdl, options)  # the turn's plan: resolved once, handed to the reply
             for note in notes:  # e.g. block size above the adapted one: said once, before the reply
                 if note not in said:
                     said.add(note)
                     console.print(f"note: {note}", style="yellow", markup=False, highlight=False)
-            reply, final = _reply(mdl, tok, messages, options, system, session=session)
+            reply, final = _reply(mdl, tok, messages, resolved, system, session=session, plan=plan)
         except NBDiffError as exc:
             messages.pop()
             console.print(f"error: {exc}", style="red", markup=False, highlight=False)

@@ -199,3 +199,24 @@ def test_chat_loads_fp32_under_dtype_auto_on_a_cpu_and_a_16_bit_session_gets_a_n
     assert any("kept conversation in 16-bit" in note for note in final.notes)
     _, final = nbdiff.generate(model, tok, "Hi", max_new_tokens=3)
     assert not any("kept conversation" in note for note in final.notes)
+
+
+def test_each_turn_resolves_its_drafting_plan_once(folder, monkeypatch):
+    """chat resolves the plan before the reply (for its notes) and hands it to the reply's stream: one
+    resolution per turn, not two (nbdiff.decode.plan)."""
+    import nbdiff.api as api
+    import nbdiff.decode.decoder as decoder_mod
+
+    calls = []
+    real = api.plan_drafting
+
+    def counted(model, options, **kwargs):
+        calls.append(options.exact)
+        return real(model, options, **kwargs)
+
+    monkeypatch.setattr(api, "plan_drafting", counted)
+    monkeypatch.setattr(decoder_mod, "plan_drafting", counted)
+    result = chat(folder, "Hello there\nAnd again\n", "--exact")
+    assert result.exit_code == 0, result.output
+    assert result.output.count("tokens/forward") == 2
+    assert calls == [True, True]  # one per turn

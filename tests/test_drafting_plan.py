@@ -221,12 +221,32 @@ def test_exact_in_bf16_equals_block_size_1_in_bf16_unless_a_near_tie_was_counted
     assert clean >= 10 and differ > 0, (pairs, clean, differ)  # both sides of the claim were exercised
 
 
-def test_fp32_exact_counts_near_ties_and_stays_bit_identical():
+def test_fp32_on_the_cpu_skips_the_near_tie_count_and_stays_bit_identical(monkeypatch):
+    """fp32 on the CPU: a verify pass rounds like one-token steps, so the plan skips the near-tie count (its
+    top-2 over the vocabulary is never computed) and reports 0; the reply is block size 1's. bf16 counts."""
+    import nbdiff.decode.decoder as decoder_mod
+    from nbdiff.decode.plan import verify_rounds_like_steps
+
     model = tiny_model("llama")
     prompt = [5, 17, 33, 80] * 3
     ar = list(decode(model, [prompt], DecodeOptions(block_size=1, max_new_tokens=24), mask_token_id=383))[-1]
+    real, seen = decoder_mod.near_ties, []
+
+    def spy(*args, **kwargs):
+        seen.append(args[2])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(decoder_mod, "near_ties", spy)
     final = list(decode(model, [prompt], DecodeOptions(exact=True, block_size=4, max_new_tokens=24), mask_token_id=383))[-1]
-    assert final.tokens == ar.tokens and final.near_ties >= 0 and final.plan["kind"] == "ngram"
+    assert final.tokens == ar.tokens and final.near_ties == 0 and final.plan["kind"] == "ngram"
+    assert final.forwards < 24  # drafts were verified: passes of several tokens ran without the count
+    assert verify_rounds_like_steps(model) and final.plan["counts_near_ties"] is False and seen == []
+    half = model.to(torch.bfloat16)
+    assert not verify_rounds_like_steps(half) and plan_drafting(half, DecodeOptions(exact=True, block_size=4)).counts_near_ties
+    list(decode(half, [prompt], DecodeOptions(exact=True, block_size=4, max_new_tokens=24), mask_token_id=383))
+    assert seen and set(seen) == {torch.bfloat16}
+    sampled = plan_drafting(half, DecodeOptions(exact=True, block_size=4, temperature=0.7))
+    assert not sampled.counts_near_ties  # sampled tokens have no argmax to tie
     assert isinstance(DraftingPlan("ngram", 4).to_dict()["why"], str)
 
 

@@ -371,7 +371,8 @@ class Decoding:
             checks_t = torch.tensor(checks, device=self.ctx.device)
             if self.options.temperature == 0:
                 acc, nxt, dist = verify_greedy(logits, block.tokens, checks_t)
-                ties = near_ties(logits, acc, self.ctx.model.dtype)  # [B]: kept tokens decided by a near-tie
+                # [B]: kept tokens decided by a near-tie, where the pass can round unlike one-token steps (the plan)
+                ties = near_ties(logits, acc, self.ctx.model.dtype) if self.plan.counts_near_ties else torch.zeros_like(acc)
             else:
                 o = self.options
                 acc, nxt, dist = verify_sampled(logits, block.tokens, checks_t, temperature=o.temperature,

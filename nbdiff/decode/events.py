@@ -104,7 +104,9 @@ class FinalEvent:
     """Exact mode with a trained drafter: its forwards (`forwards` counts the AR model's only)."""
     near_ties: int = 0
     """Greedy exact mode: kept tokens whose top two logits were within the dtype's rounding
-    (nbdiff.decode.exact.near_ties); a reply with none is block size 1's reply in the same dtype."""
+    (nbdiff.decode.exact.near_ties); a reply with none is block size 1's reply in the same dtype. Counted
+    only where a verify pass can round unlike one-token steps (plan['counts_near_ties']: 16-bit weights, or
+    off the CPU); 0 in fp32 on the CPU, where the reply is block size 1's bit for bit."""
     plan: dict[str, Any] = field(default_factory=dict)
     """The drafting plan that ran (nbdiff.decode.plan.DraftingPlan.to_dict: drafter, kind, block size, why)."""
     kind: str = "final"

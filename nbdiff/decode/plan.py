@@ -57,6 +57,9 @@ class DraftingPlan:
     """The drafter in --drafter's words: 'ngram', 'diffusion', 'lookup+trained' (the folder's drafter/), a folder."""
     why: str = ""
     """One line for people (generate/bench --json): why this drafter and this block size."""
+    counts_near_ties: bool = False
+    """Greedy verification counts near-ties (nbdiff.decode.exact.near_ties): only where a verify pass can round
+    unlike block size 1's one-token steps (`verify_rounds_like_steps`); elsewhere the count is 0 by definition."""
 
     @property
     def exact(self) -> bool:
@@ -69,7 +72,8 @@ class DraftingPlan:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for JSON (FinalEvent.plan, generate --json, bench rows)."""
         return {"drafter": self.name, "kind": self.kind, "block_size": self.block_size, "lookup_first": self.lookup_first,
-                "draft_threshold": self.draft_threshold if self.trained else None, "source": self.source, "why": self.why}
+                "draft_threshold": self.draft_threshold if self.trained else None, "source": self.source, "why": self.why,
+                "counts_near_ties": self.counts_near_ties}
 
 
 def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPlan:
@@ -88,7 +92,22 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
         source = None if path is None else str(path)
     block, because = _block_size(model, options, kind, drafter)
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
-                        source, name, f"{why}; block size {block}: {because}")
+                        source, name, f"{why}; block size {block}: {because}",
+                        counts_near_ties=options.temperature == 0 and not verify_rounds_like_steps(model))
+
+
+def verify_rounds_like_steps(model) -> bool:
+    """Whether a verify pass of n tokens gives every row the same bits as n one-token steps on this model:
+    fp32 (or wider) weights on the CPU, where nbdiff's few-row kernel and torch's products are batch-invariant
+    (greedy exact replies equal block size 1's token for token: tests/test_exact.py). There a near-tie cannot
+    change a token, so exact mode skips counting them (a top-2 over the vocabulary at every verified position).
+    16-bit weights, or any device but the CPU (GPU products pick their reduction order by shape), round a
+    wider pass differently: near-ties are counted there."""
+    import torch
+
+    dtype = getattr(model, "dtype", None)
+    device = getattr(model, "device", None)
+    return dtype in (torch.float32, torch.float64) and device is not None and torch.device(device).type == "cpu"
 
 
 def _drafter(model, options: DecodeOptions, registry) -> tuple[str, Any, bool, str, str]:
