@@ -79,22 +79,26 @@ at::Tensor rotate_half(const at::Tensor& x) {
 // the same roundings in the same order: every value is one IEEE multiply, add or divide of the same
 // fp32 operands (this file is compiled with -ffp-contract=off, so no multiply-add is fused, and -O3
 // without -ffast-math reorders nothing); a negation or a copy is exact. The reduction (RMSNorm's
-// mean) and the transcendental function (silu's exp) stay torch's own. tests/test_fast_forward.py
+// sum) and the transcendental function (silu's exp) stay torch's own. tests/test_fast_forward.py
 // compares the logits of both forms on tiny Llama and Qwen2 models and on SmolLM2.
 
-// rmsnorm with the elementwise part in one loop: torch computes variance + eps in fp32 (the scalar
-// rounded to fp32), rsqrt as 1 / sqrt (sqrt and divide correctly rounded), then x * r, then w * that.
+// rmsnorm with the elementwise parts in loops around torch's own sum. torch's mean over the last
+// dimension (fp32, CPU) is sum(...).div_(N) (aten mean_out), x.pow(2) is x * x; then variance + eps in
+// fp32 (the scalar rounded to fp32), rsqrt as 1 / sqrt (both correctly rounded: torch's scalar and
+// AVX kernels for the few rows here; checked against numpy's fp32 for 1 to 256 rows), x * r, w * that.
 at::Tensor rmsnorm_fused(const at::Tensor& x, const at::Tensor& w, double eps) {
-  const at::Tensor variance = x.pow(2).mean({-1}, true);  // [B, n, 1]
   const int64_t H = x.size(-1), rows = x.numel() / H;
   at::Tensor out = at::empty(x.sizes(), x.options());
   const float* xp = x.data_ptr<float>();
-  const float* vp = variance.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const float e = static_cast<float>(eps);
+  for (int64_t i = 0, N = x.numel(); i < N; ++i) op[i] = xp[i] * xp[i];  // x^2, in out until the sum has read it
+  const at::Tensor sums = out.sum({-1}, true);  // [B, n, 1]
+  const float* sp = sums.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  const float e = static_cast<float>(eps), count = static_cast<float>(H);
   for (int64_t r = 0; r < rows; ++r) {
-    const float scale = 1.0f / std::sqrt(vp[r] + e);
+    const float variance = sp[r] / count;
+    const float scale = 1.0f / std::sqrt(variance + e);
     const float* xr = xp + r * H;
     float* orow = op + r * H;
     for (int64_t j = 0; j < H; ++j) orow[j] = wp[j] * (xr[j] * scale);
@@ -151,17 +155,17 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor&
               "decoder_layers: 16 parameters and 2 epsilons per layer, one key and value tensor per layer");
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 3, "decoder_layers: fp32 x of [B, n, hidden]");
   std::vector<OptTensor> params(params_list.begin(), params_list.end());
+  const int64_t B = x_in.size(0), n = x_in.size(1);
   if (fused) {  // the loops read plain contiguous fp32 memory
-    TORCH_CHECK(x_in.is_contiguous() && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 4 &&
+    TORCH_CHECK(x_in.is_contiguous() && B * n <= 256 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 4 &&
                     cos.size(1) == 1 && cos.size(-1) == head_dim && sin.sizes() == cos.sizes(),
-                "decoder_layers: fused needs a contiguous x and fp32 cos/sin of [B or 1, 1, n, head_dim]");
+                "decoder_layers: fused needs a contiguous x of at most 256 rows and fp32 cos/sin of [B or 1, 1, n, head_dim]");
     for (int64_t l = 0; l < layers; ++l)
       for (int i : {0, 9})
         TORCH_CHECK(params[16 * l + i].has_value() && params[16 * l + i]->is_contiguous() &&
                         params[16 * l + i]->scalar_type() == at::kFloat,
                     "decoder_layers: fused needs contiguous fp32 norm weights");
   }
-  const int64_t B = x_in.size(0), n = x_in.size(1);
   std::vector<at::Tensor> out(1 + 2 * layers);
   at::Tensor x = x_in;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
