@@ -22,6 +22,19 @@ Block size when none is asked for: a trained drafter's own (the block it was tra
 drafts `lookup_block_size(model)` (the folder's block size is the diffusion's); otherwise the
 block size the folder was adapted to (`nbdiff.loading.default_block_size`), 1 for a model that was
 never converted.
+
+Why lookup verifies at most 4 tokens with the few-row kernel: the width is the lever, and it is set by
+what a verify costs, not by the model. A verify's width is 1 + the longest draft, so a step where lookup
+finds nothing is a one-token pass, block size 1's step. On Qwen2.5-Coder-0.5B (fp32, this project's
+2-core CPU) a verify of 2/4/8/16 tokens cost 1.05x/1.14x/1.54x/2.76x one token, as on SmolLM2 (4: 1.12x);
+lookup keeps about 1.2-1.3 tokens a verify there, so widths past 4 cost more than their tokens give:
+measured 1.06x block size 1 at 4, 0.99x at 8, 0.83x at 16, and capping the draft by the length of the
+n-gram that matched moved the simulated speed by under 1% (docs/benchmarks/exact-mode.md, "Exact mode on
+Qwen2.5-Coder-0.5B"). The model's own diffusion drafts cost a forward each and are not planned unless
+--draft-steps asks for them.
+
+Near-ties (nbdiff.decode.exact) are counted only where a verify pass can round unlike one-token steps
+(`verify_rounds_like_steps`): the plan says so once per call (`counts_near_ties`).
 """
 
 from __future__ import annotations
