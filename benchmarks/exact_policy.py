@@ -2,7 +2,8 @@
 
 Rows (`--rows`, comma-separated): `b1` (block size 1: plain greedy AR through the decoder), `auto`
 (`generate --exact`: the drafting plan decides), `ngram:W` (prompt lookup verified W tokens wide),
-`diffusion:W` (one-shot diffusion drafts of the model itself, W wide). Every row runs on every prompt
+`diffusion:W` (one-shot diffusion drafts of the model itself, W wide), `drafter:W:T:SPEC` (a trained
+drafter's folder, `lookup+` before it for lookup first, W wide, confidence cut T: --draft-threshold). Every row runs on every prompt
 before the next prompt starts, `--repeats` rounds interleaved (this machine's speed drifts within
 minutes: compare rows of one run). Prints per suite and overall: tokens, forwards, tokens per forward,
 tokens/s (sum of tokens over sum of median seconds), speed against `b1`, replies identical to `b1`'s;
@@ -29,9 +30,12 @@ def options_of(row: str, n: int):
         return DecodeOptions(block_size=1, max_new_tokens=n)
     if row == "auto":
         return DecodeOptions(exact=True, max_new_tokens=n)
+    if row.startswith("drafter:"):  # drafter:W:T:SPEC, SPEC a drafter folder, 'lookup+' before it for lookup first
+        _, width, cut, spec = row.split(":", 3)
+        return DecodeOptions(exact=True, drafter=spec, block_size=int(width), draft_threshold=float(cut), max_new_tokens=n)
     kind, _, width = row.partition(":")
     if kind not in ("ngram", "diffusion") or not width.isdigit():
-        raise SystemExit(f"unknown row {row!r}: use b1, auto, ngram:W or diffusion:W")
+        raise SystemExit(f"unknown row {row!r}: use b1, auto, ngram:W, diffusion:W or drafter:W:T:SPEC")
     extra = {"draft_steps": 1} if kind == "diffusion" else {}
     return DecodeOptions(exact=True, drafter=kind, block_size=int(width), max_new_tokens=n, **extra)
 

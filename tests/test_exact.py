@@ -159,6 +159,32 @@ def test_default_drafting_is_lookup_and_never_below_one_token_per_forward(model)
     assert 0 < one_shot.steps <= one_shot.verified_blocks  # at most one denoising forward per drafted block
 
 
+def test_a_verify_is_as_wide_as_its_draft_so_no_match_costs_a_block_size_1_step(monkeypatch):
+    """Lookup's verify width is 1 + the draft it found, not the block size: where lookup finds nothing
+    the pass is one token wide, block size 1's step (docs/benchmarks/exact-mode.md, "Exact mode on
+    Qwen2.5-Coder-0.5B"); replies stay generate()'s."""
+    from nbdiff.decode.context import CachedContext
+
+    widths = []
+    real = CachedContext.causal
+
+    def spy(self, block, keep=1):
+        widths.append(block.shape[1])
+        return real(self, block, keep)
+
+    monkeypatch.setattr(CachedContext, "causal", spy)
+    model = tiny_model("llama")
+    for prompt in ([5, 17, 33, 80] * 3, [300, 12, 9, 61, 7, 250, 18]):
+        widths.clear()
+        events = run(model, [prompt], block_size=8, drafter="ngram", max_new_tokens=24)
+        blocks = [e for e in events if isinstance(e, BlockEvent)]
+        drafted = [len(b.drafted) for b in blocks]
+        assert widths == [1 + d for d in drafted][: len(widths)]  # the last block may need no pass
+        assert events[-1].tokens[0] == reference(model, prompt, 24)
+        assert max(widths) <= 8
+    assert 1 in widths  # steps with no match were one-token passes
+
+
 # sampling: the speculative rule keeps the AR distribution ----------------------------------------
 
 
