@@ -202,7 +202,7 @@ def same_greedy_text(a: str, b: str) -> bool:
 
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout)
     if done.returncode != 0:
         tail = "\n".join((done.stderr or done.stdout).splitlines()[-6:])
         raise SystemExit(f"{Path(argv[0]).name} failed ({done.returncode}):\n{tail}")
@@ -215,6 +215,8 @@ def llama_speculative(args, target: Path, drafter: Path, text: str, tokens: int)
     done = _run(argv, 900)
     out = parse_speculative(done.stdout + "\n" + done.stderr)
     out["text"] = reply_text(done.stdout, text)
+    out["log_tail"] = [line for line in done.stderr.splitlines() if "n_max=" in line or "block_size=" in line
+                       or re.search(r"coded|n_dr|n_pr|n_acc|accept |statistics", line)]
     return out
 
 
