@@ -15,40 +15,38 @@ spec = importlib.util.spec_from_file_location("llamacpp_drafter", ROOT / "benchm
 bench = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(bench)
 
-# The tail of a llama-speculative-simple run with a DFlash drafter (its log lines, as printed; a
-# captured sample, shortened to the lines the benchmark reads).
+# The lines the benchmark reads from a real llama-speculative-simple run (the S1 drafter for SmolLM2 on
+# the first prompt of the bench suite `code`, docs/benchmarks/llamacpp-drafter.md), as it printed them.
 SAMPLE_LOG = """\
-common_speculative_impl_draft_dflash: adding speculative implementation 'draft-dflash'
-common_speculative_impl_draft_dflash: - n_max=7, n_min=0, p_min=0.00
-common_speculative_impl_draft_dflash: - block_size=8, mask_token_id=49152, n_extract=5, sample_from_anchor=true
-main: encoded   41 tokens in    0.112 seconds, speed:  366.071 t/s
-main: decoded   97 tokens in    3.507 seconds, speed:   27.659 t/s
-main:
-main: n_draft   = 7
-main: n_predict = 97
-main: n_drafted = 511
-main: n_accept  = 24
-main: accept    = 4.697%
-main:
-main: draft:
-statistics     draft-dflash: #calls(b,g,a) =    1     73     73, #gen drafts =     73, #acc drafts =    17, \
-#gen tokens =    511, #acc tokens =    24, #mean acc len = 1.33, #acc rate/pos = (0.233, 0.082, 0.014, 0.000, 0.000, 0.000, 0.000)
+0.00.576.698 I common_speculative_impl_draft_dflash: - n_max=7, n_min=0, p_min=0.00
+0.00.576.699 I common_speculative_impl_draft_dflash: - block_size=8, mask_token_id=49152, n_extract=5, sample_from_anchor=true
+0.04.250.342 I encoded   50 tokens in    0.119 seconds, speed:  419.826 t/s
+0.04.250.344 I decoded   97 tokens in    3.555 seconds, speed:   27.289 t/s
+0.04.250.344 I n_draft   = 7
+0.04.250.344 I n_predict = 97
+0.04.250.345 I n_drafted = 473
+0.04.250.345 I n_accept  = 27
+0.04.250.346 I accept    = 5.708%
 """
+# The per-offset statistics line llama.cpp prints at trace verbosity (common_speculative_print_stats's format).
+STATS_LINE = ("statistics     draft-dflash: #calls(b,g,a) =    1     70     70, #gen drafts =     70, #acc drafts =    20, "
+              "#gen tokens =    473, #acc tokens =    27, #mean acc len = 1.39, #acc rate/pos = (0.286, 0.071, 0.029)\n")
 
 
 def test_parse_speculative_reads_the_counters_and_derives_tokens_per_verify():
     got = bench.parse_speculative(SAMPLE_LOG)
-    assert (got["n_draft"], got["n_predict"], got["n_drafted"], got["n_accept"]) == (7, 97, 511, 24)
-    assert got["verifies"] == 97 - 24  # each verify pass gives its accepted drafts plus one token
-    assert got["tokens_per_verify"] == pytest.approx(97 / 73, abs=1e-3)
-    assert (got["prompt_tokens"], got["decoded"], got["tokens_per_s"]) == (41, 97, 27.659)
-    assert got["accept_rate_per_pos"][:3] == [0.233, 0.082, 0.014] and len(got["accept_rate_per_pos"]) == 7
+    assert (got["n_draft"], got["n_predict"], got["n_drafted"], got["n_accept"]) == (7, 97, 473, 27)
+    assert got["verifies"] == 97 - 27  # each verify pass gives its accepted drafts plus one token
+    assert got["tokens_per_verify"] == pytest.approx(97 / 70, abs=1e-3)
+    assert (got["prompt_tokens"], got["decoded"], got["tokens_per_s"]) == (50, 97, 27.289)
     assert (got["block_size"], got["mask_token_id"], got["n_extract"]) == (8, 49152, 5)
+    assert "accept_rate_per_pos" not in got  # printed at trace verbosity only
+    assert bench.parse_speculative(SAMPLE_LOG + STATS_LINE)["accept_rate_per_pos"] == [0.286, 0.071, 0.029]
 
 
 def test_parse_speculative_refuses_a_run_that_did_not_finish():
     with pytest.raises(ValueError, match="n_accept"):
-        bench.parse_speculative(SAMPLE_LOG.split("main: n_accept")[0])
+        bench.parse_speculative(SAMPLE_LOG.split("I n_accept")[0])
 
 
 def test_parse_completion_reads_llama_perf_counters():
@@ -126,3 +124,20 @@ def test_export_full_vocab_keeps_the_folder_as_it_is(tmp_path):
     assert json.loads((out / "config.json").read_text())["architectures"] == ["DFlashDraftModel"]
     with pytest.raises(SystemExit):
         bench.export_for_llamacpp(drafter, target, tmp_path / "bad", vocab="some")
+
+
+def test_parse_drafts_reads_each_verify_of_a_debug_log():
+    # The format of a `-lv 5` run: the first five lines from a real one (an untrained SmolLM2 drafter),
+    # the second draft edited so that the target keeps one of its tokens.
+    log = """\
+0.01.980.018 D  - seq_id 0, draft candidate   0, pos   0:   3427 (   0.605) ' strugg'
+0.01.984.626 D  - seq_id 0, draft candidate   1, pos   0:      6 (   0.167) '<filename>'
+0.01.984.657 D  - seq_id 0, draft candidate   0, pos   1:   3427 (   0.541) ' strugg'
+0.01.984.824 D spec common_specu: called impl draft-dflash, hist size = 48, call_count = 1, gen = 7
+0.02.248.619 D accepted 0/7 draft tokens, the last target token is: (198)
+0.02.259.566 D  - seq_id 0, draft candidate   0, pos   0:   3427 (   0.585) ' strugg'
+0.02.259.606 D  - seq_id 0, draft candidate   1, pos   0:   3322 (   0.111) ' thous'
+0.02.259.624 D  - seq_id 0, draft candidate   0, pos   1:    198 (   0.589) ' strugg'
+0.02.300.000 D accepted 1/7 draft tokens, the last target token is: (5)
+"""
+    assert bench.parse_drafts(log) == [{"draft": [3427, 3427], "accepted": 0}, {"draft": [3427, 198], "accepted": 1}]
