@@ -122,13 +122,14 @@ def convert(llama_src: Path, folder: Path, outfile: Path, target_dir: Path | Non
 
 
 def command_speculative(build: Path, target: Path, drafter: Path, text: str, *, n_max: int, tokens: int,
-                        threads: int, context: int = 2048, cache_type: str = "f32") -> list[str]:
-    """`llama-speculative-simple` with the DFlash drafter, greedy, on the already templated `text`."""
+                        threads: int, context: int = 2048, cache_type: str = "f32", p_min: float = 0.0) -> list[str]:
+    """`llama-speculative-simple` with the DFlash drafter, greedy, on the already templated `text`
+    (p_min: stop a draft at the first token whose draft probability is below it; 0 = whole blocks)."""
     return [str(build / "bin" / "llama-speculative-simple"), "-m", str(target), "-md", str(drafter),
             "--spec-type", "draft-dflash", "--spec-draft-n-max", str(n_max), "-p", text, "--no-escape",
             "-n", str(tokens), "--temp", "0", "-s", "0", "-t", str(threads), "-tb", str(threads),
             "-td", str(threads), "-c", str(context), "-ctk", cache_type, "-ctv", cache_type,
-            "-ctkd", cache_type, "-ctvd", cache_type]
+            "-ctkd", cache_type, "-ctvd", cache_type, "--spec-draft-p-min", str(p_min)]
 
 
 def command_completion(build: Path, target: Path, text: str, *, tokens: int, threads: int, context: int = 2048,
@@ -211,7 +212,7 @@ def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 def llama_speculative(args, target: Path, drafter: Path, text: str, tokens: int) -> dict:
     argv = command_speculative(args.llama_build, target, drafter, text, n_max=args.block - 1, tokens=tokens,
-                               threads=args.threads, context=args.context, cache_type=args.cache_type)
+                               threads=args.threads, context=args.context, cache_type=args.cache_type, p_min=args.p_min)
     done = _run(argv, 900)
     out = parse_speculative(done.stdout + "\n" + done.stderr)
     out["text"] = reply_text(done.stdout, text)
@@ -378,7 +379,8 @@ def summary(runs: list[dict], kind: str) -> dict:
 def markdown(report: dict) -> str:
     lines = [f"{report['name']}: {report['cpu']}, {report['threads']} threads, block {report['block']} "
              f"(llama.cpp --spec-draft-n-max {report['block'] - 1}), {len(report['prompts'])} prompts of the bench "
-             f"suite `code`, up to {report['tokens']} new tokens, greedy, KV cache {report['cache_type']}", "",
+             f"suite `code`, up to {report['tokens']} new tokens, greedy, KV cache {report['cache_type']}, nbdiff "
+             f"--draft-threshold {report.get('draft_threshold', 0)}, llama.cpp --spec-draft-p-min {report.get('p_min', 0)}", "",
              "| engine | tokens | tokens per verify | drafted / accepted | decode tokens/s | same reply as nbdiff block 1 |",
              "|---|---|---|---|---|---|"]
     for row in report["rows"]:
@@ -429,6 +431,8 @@ def main() -> None:
     parser.add_argument("--cache-type", default="f32", help="llama.cpp's KV cache type (f32: nbdiff's fp32 cache)")
     parser.add_argument("--draft-threshold", type=float, default=0.0,
                         help="nbdiff's verify width (0 = the whole block, as llama.cpp's --spec-draft-p-min 0)")
+    parser.add_argument("--p-min", type=float, default=0.0,
+                        help="llama.cpp's --spec-draft-p-min (0 = whole blocks, as nbdiff's --draft-threshold 0)")
     parser.add_argument("--rows", default="nbdiff,nbdiff-full-vocab,llama-draft-vocab,llama-full-vocab,llama-plain",
                         help="which engines to run (nbdiff block 1 always runs: the reference reply)")
     parser.add_argument("--parity", type=int, default=0,
@@ -467,7 +471,7 @@ def main() -> None:
     texts = [_templated(tokenizer, p) for p in prompts]
     nbdiff_run(model, tokenizer, "Say hello.", 4, block_size=1)  # warm-up: first-call allocations
     report: dict = {"name": args.name, "cpu": _cpu(), "threads": args.threads, "block": args.block, "tokens": args.tokens,
-                    "cache_type": args.cache_type, "drafter": str(args.drafter), "target": str(args.target),
+                    "cache_type": args.cache_type, "draft_threshold": args.draft_threshold, "p_min": args.p_min, "drafter": str(args.drafter), "target": str(args.target),
                     "prompts": prompts, "torch": torch.__version__,
                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": []}
     plain = [nbdiff_run(model, tokenizer, p, args.tokens, block_size=1) for p in prompts]
