@@ -88,6 +88,7 @@ def configure(model, config: str, isa: int) -> None:
     fast_forward.KEEP_PLAN = config == "lean"
     if vars(model).get("_bench_config") in LEAN and config in LEAN:
         model._bench_config = config
+        fast_forward._ready(model)  # "lean": the kept plan made here, outside the timed forward (once per install)
         return
     uninstall(model)
     model._bench_config = config
@@ -99,6 +100,8 @@ def configure(model, config: str, isa: int) -> None:
             layer._isa = isa
     if config in LEAN and not fast_forward.install(model):
         raise SystemExit("the lean forward does not take this model (see nbdiff/cpu_kernel/fast_forward.py)")
+    if config in LEAN:
+        fast_forward._ready(model)
 
 
 def _cached(model, context: int, extra: int, configs, isa: int):
@@ -194,6 +197,45 @@ def breakdown(model, context: int, repeat: int, isa: int) -> dict:
     return out
 
 
+@torch.no_grad()
+def lone_request(model, context: int, tokens: int, isa: int) -> dict:
+    """Milliseconds per decoding step of one request alone (greedy, after a prompt of `context` tokens), taken in
+    turn: the server's packed lane as before issue 31 (its GrowingLayer cache made it take the lean forward's
+    Python layers), the packed lane now (C++ layers over the cache in place), and nbdiff's decoding context
+    (CachedContext: `nbdiff generate` block 1), each stepping its own copy of the request."""
+    from nbdiff.cpu_kernel import fast_forward
+    from nbdiff.decode.context import CachedContext
+    from nbdiff.decode.options import DecodeOptions
+    from nbdiff.serve.packed import PackedLane
+
+    configure(model, "lean", isa)
+    prompt = torch.randint(0, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    options = DecodeOptions(block_size=1, max_new_tokens=tokens + 2)
+    lanes = {name: PackedLane(model, [prompt], [options], [0], eos_token_ids=[]) for name in ("packed-before", "packed")}
+    ctx = CachedContext(model, [prompt])
+    replies = {name: lane.run_block()[0].tokens for name, lane in lanes.items()}  # the prompt's forward
+    replies["context"] = [int(ctx.prefill()[0].argmax())]
+
+    def step(name):
+        if name == "context":
+            replies[name].append(int(ctx.commit(torch.tensor([replies[name][-1:]]))[0].argmax()))
+        else:
+            replies[name] += lanes[name].run_block()[0].tokens
+
+    times = {name: [] for name in replies}
+    for _ in range(tokens):
+        for name in times:
+            fast_forward.NATIVE = fast_forward.KEEP_PLAN = name != "packed-before"
+            start = time.perf_counter()
+            step(name)
+            times[name].append(time.perf_counter() - start)
+    fast_forward.NATIVE = fast_forward.KEEP_PLAN = True
+    out = {f"{name}_ms": round(sorted(t)[len(t) // 2] * 1e3, 2) for name, t in times.items()}
+    out["same_tokens"] = replies["packed-before"] == replies["packed"] == replies["context"]
+    out.update(context=context, tokens=tokens)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -208,6 +250,9 @@ def main() -> None:
                         help=f"forward configurations to time, of {', '.join(CONFIGS)} (lean: fp32 Llama/Qwen2 only)")
     parser.add_argument("--skip-products", action="store_true", help="only the model forwards (and --breakdown)")
     parser.add_argument("--breakdown", action="store_true", help="where a one-token forward's time goes (torch.profiler)")
+    parser.add_argument("--lone-request", type=int, default=0, metavar="TOKENS",
+                        help="also time TOKENS decoding steps of one request alone: the packed server lane before and "
+                             "after issue 31 and nbdiff's decoding context, in turn")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -231,6 +276,8 @@ def main() -> None:
               "forwards": forwards(model, rows, args.repeat, args.context, isa, configs)}
     if args.breakdown and args.dtype == "fp32":
         report["breakdown"] = breakdown(model, args.context, args.repeat, isa)
+    if args.lone_request and args.dtype == "fp32":
+        report["lone_request"] = lone_request(model, args.context, args.lone_request, isa)
     if args.json:
         print(json.dumps(report, indent=1))
         return
@@ -253,6 +300,11 @@ def main() -> None:
             print(f"  {config:11s} forward {r['forward_ms']:6.2f} = products {r['products']:6.2f} ({r['products_gb_s']} GB/s)"
                   f" + attention {r['attention']:5.2f} + other tensor ops {r['other tensor ops']:5.2f}"
                   f" + Python and the rest {r['python_and_rest_ms']:5.2f}  ({r['ops_per_forward']} ops)")
+    if "lone_request" in report:
+        r = report["lone_request"]
+        print(f"one request alone, ms per decoding step after {r['context']} prompt tokens (median of {r['tokens']}):"
+              f" packed lane before {r['packed-before_ms']:.2f}, packed lane {r['packed_ms']:.2f},"
+              f" decoding context {r['context_ms']:.2f}; same tokens: {r['same_tokens']}")
 
 
 if __name__ == "__main__":
