@@ -53,50 +53,15 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- export: an nbdiff drafter folder -> what llama.cpp's converter reads ------------------------
 
 
-def _target_head(target_dir: Path):
-    """The target's LM head [V, H] from its safetensors (the embedding when the two are tied)."""
-    from safetensors import safe_open
-
-    config = json.loads((target_dir / "config.json").read_text(encoding="utf-8"))
-    names = ["lm_head.weight"] if not config.get("tie_word_embeddings") else []
-    names += ["model.embed_tokens.weight"]
-    for part in sorted(target_dir.glob("*.safetensors")):
-        with safe_open(str(part), framework="pt") as f:
-            for name in names:
-                if name in f.keys():
-                    return f.get_tensor(name)
-    raise SystemExit(f"{target_dir}: no LM head ({' or '.join(names)}) in its safetensors")
-
-
 def export_for_llamacpp(drafter_dir: Path, target_dir: Path, out: Path, vocab: str = "draft") -> Path:
-    """Write `out`, a drafter folder llama.cpp's converter reads.
+    """nbdiff.drafter.export.export_for_llamacpp (also `nbdiff export-drafter`), errors as a one-line exit."""
+    from nbdiff.drafter.export import export_for_llamacpp as export
+    from nbdiff.errors import NBDiffError
 
-    vocab 'draft': a drafter with a reduced vocabulary gets it as llama.cpp's DFlash graph runs it
-    (`d2t` offsets: draft row i drafts target id i + d2t[i]; `lm_head.weight`: the target head's rows
-    of those ids, [Vd, H]; `draft_vocab_size`; the DSpark-style architecture name under which the
-    converter reads these). vocab 'full' (or a drafter with the whole vocabulary): the folder as is.
-    """
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    config = json.loads((drafter_dir / "config.json").read_text(encoding="utf-8"))
-    tensors = load_file(str(drafter_dir / "model.safetensors"))
-    ids = (config.get("nbdiff_drafter") or {}).get("draft_vocab")
-    if vocab == "draft" and ids:
-        head = _target_head(target_dir)  # [V, H]
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        if int(ids_t.max()) >= head.shape[0]:
-            raise SystemExit(f"{drafter_dir}: draft vocabulary ids beyond the target's {head.shape[0]} rows")
-        tensors["lm_head.weight"] = head[ids_t].to(torch.float32).contiguous()  # [Vd, H]
-        tensors["d2t"] = (ids_t - torch.arange(len(ids))).contiguous()  # offsets, as the converter expects
-        config["architectures"] = ["DSparkDraftModel"]  # no Markov head: still a plain `dflash` GGUF
-        config["draft_vocab_size"] = len(ids)
-    elif vocab not in ("draft", "full"):
-        raise SystemExit(f"--vocab must be 'draft' or 'full', got {vocab!r}")
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return out
+    try:
+        return export(drafter_dir, target_dir, out, vocab)
+    except NBDiffError as e:
+        raise SystemExit(str(e)) from None
 
 
 def command_convert(llama_src: Path, folder: Path, outfile: Path, target_dir: Path | None = None) -> list[str]:
@@ -463,7 +428,9 @@ def main() -> None:
     drafter_ggufs = {}
     for vocab in ("draft", "full"):
         if f"llama-{vocab}-vocab" in rows:
-            folder = export_for_llamacpp(args.drafter, args.target, args.work_dir / f"{tag}-{vocab}", vocab)
+            folder = args.work_dir / f"{tag}-{vocab}"
+            if not (folder / "config.json").is_file():  # kept from an earlier run
+                export_for_llamacpp(args.drafter, args.target, folder, vocab)
             drafter_ggufs[vocab] = convert(args.llama_src, folder, args.work_dir / f"{tag}-{vocab}-f32.gguf", args.target)
 
     model, tokenizer = nbdiff.load(str(args.target), device="cpu", dtype="fp32")

@@ -25,6 +25,7 @@ COMMANDS: dict[str, str] = {
     "eval": "nbdiff_cli.eval:eval_",
     "bench": "nbdiff_cli.bench:bench",
     "serve": "nbdiff_cli.serve.command:serve",
+    "export-drafter": "nbdiff_cli.export_drafter:export_drafter",
 }
 
 app = typer.Typer(
