@@ -381,8 +381,11 @@ def part_serve(args, ggufs: dict[str, Path]) -> dict:
 
 
 def _git(*argv: str) -> str:
-    """What nbdiff's checkout was when the figures were taken (library files changed but not committed count)."""
-    done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    """What the checkout of the nbdiff that runs (the one imported: PYTHONPATH may point at another worktree) was
+    when the figures were taken (library files changed but not committed count)."""
+    import nbdiff
+
+    done = subprocess.run(["git", *argv], capture_output=True, text=True, cwd=Path(nbdiff.__file__).resolve().parent.parent)
     return done.stdout.strip()
 
 
@@ -427,19 +430,26 @@ def markdown(report: dict) -> str:
     rnds = report.get("rounds")
     if rnds:
         names, base = rnds["engines"], rnds["engines"][0]
+        plain = next((n for n in names if n.startswith("llama-completion")), None)
+
+        def per_round(a: str, b: str | None) -> str:
+            if b is None or a == b:
+                return "-"
+            ratios = [r["engines"][a]["tokens_per_s"] / r["engines"][b]["tokens_per_s"] for r in rnds["rounds"]]
+            return f"**{_median(ratios):.2f}x** ({min(ratios):.2f} - {max(ratios):.2f})"
+
         lines += [f"{len(rnds['rounds'])} interleaved rounds, {len(rnds['prompts'])} prompts ({', '.join(rnds['suites'])}), "
                   f"{sum(rnds['new_tokens'])} new tokens per engine per round; tokens/s prefill included", "",
-                  "| engine | tokens/s per round | median | nbdiff / this, per round: median (low - high) | same reply as nbdiff | drafts |",
-                  "|---|---|---|---|---|---|"]
+                  "| engine | tokens/s per round | median | nbdiff / this, per round: median (low - high) | "
+                  f"this / {plain or '-'}, per round: median (low - high) | same reply as nbdiff | drafts |",
+                  "|---|---|---|---|---|---|---|"]
         for name in names:
             speeds = [r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
-            ratios = [r["engines"][base]["tokens_per_s"] / r["engines"][name]["tokens_per_s"] for r in rnds["rounds"]]
             last = rnds["rounds"][-1]["engines"][name]
             same = (f"{last['same_text_as_nbdiff']}/{len(last['runs'])} (text)" if "same_text_as_nbdiff" in last else
                     f"{last['same_tokens_as_nbdiff']}/{len(last['runs'])} (tokens)" if "same_tokens_as_nbdiff" in last else "-")
             lines.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in speeds)} | {_median(speeds):.2f} | "
-                         + ("-" if name == base else f"**{_median(ratios):.2f}x** ({min(ratios):.2f} - {max(ratios):.2f})")
-                         + f" | {same} | {_drafts(last['runs'])} |")
+                         f"{per_round(base, name)} | {per_round(name, plain)} | {same} | {_drafts(last['runs'])} |")
         lines.append("")
     fwd = report.get("forward")
     if fwd:
