@@ -6,7 +6,9 @@
 // interpreter, the argument parsing and the dispatcher. Here the same ATen operations run in the
 // same order on tensors of the same shapes and layouts (so every value has the bits it has in
 // transformers' modules), without the Python around them; the products go straight to the
-// few-row kernel (the bits small_m_linear gives).
+// few-row kernel (the bits small_m_linear gives). With `fused` (what nbdiff runs) the elementwise
+// steps (RMSNorm around torch's sum, rotary, gate * up, the residual adds) are plain loops that
+// make the same roundings (below), and the rotated keys go straight into a GrowingLayer's room.
 //
 // What each layer does (transformers' LlamaDecoderLayer / Qwen2DecoderLayer with sdpa attention
 // and a DynamicLayer cache, shapes for B rows of n tokens, H heads of d, G key/value heads):
@@ -158,7 +160,8 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor&
   const int64_t B = x_in.size(0), n = x_in.size(1);
   if (fused) {  // the loops read plain contiguous fp32 memory
     TORCH_CHECK(x_in.is_contiguous() && B * n <= 256 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.dim() == 4 &&
-                    cos.size(1) == 1 && cos.size(-1) == head_dim && sin.sizes() == cos.sizes(),
+                    (cos.size(0) == 1 || cos.size(0) == B) && cos.size(1) == 1 && cos.size(2) == n &&
+                    cos.size(3) == head_dim && sin.sizes() == cos.sizes(),
                 "decoder_layers: fused needs a contiguous x of at most 256 rows and fp32 cos/sin of [B or 1, 1, n, head_dim]");
     for (int64_t l = 0; l < layers; ++l)
       for (int i : {0, 9})
