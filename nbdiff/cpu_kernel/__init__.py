@@ -244,6 +244,9 @@ def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:
         for module in layers:
             module.__class__ = SmallRowsLinear
             module._isa = state.isa
+        from nbdiff.cpu_kernel.pages import to_huge_pages
+
+        to_huge_pages(module.weight for module in layers)  # the kernel streams them: fewer TLB misses (pages.py)
         if fast_forward:
             from nbdiff.cpu_kernel import fast_forward as lean
 
