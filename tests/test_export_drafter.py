@@ -53,6 +53,14 @@ def test_export_drafter_reads_a_tied_head_from_the_embedding(tmp_path):
     assert torch.equal(load_file(str(tmp_path / "out" / "model.safetensors"))["lm_head.weight"], embed[[3, 4]])
 
 
+def test_export_drafter_full_vocab_keeps_the_folder_as_it_is(tmp_path):
+    drafter, target, _ = _folders(tmp_path, [0, 3])
+    result = runner.invoke(app, ["export-drafter", str(drafter), "-t", str(target), "-o", str(tmp_path / "out"), "--vocab", "full"])
+    assert result.exit_code == 0, result.output
+    assert set(load_file(str(tmp_path / "out" / "model.safetensors"))) == {"fc.weight", "norm.weight"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((drafter / "config.json").read_text())
+
+
 def test_export_drafter_leaves_a_non_empty_folder_alone_and_writes_nothing_on_bad_input(tmp_path):
     drafter, target, _ = _folders(tmp_path, [0, 1])
     out = tmp_path / "out"
