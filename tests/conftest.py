@@ -40,3 +40,20 @@ def smollm2_folder(tmp_path_factory):
     out = tmp_path_factory.mktemp("smollm2") / "smollm2"
     convert("smollm2-135m", out)
     return out
+
+
+@pytest.fixture
+def native_calls(monkeypatch):
+    """Per lean forward (nbdiff.cpu_kernel.fast_forward): whether its layers ran in one C++ call (layers.cpp)."""
+    from nbdiff.cpu_kernel import fast_forward
+
+    calls = []
+    original = fast_forward._native
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fast_forward, "_native", spy)
+    return calls

@@ -59,21 +59,6 @@ def _passes(model, ids):
     return out
 
 
-@pytest.fixture
-def native_calls(monkeypatch):
-    """How many forwards ran their layers in one C++ call (layers.cpp)."""
-    calls = []
-    original = fast_forward._native
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(fast_forward, "_native", spy)
-    return calls
-
-
 @pytest.mark.parametrize("native", [True, False], ids=["layers-in-cpp", "layers-in-python"])
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()

@@ -20,21 +20,6 @@ pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compile
 ARCHS = ["llama", "qwen2"]
 
 
-@pytest.fixture
-def native_calls(monkeypatch):
-    """Per lean forward: whether its layers ran in one C++ call."""
-    calls = []
-    original = fast_forward._native
-
-    def spy(*args, **kwargs):
-        out = original(*args, **kwargs)
-        calls.append(out is not None)
-        return out
-
-    monkeypatch.setattr(fast_forward, "_native", spy)
-    return calls
-
-
 def _pair(arch, **overrides):
     """(lean, reference): one tiny model twice, both with the kernel's products, one with the lean forward."""
     from nbdiff.testing import tiny_model
