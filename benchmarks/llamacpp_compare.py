@@ -25,6 +25,8 @@ Four measurements (pick with --parts single,rounds,forward,serve):
   serve   `nbdiff serve --max-batch 8` against `llama-server -np 8`: 1 client, then 8 concurrent
           clients, each sending --requests streamed chat requests (benchmarks/serve_load.py's load
           generator and prompts), `--serve-tokens` tokens each; replies compared with nbdiff's.
+          `--serve-rounds N`: all servers up at once (an idle one waits without using the CPU), N
+          interleaved rounds with new prompts each, per-round ratios of latency, TTFT and tokens/s.
 
 llama.cpp runs every GGUF of --variants: `source` (the GGUF as given, e.g. Q4_K_M: what llama.cpp's
 users run), `F32` and `BF16` (`llama-quantize --allow-requantize` of it, written once into
@@ -344,12 +346,12 @@ def part_forward(args, ggufs: dict[str, Path]) -> dict:
 
 
 def part_serve(args, ggufs: dict[str, Path]) -> dict:
+    """Each server answers 1 client, then --clients together. With --serve-rounds N every server stays up and
+    the rounds are interleaved (the order turned each round, new prompts each round, the same prompts for
+    every server within a round), so a drift of the machine's speed shows in the per-round ratios."""
     counts = [1, args.clients]
-    prompts = serve_load._prompts(sum(counts) * args.requests)
-    slices, at = [], 0
-    for n in counts:
-        slices.append((n, prompts[at: at + n * args.requests]))
-        at += n * args.requests
+    per_round = sum(counts) * args.requests
+    prompts = serve_load._prompts(per_round * args.serve_rounds)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "NO_PROXY": "127.0.0.1,localhost",
            "OMP_NUM_THREADS": str(args.threads)}
     configs = [(f"nbdiff serve --max-batch {args.clients} ({dtype})",
@@ -364,20 +366,42 @@ def part_serve(args, ggufs: dict[str, Path]) -> dict:
                          "-t", str(args.threads), "-tb", str(args.threads), "--host", "127.0.0.1", "-a", "bench",
                          "--no-webui", *_load_mode(args)]))
     rows, reference = [], {}
-    for name, argv in configs:
-        server = serve_load._started(name, argv, "bench", env, serve_load.WARM)
+
+    def measure(name: str, server, r: int) -> None:
+        at = r * per_round
+        for n in counts:
+            ps, at = prompts[at: at + n * args.requests], at + n * args.requests
+            row = serve_load._load(server, ps, n, args.requests, args.serve_tokens, args.time_limit)
+            row["round"] = r
+            rows.append(row)
+            print(f"round {r + 1} {name:40s} clients={n} tokens/s={row['tokens_per_s']:.1f} "
+                  f"latency p50={row['latency_p50']:.2f} s", flush=True)
+
+    if args.serve_rounds == 1:  # one server up at a time
+        for name, argv in configs:
+            server = serve_load._started(name, argv, "bench", env, serve_load.WARM)
+            try:
+                measure(name, server, 0)
+            finally:
+                server.stop()
+    else:
+        servers = []
         try:
-            for n, ps in slices:
-                row = serve_load._load(server, ps, n, args.requests, args.serve_tokens, args.time_limit)
-                for prompt, text in row["replies"].items():
-                    reference.setdefault(prompt, text)  # the first server's (nbdiff's) replies
-                row["same_as_first"] = sum(reference[p] == t for p, t in row["replies"].items())
-                rows.append(row)
-                print(f"{name:40s} clients={n} tokens/s={row['tokens_per_s']:.1f} latency p50={row['latency_p50']:.2f} s "
-                      f"same={row['same_as_first']}/{row['requests']}", flush=True)
+            for name, argv in configs:
+                servers.append((name, serve_load._started(name, argv, "bench", env, serve_load.WARM)))
+            for r in range(args.serve_rounds):
+                for name, server in servers[r % len(servers):] + servers[:r % len(servers)]:
+                    measure(name, server, r)
         finally:
-            server.stop()
-    return {"clients": counts, "requests_per_client": args.requests, "max_tokens": args.serve_tokens, "rows": rows}
+            for _, server in servers:
+                server.stop()
+    for row in rows:  # the first configuration's (nbdiff's) replies are the reference
+        if row["server"] == configs[0][0]:
+            reference.update(row["replies"])
+    for row in rows:
+        row["same_as_first"] = sum(reference.get(p) == t for p, t in row["replies"].items())
+    return {"clients": counts, "requests_per_client": args.requests, "max_tokens": args.serve_tokens,
+            "rounds": args.serve_rounds, "rows": rows}
 
 
 def _git(*argv: str) -> str:
@@ -478,6 +502,23 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['server']} | {r['clients']} | {r['requests']} | {r['tokens_per_s']} | {r['latency_p50']} / {r['latency_p95']} | "
                          f"{r['ttft_p50']} / {r['ttft_p95']} | {r['same_as_first']}/{r['requests']} |")
         lines.append("")
+        if serve.get("rounds", 1) > 1:
+            first = serve["rows"][0]["server"]
+            lines += [f"{serve['rounds']} interleaved rounds: per-round ratios, median (low - high)", "",
+                      f"| server | clients | latency p50, this / {first} | TTFT p50, this / {first} | tokens/s, {first} / this |",
+                      "|---|---|---|---|---|"]
+            by = {(r["server"], r["clients"], r["round"]): r for r in serve["rows"]}
+            for name in dict.fromkeys(r["server"] for r in serve["rows"]):
+                if name == first:
+                    continue
+                for n in serve["clients"]:
+                    pairs = [(by[(name, n, k)], by[(first, n, k)]) for k in range(serve["rounds"])
+                             if (name, n, k) in by and (first, n, k) in by]
+                    cell = lambda xs: f"**{_median(xs):.2f}x** ({min(xs):.2f} - {max(xs):.2f})" if xs else "-"  # noqa: E731
+                    lines.append(f"| {name} | {n} | {cell([a['latency_p50'] / b['latency_p50'] for a, b in pairs])} | "
+                                 f"{cell([a['ttft_p50'] / b['ttft_p50'] for a, b in pairs if b['ttft_p50']])} | "
+                                 f"{cell([b['tokens_per_s'] / a['tokens_per_s'] for a, b in pairs if a['tokens_per_s']])} |")
+            lines.append("")
     return "\n".join(lines)
 
 
@@ -505,6 +546,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=2, help="requests per client")
     parser.add_argument("--serve-tokens", type=int, default=32)
+    parser.add_argument("--serve-rounds", type=int, default=1,
+                        help="part `serve`: interleaved rounds, every server up throughout (new prompts each round)")
     parser.add_argument("--serve-dtypes", default="fp32", help="nbdiff serve --dtype values")
     parser.add_argument("--serve-variants", default="F32,source", help="llama-server GGUFs")
     parser.add_argument("--slot-context", type=int, default=512, help="llama-server context per slot")

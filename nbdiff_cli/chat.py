@@ -168,6 +168,7 @@ def chat(
     """Chat with a model; each block is printed as it is committed. /help lists the commands."""
     from nbdiff.api import Session, resolve
     from nbdiff.errors import NBDiffError
+    from nbdiff.threads import in_passing_thread
 
     # kept: the conversation's cache serves every turn, so --dtype auto loads fp32 on a CPU (a fresh call's replies)
     mdl, tok = load_for_decoding(model, hardware.device, hardware.dtype, hardware.quantize, exact=options.exact, kept=True)
@@ -216,7 +217,8 @@ def chat(
             continue
         messages.append({"role": "user", "content": text})
         try:
-            resolved, plan, notes = resolve(mdl, options)  # the turn's plan: resolved once, handed to the reply
+            # the turn's plan: resolved once, handed to the reply; off the main thread, as the reply (nbdiff.threads)
+            resolved, plan, notes = in_passing_thread(resolve, mdl, options)
             for note in notes:  # e.g. block size above the adapted one: said once, before the reply
                 if note not in said:
                     said.add(note)

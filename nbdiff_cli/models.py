@@ -73,6 +73,7 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     from nbdiff.api import load
     from nbdiff.loading import CHAT_DTYPE_REASON, EXACT_DTYPE_REASON, SERVE_DTYPE_REASON, choose_dtype, resolve_device
     from nbdiff.quantize import normalize
+    from nbdiff.threads import in_passing_thread
 
     value = lambda x: getattr(x, "value", x)  # noqa: E731 - enums from typer, strings from Python
     pick = str(value(dtype)).lower()
@@ -83,7 +84,10 @@ def load_for_decoding(model: Optional[str], device, dtype, quantize, *, exact: b
     folder = resolve_model(model)
     if on_cpu and unquantized:
         _build_cpu_kernel()
-    mdl, tok = load(folder, quantize=value(quantize), device=value(device), dtype="fp32" if fp32 else pick)
+    # on a passing thread: the main thread then owns no OpenMP team, and the thread that decodes (the main one,
+    # the server's engine, chat's reply worker) owns the only one (nbdiff.threads: every forward slower otherwise)
+    mdl, tok = in_passing_thread(load, folder, quantize=value(quantize), device=value(device),
+                                 dtype="fp32" if fp32 else pick)
     if fp32:  # say why fp32 ran (info and --json read it back)
         mdl._nbdiff_dtype = replace(choose_dtype("fp32"), reason=reason)
     return mdl, tok
