@@ -182,11 +182,17 @@ def nbdiff_stream(model, tokenizer, prompt: str, max_new_tokens: int, **override
             final = event
     end = time.perf_counter()
     n = final.new_tokens
-    return {"prompt_tokens": final.prompt_tokens, "new_tokens": n, "finish": final.finish_reason,
-            "prefill_ms": round((first - start) * 1e3, 1), "decode_ms": round((end - first) * 1e3, 1),
-            "tokens_per_s": round(n / (end - start), 2),
-            "tokens_per_s_no_prefill": round((n - 1) / (end - first), 2) if n > 1 else None,
-            "forwards": getattr(final, "forwards", None), "text": final.texts[0], "tokens": final.tokens[0]}
+    out = {"prompt_tokens": final.prompt_tokens, "new_tokens": n, "finish": final.finish_reason,
+           "prefill_ms": round((first - start) * 1e3, 1), "decode_ms": round((end - first) * 1e3, 1),
+           "tokens_per_s": round(n / (end - start), 2),
+           "tokens_per_s_no_prefill": round((n - 1) / (end - first), 2) if n > 1 else None,
+           "forwards": getattr(final, "forwards", None), "text": final.texts[0], "tokens": final.tokens[0]}
+    if getattr(final, "verified_blocks", 0):  # drafted and verified (exact mode, a drafter): how much was kept
+        out.update(verifies=final.verified_blocks, drafted=final.drafted, accepted=final.accepted,
+                   tokens_per_verify=round(final.accepted_length, 3),
+                   accept_rate_per_pos=[round(k / final.verified_blocks, 3) for k in final.accepted_at],
+                   drafter_forwards=final.drafter_forwards)
+    return out
 
 
 def _load(path: str, dtype: str):

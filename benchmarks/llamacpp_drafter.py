@@ -42,7 +42,6 @@ import json
 import os
 import platform
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -198,27 +197,14 @@ def llama_plain(args, target: Path, text: str, tokens: int) -> dict:
 
 
 def nbdiff_run(model, tokenizer, prompt: str, tokens: int, **decoding) -> dict:
-    """One greedy reply through nbdiff.stream; decode speed from its first token to its last."""
-    import nbdiff
-    from nbdiff.decode.events import FinalEvent
+    """One greedy reply through llamacpp_compare.nbdiff_stream; `tokens_per_s` here is its decode speed (first
+    token to last, prefill excluded), which is what llama-speculative-simple reports."""
+    if str(Path(__file__).resolve().parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from llamacpp_compare import nbdiff_stream  # benchmarks/llamacpp_compare.py (imported here: it loads torch)
 
-    start = time.perf_counter()
-    first = final = None
-    for event in nbdiff.stream(model, tokenizer, prompt, max_new_tokens=tokens, **decoding):
-        if first is None and getattr(event, "tokens", None) and not isinstance(event, FinalEvent):
-            first = time.perf_counter()
-        if isinstance(event, FinalEvent):
-            final = event
-    end = time.perf_counter()
-    n = final.new_tokens
-    out = {"prompt_tokens": final.prompt_tokens, "new_tokens": n, "finish": final.finish_reason,
-           "forwards": final.forwards, "tokens_per_s": round((n - 1) / (end - first), 2) if n > 1 and first else None,
-           "text": final.texts[0], "tokens": final.tokens[0]}
-    if final.verified_blocks:
-        out.update(verifies=final.verified_blocks, drafted=final.drafted, accepted=final.accepted,
-                   tokens_per_verify=round(final.accepted_length, 3),
-                   accept_rate_per_pos=[round(k / final.verified_blocks, 3) for k in final.accepted_at],
-                   drafter_forwards=final.drafter_forwards)
+    out = nbdiff_stream(model, tokenizer, prompt, tokens, **decoding)
+    out["tokens_per_s"] = out["tokens_per_s_no_prefill"]
     return out
 
 

@@ -101,6 +101,21 @@ def tiny_model(arch: str = "llama", seed: int = 0, attn_implementation: str = "s
     return model.eval()
 
 
+def lean_pair(arch: str = "llama", **overrides):
+    """(lean, reference): one tiny model twice, both with the CPU kernel's products, the first with the lean
+    forward (nbdiff.cpu_kernel.fast_forward), the second with transformers' own; for comparing their bits."""
+    import copy
+
+    from nbdiff import cpu_kernel
+    from nbdiff.cpu_kernel import fast_forward
+
+    lean = tiny_model(arch, **overrides)
+    reference = copy.deepcopy(lean)
+    assert cpu_kernel.install(reference, fast_forward=False).ready and not fast_forward.installed(reference)
+    assert cpu_kernel.install(lean).ready and fast_forward.installed(lean)
+    return lean, reference
+
+
 def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, **overrides):
     """Write a plain (unconverted) Hugging Face folder: tiny model + tiny tokenizer."""
     tok = tiny_tokenizer()

@@ -15,6 +15,7 @@ from torch import nn
 
 from nbdiff import cpu_kernel
 from nbdiff.cpu_kernel import fast_forward
+from nbdiff.testing import lean_pair as _pair
 
 pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compiler() is None,
                                 reason="needs an x86 CPU with AVX2+FMA and a C++ compiler")
@@ -33,17 +34,6 @@ def lean_calls(monkeypatch):
 
     monkeypatch.setattr(fast_forward, "_lean", spy)
     return calls
-
-
-def _pair(arch, **overrides):
-    """(lean, reference): the same tiny model twice, both with the kernel's products, one with the lean forward."""
-    from nbdiff.testing import tiny_model
-
-    lean = tiny_model(arch, **overrides)
-    reference = copy.deepcopy(lean)
-    assert cpu_kernel.install(reference, fast_forward=False).ready and not fast_forward.installed(reference)
-    assert cpu_kernel.install(lean).ready and fast_forward.installed(lean)
-    return lean, reference
 
 
 def _passes(model, ids):

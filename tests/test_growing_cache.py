@@ -14,21 +14,11 @@ from torch import nn
 from nbdiff import cpu_kernel
 from nbdiff.cpu_kernel import fast_forward
 from nbdiff.decode.context import GrowingLayer, growing_cache
+from nbdiff.testing import lean_pair as _pair
 
 pytestmark = pytest.mark.skipif(cpu_kernel.cpu_isa() == 0 or cpu_kernel._compiler() is None,
                                 reason="needs an x86 CPU with AVX2+FMA and a C++ compiler")
 ARCHS = ["llama", "qwen2"]
-
-
-def _pair(arch, **overrides):
-    """(lean, reference): one tiny model twice, both with the kernel's products, one with the lean forward."""
-    from nbdiff.testing import tiny_model
-
-    lean = tiny_model(arch, **overrides)
-    reference = copy.deepcopy(lean)
-    assert cpu_kernel.install(reference, fast_forward=False).ready and not fast_forward.installed(reference)
-    assert cpu_kernel.install(lean).ready and fast_forward.installed(lean)
-    return lean, reference
 
 
 @pytest.mark.parametrize("shape", [(1, 9, 3, 100, 1), (1, 14, 2, 300, 1), (1, 9, 3, 77, 5), (2, 9, 3, 40, 8), (1, 4, 4, 30, 16)])
