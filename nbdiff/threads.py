@@ -6,14 +6,15 @@ When the process then holds more OpenMP threads than it has CPUs (two teams of N
 libgomp stops letting idle workers spin between regions (a few hundred spins, then sleep), so every
 parallel region pays a wake-up. A one-token forward starts several per layer (each product, the
 attention), so the cost is per token. Measured on a 2-core Intel Xeon (model 207), torch 2.13, 2
-threads: an `add` of 200k floats 20-27 us on the thread that owns the only team, 90-150 us on a
-second thread once the main thread owns one; a one-token forward of SmolLM2-135M 27-29 ms against
-39-43 ms, and a lone request to `nbdiff serve` 1.44 s against 1.01 s for 32 tokens
-(docs/benchmarks/cpu-speed.md, "One OpenMP team"). On a machine where torch's threads are half the
-logical CPUs (physical cores with SMT) two teams still fit and nothing changes.
+threads: an `add` of 200k floats 24-28 us on the thread that owns the only team, 88-150 us on a
+second thread once the main thread owns one; a one-token forward of SmolLM2-135M on a worker thread
+23-26 ms against 33-39 ms; `nbdiff chat` 35-40 tokens/s against 24-27 on SmolLM2, 13.8-14.2 against
+11.3-12.1 on Qwen2.5-Coder-0.5B (docs/benchmarks/cpu-speed.md, "One OpenMP team per process"). On a
+machine where torch's threads are half the logical CPUs (physical cores with SMT) two teams still
+fit and nothing changes.
 
-The commands that load a model on the main thread and decode on another (the server's engine, chat's
-reply worker, `distill` through the engine) would pay that on every forward. `in_passing_thread(fn)`
+The commands that load a model on the main thread and decode on another (chat's reply worker, the
+server's engine, `distill` through the engine) can pay that on every forward. `in_passing_thread(fn)`
 runs `fn` on a new thread and waits for it: the thread's team ends with the thread, so the main
 thread never owns one and the thread that decodes afterwards owns the only team in the process.
 `nbdiff_cli.models.load_for_decoding` loads this way, and chat resolves its plan (which may load a

@@ -1,7 +1,9 @@
 """nbdiff.threads: work on a passing thread, whose OpenMP team ends with it (see the module's doc)."""
 import os
+import signal
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -71,3 +73,26 @@ def test_decoding_commands_load_off_the_main_thread(monkeypatch, tmp_path):
     monkeypatch.setattr(nbdiff.api, "load", fake_load)
     assert load_for_decoding(str(tmp_path), "cpu", "fp32", "none") == ("model", "tokenizer")
     assert where and where[0] is not threading.main_thread()
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGUSR1"), reason="POSIX signals")
+def test_a_signal_reaches_the_waiting_caller_at_once():
+    """Ctrl-C while a model loads on the passing thread stops the command then, not when loading ends."""
+
+    class Interrupted(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGUSR1, handler)
+    timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+    try:
+        start = time.monotonic()
+        timer.start()
+        with pytest.raises(Interrupted):
+            in_passing_thread(time.sleep, 5)
+        assert time.monotonic() - start < 3
+    finally:
+        timer.cancel()
+        signal.signal(signal.SIGUSR1, previous)
