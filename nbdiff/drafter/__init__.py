@@ -2,6 +2,7 @@
 that fill a block in one forward from fused AR hidden states; exact mode verifies their drafts.
 
     config.py    DrafterConfig (shape + the AR model it belongs to), DFlash's layer rule, the fingerprint
+                 and the weight probe (which recognise the AR model and its quantized copies)
     model.py     Drafter (fusion, draft layers, shared frozen AR embedding and LM head), FeatureCache
     folder.py    save_drafter / load_drafter (safetensors + config.json in DFlash's layout; a mismatched
                  pair refused), find_drafter (a model folder's drafter/ subfolder)

@@ -2,12 +2,17 @@
 
 A drafter is only useful with the AR model whose hidden states it was trained on, so the config
 names that model (architecture, hidden size, number of layers, the layers it reads, a fingerprint
-of its embedding and LM head) and `nbdiff.drafter.folder.load_drafter` refuses any other.
+of its embedding and LM head, and a probe: a few of its embedding rows) and
+`nbdiff.drafter.folder.load_drafter` refuses any other. The fingerprint is an exact hash that holds
+across fp32/bf16/fp16 copies; the probe also recognises a quantized copy of the model (a Q4 GGUF
+dequantized, say), whose near-zero weights changed sign and so changed the hash.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -47,6 +52,80 @@ def fingerprint(ar_model) -> str:
         digest.update(str(weight.shape[1]).encode())
         digest.update(bytes((sample > 0).flatten().to(torch.uint8).tolist()))
     return "signs-sha256:" + digest.hexdigest()[:16]
+
+
+PROBE_ROWS = 16
+"""Embedding rows in a probe, spread evenly over the first PROBE_SPAN ids (ordinary tokens in any
+vocabulary; the padded and added rows at the end are left out)."""
+PROBE_SPAN = 15360
+PROBE_COLUMNS = 256
+"""At most this many columns of each row (every k-th): 16 x 224 bf16 values, 9.6 KB of base64, for a
+896-wide model."""
+PROBE_MATCH = 0.9
+"""Mean cosine similarity of the probe's rows at or above which a model is the probe's model.
+
+Measured on the probe's rows of the Q4_K_M-dequantized Qwen2.5-Coder-0.5B and Q4_1-dequantized
+SmolLM2-135M embeddings and of nbdiff's tiny random models (a throwaway script, rounding blocks of 32
+along each row; docs/benchmarks/drafter-qwen05.md section 5): a matrix against its bf16, fp16 or
+8-bit copy >= 0.99999; against a 4-bit copy 0.992-0.997; two different 4-bit copies 0.988-0.993; a
+4-bit against a 3-bit copy 0.956-0.975; a 2-bit (ternary) copy 0.75-0.82. Unrelated weights: two
+random inits -0.02-0.05 (single rows up to 0.31), the neighbouring rows of one real embedding, which
+share a common direction, 0.09-0.25 (single rows up to 0.44). 0.9 passes every copy at 3 bits or more
+and stays far above anything unrelated."""
+
+
+def _probe_layout(num_rows: int, width: int) -> tuple[list[int], int]:
+    span = min(num_rows, PROBE_SPAN)
+    return [i * span // PROBE_ROWS for i in range(PROBE_ROWS)], max(1, math.ceil(width / PROBE_COLUMNS))
+
+
+def _probe_sample(weight: torch.Tensor, rows: list[int], column_step: int) -> torch.Tensor:
+    index = torch.tensor(rows, device=weight.device)
+    return weight.detach()[index, ::column_step].float().cpu()  # [rows, ceil(H / step)]
+
+
+def weight_probe(ar_model) -> dict[str, Any]:
+    """A few embedding rows of the AR model, stored with the drafter to recognise its model's copies.
+
+    `rows` are the embedding rows sampled, `column_step` the stride over their columns, `bf16` the
+    sample [len(rows), ceil(H / column_step)] as little-endian bf16, base64.
+    """
+    weight = ar_model.get_input_embeddings().weight
+    rows, step = _probe_layout(weight.shape[0], weight.shape[1])
+    sample = _probe_sample(weight, rows, step).bfloat16().view(torch.int16).numpy().astype("<i2")
+    return {"rows": rows, "column_step": step, "bf16": base64.b64encode(sample.tobytes()).decode("ascii")}
+
+
+def probe_matrix(probe: dict[str, Any], hidden_size: int) -> torch.Tensor:
+    """The probe's sample as fp32 [len(rows), ceil(hidden_size / column_step)]; NBDiffError if malformed."""
+    import numpy as np
+
+    try:
+        rows, step = [int(r) for r in probe["rows"]], int(probe["column_step"])
+        raw = base64.b64decode(probe["bf16"], validate=True)
+    except (KeyError, TypeError, ValueError):
+        raise NBDiffError("target_probe needs `rows`, `column_step` and base64 `bf16`",
+                          "write the drafter folder again") from None
+    columns = math.ceil(hidden_size / step) if step > 0 else 0
+    if not rows or min(rows) < 0 or columns == 0 or len(raw) != 2 * len(rows) * columns:
+        raise NBDiffError(f"target_probe holds {len(raw)} bytes, not {len(rows)} rows x {columns} columns of bf16",
+                          "write the drafter folder again")
+    values = torch.from_numpy(np.frombuffer(raw, dtype="<i2").astype(np.int16))
+    return values.view(torch.bfloat16).float().view(len(rows), columns)
+
+
+def probe_similarity(probe: dict[str, Any], ar_model) -> float:
+    """Mean cosine similarity of the probe's rows and ar_model's same embedding rows (-1.0 when it lacks them)."""
+    weight = ar_model.get_input_embeddings().weight
+    try:
+        stored = probe_matrix(probe, weight.shape[1])  # [rows, columns]
+    except NBDiffError:
+        return -1.0  # another width (or a damaged probe): not this model's rows
+    rows = [int(r) for r in probe["rows"]]
+    if max(rows) >= weight.shape[0]:
+        return -1.0
+    mine = _probe_sample(weight, rows, int(probe["column_step"]))
+    return torch.nn.functional.cosine_similarity(stored, mine, dim=1).mean().item()
 
 
 def default_mask_token_id(ar_model) -> int:
@@ -92,6 +171,8 @@ class DrafterConfig:
     """Reduced draft vocabulary (AR token ids, the LM head's rows used); None = the whole vocabulary."""
     target_fingerprint: str = ""
     """`fingerprint(ar_model)` of the AR model it was trained on ("" = not checked)."""
+    target_probe: dict[str, Any] | None = None
+    """`weight_probe(ar_model)`: a few of its embedding rows, which also recognise quantized copies (None = not kept)."""
     target_name: str = ""
     """Where the AR model came from (for messages only)."""
     qk_norm: bool = True
@@ -114,6 +195,8 @@ class DrafterConfig:
             self.draft_vocab = [int(t) for t in self.draft_vocab]
             if not self.draft_vocab or min(self.draft_vocab) < 0 or max(self.draft_vocab) >= self.vocab_size:
                 raise NBDiffError(f"draft_vocab must hold ids of the AR vocabulary (0..{self.vocab_size - 1})")
+        if self.target_probe is not None:
+            probe_matrix(self.target_probe, self.hidden_size)  # a malformed probe is refused when read
 
     @property
     def draft_vocab_size(self) -> int:
@@ -140,7 +223,7 @@ class DrafterConfig:
             mask_token_id=default_mask_token_id(ar_model) if mask_token_id is None else mask_token_id,
             vocab_size=int(ar_model.get_output_embeddings().weight.shape[0]), num_hidden_layers=num_hidden_layers,
             block_size=block_size, rms_norm_eps=float(getattr(c, "rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            draft_vocab=draft_vocab, target_fingerprint=fingerprint(ar_model),
+            draft_vocab=draft_vocab, target_fingerprint=fingerprint(ar_model), target_probe=weight_probe(ar_model),
             target_name=target_name or str(getattr(c, "_name_or_path", "") or ""),
         )
 

@@ -3,9 +3,11 @@
 config.json is a Qwen3-style config as DFlash's published drafters carry it (`architectures:
 ["DFlashDraftModel"]`, the layer shape, `block_size`, `num_target_layers`, `dflash_config:
 {target_layer_ids, mask_token_id}`) plus an `nbdiff_drafter` section, the `DrafterConfig`, which
-names the AR model. A model folder that holds a `drafter/` subfolder brings its drafter along, and
-nbdiff ships drafters under `assets/drafters/<name>/`, found for a model by its fingerprint
-(`shipped_drafter`); which one runs is decided by the drafting plan (nbdiff.decode.plan).
+names the AR model: its shape, a fingerprint of its weights and a probe of 16 embedding rows. A model
+folder that holds a `drafter/` subfolder brings its drafter along, and nbdiff ships drafters under
+`assets/drafters/<name>/`, found for a model by its weights (`shipped_drafter`): the exact fingerprint
+for fp32/bf16/fp16 copies, the probe's cosine similarity for quantized ones (`match_target`, which
+`load_drafter` applies too); which one runs is decided by the drafting plan (nbdiff.decode.plan).
 A DFlash checkpoint (its config.json without our section) loads too, for the AR model it drafts
 for (`from_dflash`): plain DFlashDraftModel drafters (full attention, unscaled RoPE); its AR model
 is not named there, so only the width and the layer count are checked.
@@ -39,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from nbdiff.drafter.config import DrafterConfig, fingerprint, target_hidden_layers
+from nbdiff.drafter.config import PROBE_MATCH, DrafterConfig, fingerprint, probe_similarity, target_hidden_layers
 from nbdiff.drafter.model import Drafter
 from nbdiff.errors import NBDiffError
 from nbdiff.fsutil import atomic_dir
@@ -125,29 +127,33 @@ def shipped_drafters_dir() -> Path:
 def shipped_drafter(model, registry=None) -> Path | None:
     """The shipped drafter trained for this model, found by the model's weights, not its name or folder.
 
-    A drafter folder's config records `fingerprint(model)` of the AR model it was trained on (signs of
-    a fixed sample of the embedding and LM head: the same in fp32, bf16 and fp16 copies, and with a
-    mask token's row added by `nbdiff convert`). A drafter of the registry matches when that
-    fingerprint is this model's and `check_pair` accepts it (architecture, width, layer count, token
-    ids in range). The first match in name order wins; None when the registry has none.
+    A drafter folder's config records two things about the AR model it was trained on:
+    `fingerprint(model)` (a hash of the signs of a fixed sample of the embedding and LM head: the same
+    in fp32, bf16 and fp16 copies, and with a mask token's row added by `nbdiff convert`) and
+    `weight_probe(model)` (16 of its embedding rows in bf16, about 10 KB for a 896-wide model). A
+    drafter of the registry is this model's when `check_pair` accepts it (`match_target`: architecture,
+    width, layer count, vocabulary within one row, then the same fingerprint, or else the probe's rows
+    at a mean cosine >= PROBE_MATCH against this model's, which a quantized copy passes: a drafter
+    trained on a Q4_K_M GGUF's weights serves the bf16 original and a Q8_0 copy). An exact fingerprint
+    match is returned at once; else the first probe match in name order; None when the registry has
+    neither. Folders written before the probe existed match by fingerprint only.
     """
     root = Path(registry).expanduser() if registry is not None else shipped_drafters_dir()
     if not root.is_dir():
         return None
-    mine = None
+    close = None
     for folder in sorted(p for p in root.iterdir() if is_drafter_folder(p)):
         try:
             section = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(SECTION) or {}
-            if not section.get("target_fingerprint"):
-                continue  # a DFlash checkpoint names no AR model: never picked by fingerprint
-            mine = mine or fingerprint(model)
-            if section["target_fingerprint"] != mine:
-                continue
-            check_pair(DrafterConfig.from_dict(section), model, where=f"drafter {folder}")
+            if not (section.get("target_fingerprint") or section.get("target_probe")):
+                continue  # a DFlash checkpoint names no AR model: never picked for one
+            how = check_pair(DrafterConfig.from_dict(section), model, where=f"drafter {folder}")
         except (OSError, ValueError, NBDiffError):
             continue  # another model's drafter, or one this nbdiff cannot read: not this model's
-        return folder
-    return None
+        if how == "fingerprint":
+            return folder
+        close = close or folder
+    return close
 
 
 def _read_config_json(path) -> dict:
@@ -196,8 +202,17 @@ def from_dflash(data: dict, ar_model, where: str = "the checkpoint") -> DrafterC
     )
 
 
-def check_pair(config: DrafterConfig, ar_model, where: str = "the drafter") -> None:
-    """Refuse a drafter trained for another AR model (one line, with a hint)."""
+def match_target(config: DrafterConfig, ar_model) -> tuple[str, list[str]]:
+    """Whether ar_model is the model the drafter was trained for: (how, []) if it is, ("", reasons) if not.
+
+    The architecture, the width and the layer count must be the drafter's, the vocabulary its size or
+    one row more or less (`nbdiff convert` may add a mask token's row). Then the weights: `how` is
+    "fingerprint" when the exact hash of their signs is the recorded one (fp32, bf16, fp16 copies),
+    "probe" when the recorded embedding rows agree with this model's at a mean cosine similarity of at
+    least PROBE_MATCH (a quantized copy: a Q4 GGUF dequantized, a Q8_0 one, the bf16 original of a
+    quantized file), and "shape" for a DFlash checkpoint, which names no model (its shape is all there
+    is to check). The one rule behind `check_pair` and `shipped_drafter`.
+    """
     c = ar_model.config
     arch = (getattr(c, "architectures", None) or [type(ar_model).__name__])[0]
     found = []
@@ -207,14 +222,36 @@ def check_pair(config: DrafterConfig, ar_model, where: str = "the drafter") -> N
         found.append(f"hidden size {c.hidden_size} (drafter: {config.hidden_size})")
     if int(c.num_hidden_layers) != config.num_target_layers:
         found.append(f"{c.num_hidden_layers} layers (drafter: {config.num_target_layers})")
-    if not found and config.target_fingerprint and fingerprint(ar_model) != config.target_fingerprint:
-        found.append("different weights (fingerprint)")
+    names_model = bool(config.target_fingerprint or config.target_probe)
+    vocab = ar_model.get_output_embeddings().weight.shape[0]
+    if names_model and abs(vocab - config.vocab_size) > 1:
+        found.append(f"vocabulary of {vocab} (drafter: {config.vocab_size})")
+    if found:
+        return "", found
+    if not names_model:
+        return "shape", []
+    if config.target_fingerprint and fingerprint(ar_model) == config.target_fingerprint:
+        return "fingerprint", []
+    if config.target_probe is None:
+        return "", ["different weights (fingerprint)"]  # a folder written before the probe existed
+    similarity = probe_similarity(config.target_probe, ar_model)
+    if similarity >= PROBE_MATCH:
+        return "probe", []
+    return "", [f"different weights (fingerprint, and embedding rows at cosine {similarity:.3f}, "
+                f"a copy of its model gives >= {PROBE_MATCH})"]
+
+
+def check_pair(config: DrafterConfig, ar_model, where: str = "the drafter") -> str:
+    """Refuse a drafter trained for another AR model (one line, with a hint); else say how it matched
+    ("fingerprint", "probe" or "shape", see `match_target`)."""
+    how, found = match_target(config, ar_model)
     if found:
         trained = f" (trained for {config.target_name})" if config.target_name else ""
         raise NBDiffError(f"{where} does not belong to this model{trained}: {', '.join(found)}", TRAIN_HINT)
     vocab = ar_model.get_output_embeddings().weight.shape[0]
     if config.mask_token_id >= vocab or (config.draft_vocab and max(config.draft_vocab) >= vocab):
         raise NBDiffError(f"{where} uses token ids beyond this model's vocabulary ({vocab})", TRAIN_HINT)
+    return how
 
 
 def new_drafter(config: DrafterConfig, ar_model) -> Drafter:
