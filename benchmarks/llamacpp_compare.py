@@ -251,8 +251,9 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
     suites = args.suites.split(",")
     prompts = []
     for suite in suites:
-        lines = (bench_suites_dir() / f"{suite}.jsonl").read_text(encoding="utf-8").splitlines()[:args.prompts]
-        prompts += [(suite, json.loads(line)["prompt"]) for line in lines]
+        path = Path(suite) if suite.endswith(".jsonl") else bench_suites_dir() / f"{suite}.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines()[:args.prompts]
+        prompts += [(path.stem, json.loads(line)["prompt"]) for line in lines]
     model, tokenizer = _load(args.nbdiff, "fp32")
     nbdiff_stream(model, tokenizer, "Say hello.", 4)  # warm-up: first-call allocations
     first = [nbdiff_stream(model, tokenizer, p, args.tokens) for _, p in prompts]  # the lengths every engine decodes
@@ -272,13 +273,15 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
         finally:
             install(model)
 
-    def run_exact():
+    def run_exact(drafter: str):
         install(model)
-        return [nbdiff_stream(model, tokenizer, p, n, exact=True) for (_, p), n in zip(prompts, lengths)]
+        return [nbdiff_stream(model, tokenizer, p, n, exact=True, drafter=drafter) for (_, p), n in zip(prompts, lengths)]
 
     engines = {"nbdiff block 1 (fp32)": run_nbdiff, "transformers generate() (fp32)": run_generate}
     if args.nbdiff_exact:
-        engines["nbdiff --exact (fp32, plan auto)"] = run_exact
+        for drafter in args.exact_drafters.split(","):
+            label = "plan auto" if drafter == "auto" else f"--drafter {drafter}"
+            engines[f"nbdiff --exact (fp32, {label})"] = (lambda d=drafter: run_exact(d))
     for v, gguf in ggufs.items():
         engines[f"llama-completion ({v})"] = (lambda g=gguf: [llama_completion(args, g, t, n) for t, n in zip(texts, lengths)])
         if args.llama_lookup:
@@ -543,9 +546,12 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=1024, help="llama-completion's context")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part `rounds`)")
     parser.add_argument("--nbdiff-exact", action="store_true", help="part `rounds`: add nbdiff --exact (its drafting plan)")
+    parser.add_argument("--exact-drafters", default="auto",
+                        help="part `rounds` with --nbdiff-exact: one exact row per --drafter value, e.g. auto,ngram")
     parser.add_argument("--llama-lookup", action="store_true", help="part `rounds`: add llama-lookup (prompt lookup decoding)")
     parser.add_argument("--lookup-draft", type=int, default=8, help="llama-lookup's --spec-draft-n-max")
-    parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic", help="bench suites of part `rounds`")
+    parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic",
+                        help="bench suites of part `rounds` (a name, or a .jsonl file of {\"prompt\": ...} lines)")
     parser.add_argument("--depth", type=int, default=256, help="cached tokens before a timed forward")
     parser.add_argument("--repeat", type=int, default=10, help="nbdiff's timed forwards per row")
     parser.add_argument("--repeat-llama", type=int, default=3, help="llama-bench -r")

@@ -8,7 +8,8 @@ folders; `nbdiff.api.stream` resolves a plan and passes it to `decode()`, which 
     --drafter diffusion / ngram                    as named
     --drafter auto (exact mode's default):
         the model folder's drafter/ subfolder      after prompt lookup ('lookup+trained')
-        a shipped drafter for this model           found by the model's fingerprint
+        a shipped drafter for this model           found by the model's weights (fingerprint, or a probe
+                                                   of embedding rows that quantized copies pass)
                                                    (nbdiff.drafter.folder.shipped_drafter), after lookup
         --draft-steps given                        the block's denoising steps
         otherwise                                  n-gram prompt lookup
@@ -144,7 +145,7 @@ def _drafter(model, options: DecodeOptions, registry) -> tuple[str, Any, bool, s
     shipped = shipped_drafter(model, registry)
     if shipped is not None:
         return (TRAINED_KIND, shipped, True, LOOKUP + str(shipped),
-                f"--drafter auto: prompt lookup, then the shipped drafter {shipped.name} (its target's fingerprint is this model's)")
+                f"--drafter auto: prompt lookup, then the shipped drafter {shipped.name} (trained for this model's weights: fingerprint or embedding probe)")
     if options.draft_steps is not None:
         return DIFFUSION, None, False, DIFFUSION, "--drafter auto with --draft-steps: the block's denoising steps draft"
     return NGRAM, None, False, NGRAM, "--drafter auto: prompt lookup (no drafter/ in the model folder, no shipped drafter for this model)"
