@@ -140,6 +140,29 @@ def test_decoding_replies_are_the_same_tokens(arch, tmp_path, monkeypatch, lean_
     assert lean_calls  # the lean path ran
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_hidden_states_take_the_lean_path_with_the_originals_bits(arch, lean_calls, native_calls):
+    """Exact mode's trained drafter reads every pass's hidden states: the lean forward gives transformers'
+    tuple (embeddings, each layer's output, the last after the final norm) to the bit, from Python's layers."""
+    from transformers import DynamicCache
+
+    lean, reference = _pair(arch)
+    ids = torch.randint(0, lean.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(8))
+    outs = []
+    for model in (lean, reference):
+        cache = DynamicCache(config=model.config)
+        run = lambda a, b: model(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], cache=cache,
+                                 use_cache=True, output_hidden_states=True)
+        outs.append([run(0, 6), run(6, 7), run(7, 12)])  # prompt, one-token step, a verify of 5
+    assert len(lean_calls) == 3 and native_calls == []
+    for got, want in zip(*outs):
+        assert torch.equal(got.logits, want.logits)
+        assert len(got.hidden_states) == len(want.hidden_states) == lean.config.num_hidden_layers + 1
+        for a, b in zip(got.hidden_states, want.hidden_states):
+            assert torch.equal(a, b)
+
+
 @torch.no_grad()
 def test_other_calls_take_the_original_forward(lean_calls):
     from transformers import DynamicCache
@@ -152,9 +175,6 @@ def test_other_calls_take_the_original_forward(lean_calls):
     plain = [m(input_ids=ids) for m in (lean, reference)]  # no cache given
     assert torch.equal(plain[0].logits, plain[1].logits)
     short = ids[:, :4]
-    hidden = [m(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True, output_hidden_states=True)
-              for m in (lean, reference)]
-    assert len(hidden[0].hidden_states) == len(hidden[1].hidden_states) == lean.config.num_hidden_layers + 1
     assert lean_calls == []
     with torch.enable_grad():  # autograd: torch's products, the original forward
         out = lean(input_ids=short, cache=DynamicCache(config=lean.config), use_cache=True)

@@ -119,9 +119,12 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache, logits_to_keep):
+def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache, logits_to_keep, hidden_states=False):
     """The model's forward over input_ids [B, n] (B * n <= the kernel's rows) with a cache. Returns the output
-    the original forward returns (logits and the cache)."""
+    the original forward returns (logits and the cache; with `hidden_states`, transformers' tuple too: the
+    embeddings, then every layer's output, the last one after the final norm, as the original gives it;
+    exact mode's trained drafter reads them). Hidden states take the layers from Python (`_layers`, the
+    same operations and bits as the one C++ call, which returns only the last layer's output)."""
     inner = model.model
     x = inner.embed_tokens(input_ids)  # [B, n, hidden]
     if position_ids is None:
@@ -131,16 +134,22 @@ def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache
                                     position_ids=position_ids, **{parts.cache_name: cache})
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, n, head_dim] each
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    native = _native(model, parts, isa, x, mask, cos, sin, cache) if NATIVE else None
-    x = _layers(model, parts, isa, x, mask, cos, sin, cache) if native is None else native
+    states = [x] if hidden_states else None
+    native = _native(model, parts, isa, x, mask, cos, sin, cache) if NATIVE and states is None else None
+    x = _layers(model, parts, isa, x, mask, cos, sin, cache, states) if native is None else native
     x = _rms(inner.norm, x)
+    extra = {}
+    if states is not None:
+        states[-1] = x
+        extra["hidden_states"] = tuple(states)
     x = parts.slice(x, logits_to_keep)
     logits = model.lm_head(x)  # SmallRowsLinear: the kernel for few rows, torch's product for more
-    return parts.output(logits=logits, **{parts.out_cache: cache})
+    return parts.output(logits=logits, **{parts.out_cache: cache}, **extra)
 
 
-def _layers(model, parts, isa: int, x, mask, cos, sin, cache):
-    """The decoder layers from Python, operation for operation as transformers' modules run them."""
+def _layers(model, parts, isa: int, x, mask, cos, sin, cache, states: list | None = None):
+    """The decoder layers from Python, operation for operation as transformers' modules run them (each
+    layer's output appended to `states` when given)."""
     multi = torch.ops.nbdiff.small_m_linear_multi
     single = torch.ops.nbdiff.small_m_linear
     shape = x.shape[:-1]
@@ -163,6 +172,8 @@ def _layers(model, parts, isa: int, x, mask, cos, sin, cache):
         h = _rms(layer.post_attention_layernorm, x)
         gate, up = multi(h, [mlp.gate_proj.weight, mlp.up_proj.weight], [mlp.gate_proj.bias, mlp.up_proj.bias], isa)
         x = residual + single(mlp.act_fn(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias, isa)
+        if states is not None:
+            states.append(x)
     return x
 
 
@@ -323,14 +334,15 @@ def install(model: nn.Module) -> bool:
                 or ids.dim() != 2 or ids.numel() > max_rows or kwargs.get("use_cache") is False
                 or isinstance(mask, dict)
                 or any(kwargs.get(name) is not None for name in ("inputs_embeds", "labels"))
-                or any(kwargs.get(name) for name in ("output_attentions", "output_hidden_states"))
+                or kwargs.get("output_attentions")
                 or kwargs.get("return_dict") is False
                 or not set(kwargs) <= _KNOWN | {cache_arg, "past_key_values"}):
             return original(self, *args, **kwargs)
         isa = _ready(self)
         if not isa:
             return original(self, *args, **kwargs)
-        return _lean(self, parts, isa, ids, mask, kwargs.get("position_ids"), cache, kwargs.get("logits_to_keep", 0))
+        return _lean(self, parts, isa, ids, mask, kwargs.get("position_ids"), cache, kwargs.get("logits_to_keep", 0),
+                     bool(kwargs.get("output_hidden_states")))
 
     forward._nbdiff_fast_forward = True
     model.forward = types.MethodType(forward, model)
