@@ -5,7 +5,8 @@ installed package finds them wherever the current folder is:
 
 - `bench/*.jsonl`: the prompt suites of `nbdiff bench`;
 - `prompts/distill.jsonl`: the self-distillation prompts, the default of `nbdiff distill --prompts`;
-- `default-model/adapter.safetensors`: the default model's adapter.
+- `default-model/adapter.safetensors`: the default model's adapter;
+- `drafters/<name>/`: drafters nbdiff ships, found for a model by its weights (nbdiff.drafter.folder).
 """
 
 from __future__ import annotations
