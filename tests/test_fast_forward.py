@@ -140,13 +140,16 @@ def test_decoding_replies_are_the_same_tokens(arch, tmp_path, monkeypatch, lean_
     assert lean_calls  # the lean path ran
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["layers-in-cpp", "layers-in-python"])
 @pytest.mark.parametrize("arch", ARCHS)
 @torch.no_grad()
-def test_hidden_states_take_the_lean_path_with_the_originals_bits(arch, lean_calls, native_calls):
+def test_hidden_states_take_the_lean_path_with_the_originals_bits(arch, native, lean_calls, native_calls, monkeypatch):
     """Exact mode's trained drafter reads every pass's hidden states: the lean forward gives transformers'
-    tuple (embeddings, each layer's output, the last after the final norm) to the bit, from Python's layers."""
+    tuple (embeddings, each layer's output, the last after the final norm) to the bit, from the one C++
+    call as from Python's layers."""
     from transformers import DynamicCache
 
+    monkeypatch.setattr(fast_forward, "NATIVE", native)
     lean, reference = _pair(arch)
     ids = torch.randint(0, lean.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(8))
     outs = []
@@ -155,7 +158,7 @@ def test_hidden_states_take_the_lean_path_with_the_originals_bits(arch, lean_cal
         run = lambda a, b: model(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None], cache=cache,
                                  use_cache=True, output_hidden_states=True)
         outs.append([run(0, 6), run(6, 7), run(7, 12)])  # prompt, one-token step, a verify of 5
-    assert len(lean_calls) == 3 and native_calls == []
+    assert len(lean_calls) == 3 and native_calls == ([True] * 3 if native else [])
     for got, want in zip(*outs):
         assert torch.equal(got.logits, want.logits)
         assert len(got.hidden_states) == len(want.hidden_states) == lean.config.num_hidden_layers + 1

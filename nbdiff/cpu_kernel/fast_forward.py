@@ -123,8 +123,8 @@ def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache
     """The model's forward over input_ids [B, n] (B * n <= the kernel's rows) with a cache. Returns the output
     the original forward returns (logits and the cache; with `hidden_states`, transformers' tuple too: the
     embeddings, then every layer's output, the last one after the final norm, as the original gives it;
-    exact mode's trained drafter reads them). Hidden states take the layers from Python (`_layers`, the
-    same operations and bits as the one C++ call, which returns only the last layer's output)."""
+    exact mode's trained drafter reads them). The one C++ call returns them too (`_native`); where it
+    cannot run, the layers from Python (`_layers`) give the same bits."""
     inner = model.model
     x = inner.embed_tokens(input_ids)  # [B, n, hidden]
     if position_ids is None:
@@ -135,7 +135,7 @@ def _lean(model, parts, isa: int, input_ids, attention_mask, position_ids, cache
     cos, sin = inner.rotary_emb(x, position_ids)  # [B, n, head_dim] each
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     states = [x] if hidden_states else None
-    native = _native(model, parts, isa, x, mask, cos, sin, cache) if NATIVE and states is None else None
+    native = _native(model, parts, isa, x, mask, cos, sin, cache, states) if NATIVE else None
     x = _layers(model, parts, isa, x, mask, cos, sin, cache, states) if native is None else native
     x = _rms(inner.norm, x)
     extra = {}
@@ -181,9 +181,10 @@ NATIVE = True  # the layers in one C++ call where the cache allows (False: from 
 FUSED = True  # layers.cpp's elementwise loops (False: torch's elementwise operations there; the same bits, for comparisons)
 
 
-def _native(model, parts, isa: int, x, mask, cos, sin, cache):
+def _native(model, parts, isa: int, x, mask, cos, sin, cache, states: list | None = None):
     """The decoder layers in one call of torch.ops.nbdiff.decoder_layers (layers.cpp: the same ATen
-    operations as `_layers`, without Python between them), or None where the cache is not a plain
+    operations as `_layers`, without Python between them; every layer's output appended to `states` when
+    given, as `_layers` does), or None where the cache is not a plain
     DynamicCache of DynamicLayers (concatenated, as DynamicLayer.update does) or of GrowingLayers
     (written into their room in place), or the attention would take a branch layers.cpp does not write."""
     from transformers.cache_utils import DynamicCache, DynamicLayer
@@ -224,9 +225,11 @@ def _native(model, parts, isa: int, x, mask, cos, sin, cache):
                 layer.lazy_initialization(x, x)  # as DynamicLayer.update does on its first call
         keys, values, used = [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], -1
     out = torch.ops.nbdiff.decoder_layers(x, cos, sin, mask, params, eps, keys, values, attn.head_dim, groups,
-                                          gqa, enable_gqa, is_causal, attn.scaling, used, FUSED, isa)
+                                          gqa, enable_gqa, is_causal, attn.scaling, used, FUSED, isa, states is not None)
     for i, layer in enumerate(cache.layers):
         layer.keys, layer.values = out[1 + 2 * i], out[2 + 2 * i]
+    if states is not None:
+        states.extend(out[1 + 2 * len(layers):])
     return out[0]
 
 

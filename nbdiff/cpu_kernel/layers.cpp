@@ -145,12 +145,14 @@ at::Tensor add_into(const at::Tensor& a, const at::Tensor& b) {
 // whose first `used` columns are the cache (capacity >= used + n: the caller grows it). gqa: 0 = no grouping or sdpa's enable_gqa, 1 = one
 // query packed as [B, G, H/G, d] (transformers' pack_gqa), 2 = keys/values repeated (repeat_kv).
 // Returns x after the last layer, then each layer's keys and values after the update (with used >= 0:
-// views of the rooms' first used + n columns).
+// views of the rooms' first used + n columns); with `states`, then every layer's output (the hidden states
+// transformers returns after the embeddings; exact mode's trained drafter reads them).
 std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor& cos, const at::Tensor& sin,
                                        const OptTensor& mask, const c10::List<OptTensor>& params_list,
                                        at::ArrayRef<double> eps, at::TensorList keys, at::TensorList values,
                                        int64_t head_dim, int64_t groups, int64_t gqa, bool enable_gqa,
-                                       bool is_causal, double scaling, int64_t used, bool fused, int64_t isa) {
+                                       bool is_causal, double scaling, int64_t used, bool fused, int64_t isa,
+                                       bool states) {
   const int64_t layers = keys.size();
   TORCH_CHECK(params_list.size() == static_cast<size_t>(16 * layers) && values.size() == keys.size() &&
                   eps.size() == static_cast<size_t>(2 * layers),
@@ -170,6 +172,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor&
                     "decoder_layers: fused needs contiguous fp32 norm weights");
   }
   std::vector<at::Tensor> out(1 + 2 * layers);
+  if (states) out.reserve(1 + 3 * layers);  // then every layer's output after the caches (no copy: each is a fresh tensor)
   at::Tensor x = x_in;
   const at::Tensor cos_c = cos.contiguous(), sin_c = sin.contiguous();
   for (int64_t l = 0; l < layers; ++l) {
@@ -237,6 +240,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor&
     }
     at::Tensor down = products(g, {&p[14].value()}, {&p[15]}, isa)[0];
     x = fused ? add_into(x, down) : x + down;
+    if (states) out.push_back(x);  // the next layer writes only into new tensors, never into x
   }
   out[0] = x;
   return out;
@@ -246,6 +250,7 @@ std::vector<at::Tensor> decoder_layers(const at::Tensor& x_in, const at::Tensor&
 
 TORCH_LIBRARY_FRAGMENT(nbdiff, m) {
   m.def("decoder_layers(Tensor x, Tensor cos, Tensor sin, Tensor? mask, Tensor?[] params, float[] eps, Tensor[] keys, "
-        "Tensor[] values, int head_dim, int groups, int gqa, bool enable_gqa, bool is_causal, float scaling, int used, bool fused, int isa) -> Tensor[]");
+        "Tensor[] values, int head_dim, int groups, int gqa, bool enable_gqa, bool is_causal, float scaling, int used, bool fused, int isa, "
+        "bool states=False) -> Tensor[]");
   m.impl("decoder_layers", c10::DispatchKey::CPU, TORCH_FN(decoder_layers));
 }
