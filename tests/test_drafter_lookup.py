@@ -123,3 +123,16 @@ def test_load_drafter_takes_a_quantized_copy_and_refuses_another_model(ar, regis
         load_drafter(registry / "mine", tiny_model("llama", seed=1))
     message = str(refused.value)
     assert "\n" not in message and "does not belong to this model" in message and "cosine" in message
+
+
+def test_the_registry_is_read_again_when_a_config_changes(ar, registry):
+    """Configs are kept between calls (every exact-mode call looks through the registry), never past an edit."""
+    path = registry / "mine" / "config.json"
+    assert shipped_drafter(ar, registry) == registry / "mine"
+    original = path.read_text()
+    data = json.loads(original)
+    data[SECTION]["target_fingerprint"], data[SECTION]["target_probe"] = None, None  # names no model now
+    path.write_text(json.dumps(data))
+    assert shipped_drafter(ar, registry) is None
+    path.write_text(original)
+    assert shipped_drafter(ar, registry) == registry / "mine"

@@ -142,18 +142,38 @@ def shipped_drafter(model, registry=None) -> Path | None:
     if not root.is_dir():
         return None
     close = None
-    for folder in sorted(p for p in root.iterdir() if is_drafter_folder(p)):
+    for folder in sorted(p for p in root.iterdir() if (p / WEIGHTS).is_file() and (p / "config.json").is_file()):
         try:
-            section = json.loads((folder / "config.json").read_text(encoding="utf-8")).get(SECTION) or {}
-            if not (section.get("target_fingerprint") or section.get("target_probe")):
+            config = _registry_config(folder)
+            if config is None:
                 continue  # a DFlash checkpoint names no AR model: never picked for one
-            how = check_pair(DrafterConfig.from_dict(section), model, where=f"drafter {folder}")
+            how = check_pair(config, model, where=f"drafter {folder}")
         except (OSError, ValueError, NBDiffError):
             continue  # another model's drafter, or one this nbdiff cannot read: not this model's
         if how == "fingerprint":
             return folder
         close = close or folder
     return close
+
+
+_REGISTRY_CONFIGS: dict[Path, tuple[tuple[int, int], DrafterConfig | None]] = {}
+
+
+def _registry_config(folder: Path) -> DrafterConfig | None:
+    """A registry folder's DrafterConfig (None: it names no AR model), read again only when its config.json
+    changes: every exact-mode call with --drafter auto looks through the registry, and a shipped config
+    (12k draft ids) costs about 2 ms to parse."""
+    path = folder / "config.json"
+    stat = path.stat()
+    key = (stat.st_mtime_ns, stat.st_size)
+    kept = _REGISTRY_CONFIGS.get(path)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    data = json.loads(path.read_text(encoding="utf-8"))
+    section = (data.get(SECTION) if isinstance(data, dict) else None) or {}
+    config = DrafterConfig.from_dict(section) if section.get("target_fingerprint") or section.get("target_probe") else None
+    _REGISTRY_CONFIGS[path] = (key, config)
+    return config
 
 
 def _read_config_json(path) -> dict:
