@@ -21,11 +21,17 @@ class SmallRowsLinear(nn.Linear):
     _isa = 0  # set by install(); 0 (a layer made some other way): torch's product always
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
-        dt = x.dtype
-        if (self._isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and self._isa == 3))
-                and x.device.type == "cpu"
-                and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
-                and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
-            return torch.ops.nbdiff.small_m_linear(x, w, self.bias, self._isa)
-        return F.linear(x, w, self.bias)
+        return few_rows_linear(x, self.weight, self.bias, self._isa)
+
+
+def few_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
+    """x w^T + bias through the kernel at `isa` where SmallRowsLinear would take it (few rows on the CPU, no
+    autograd, a contiguous weight of x's dtype), else torch's product. A trained drafter's LM head (the AR
+    model's head restricted to its draft vocabulary: a weight of its own) takes it too."""
+    dt = x.dtype
+    if (isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and isa == 3))
+            and x.device.type == "cpu"
+            and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
+            and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
+        return torch.ops.nbdiff.small_m_linear(x, w, bias, isa)
+    return F.linear(x, w, bias)
