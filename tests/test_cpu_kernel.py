@@ -28,7 +28,7 @@ def ready():
 def test_products_match_torch(isa, k, n):
     gen = torch.Generator().manual_seed(k * 1000 + n)
     w, b = torch.randn(n, k, generator=gen), torch.randn(n, generator=gen)
-    for m in (0, 1, 2, 3, 5, 8, 9, 13, 16, 17):
+    for m in (0, 1, 2, 3, 5, 8, 9, 13, 16, 17, 34, 64, 71):  # above 4 rows AVX2 takes its many-row tiles
         x = torch.randn(m, k, generator=gen)
         for bias in (None, b):
             got = cpu_kernel.small_m_linear(x, w, bias, isa=isa)
@@ -55,16 +55,18 @@ def test_bf16_products_match_torch_within_bf16_rounding(k, n):
 
 
 @pytest.mark.parametrize("isa", ISAS + ([3] if BF16 else []))
-def test_each_row_gets_its_own_bits_whatever_shares_the_product(isa):
+@pytest.mark.parametrize("n,k", [(97, 200), (300, 1000)])  # 1000 features: several weight panels (AVX2's many-row path)
+def test_each_row_gets_its_own_bits_whatever_shares_the_product(isa, n, k):
     gen = torch.Generator().manual_seed(1)
     dtype = torch.bfloat16 if isa == 3 else torch.float32
-    w, b = torch.randn(97, 200, generator=gen).to(dtype), torch.randn(97, generator=gen).to(dtype)
-    x = torch.randn(16, 200, generator=gen).to(dtype)
-    alone = torch.cat([cpu_kernel.small_m_linear(x[i:i + 1], w, b, isa=isa) for i in range(16)])
-    for m in range(1, 17):
+    rows = cpu_kernel.max_rows(dtype, isa)  # a prompt's rows too where the kernel takes them (AVX2: 64)
+    w, b = torch.randn(n, k, generator=gen).to(dtype), torch.randn(n, generator=gen).to(dtype)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    alone = torch.cat([cpu_kernel.small_m_linear(x[i:i + 1], w, b, isa=isa) for i in range(rows)])
+    for m in range(1, rows + 1):
         assert torch.equal(cpu_kernel.small_m_linear(x[:m], w, b, isa=isa), alone[:m]), m
     # a row keeps its bits beside different neighbours too
-    mixed = torch.cat([x[5:6], torch.randn(6, 200, generator=gen).to(dtype)])
+    mixed = torch.cat([x[5:6], torch.randn(6, k, generator=gen).to(dtype)])
     assert torch.equal(cpu_kernel.small_m_linear(mixed, w, b, isa=isa)[0], alone[5])
 
 
@@ -74,7 +76,7 @@ def test_several_weights_in_one_call_give_each_products_bits(isa):
     gen = torch.Generator().manual_seed(2)
     ws = [torch.randn(n, 72, generator=gen) for n in (40, 8, 8, 129)]
     bs = [torch.randn(40, generator=gen), None, torch.randn(8, generator=gen), None]
-    for m in (1, 2, 5, 16, 17):
+    for m in (1, 2, 5, 16, 17, 40):
         x = torch.randn(1, m, 72, generator=gen)
         got = torch.ops.nbdiff.small_m_linear_multi(x, ws, bs, isa)
         assert [y.shape for y in got] == [(1, m, w.shape[0]) for w in ws] and all(y.is_contiguous() for y in got)
@@ -107,7 +109,7 @@ def _linear(n=48, k=32, bias=True):
 
 def test_layer_takes_the_kernel_for_few_rows_only():
     layer = _linear()
-    few, many = torch.randn(2, 4, 32), torch.randn(cpu_kernel.MAX_ROWS[torch.float32] + 1, 32)
+    few, many = torch.randn(2, 4, 32), torch.randn(cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa()) + 1, 32)
     with torch.no_grad():
         assert torch.equal(layer(few), cpu_kernel.small_m_linear(few, layer.weight, layer.bias))
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
@@ -133,7 +135,7 @@ def test_install_keeps_the_model_its_state_and_checkpoint(tmp_path):
     from nbdiff.testing import tiny_model
 
     model = tiny_model("llama").eval()
-    ids = torch.randint(0, model.config.vocab_size, (3, 6))
+    ids = torch.randint(0, model.config.vocab_size, (5, 14))  # 70 rows: above the kernel's limit on every ISA
     with torch.no_grad():
         before = model(ids).logits
         keys = list(model.state_dict())
@@ -141,7 +143,7 @@ def test_install_keeps_the_model_its_state_and_checkpoint(tmp_path):
         assert state.ready and state.isa == cpu_kernel.cpu_isa()
         swapped = [m for m in model.modules() if type(m) is cpu_kernel.SmallRowsLinear]
         assert len(swapped) == sum(1 for m in model.modules() if isinstance(m, nn.Linear))
-        after = model(ids).logits  # 3 x 6 = 18 rows: torch's product
+        after = model(ids).logits  # torch's product
         step = model(ids[:1, :4]).logits  # 4 rows: the kernel
     assert list(model.state_dict()) == keys
     torch.testing.assert_close(after, before, rtol=0, atol=0)

@@ -36,6 +36,9 @@ def lean_calls(monkeypatch):
     return calls
 
 
+PROMPT = min(40, cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa()))  # AVX2: a prompt over 16 rows too
+
+
 def _passes(model, ids):
     """The passes decoding makes, on a fresh cache: a prompt, one-token steps, a verify pass of 5."""
     from transformers import DynamicCache
@@ -43,9 +46,9 @@ def _passes(model, ids):
     cache = DynamicCache(config=model.config)
     run = lambda a, b, keep: model(input_ids=ids[:, a:b], position_ids=torch.arange(a, b)[None].expand(ids.shape[0], -1),
                                    cache=cache, use_cache=True, logits_to_keep=keep).logits
-    out = [run(0, 8, 0)]
-    out += [run(t, t + 1, 1) for t in range(8, 20)]
-    out.append(run(20, 25, 0))
+    out = [run(0, PROMPT, 0)]
+    out += [run(t, t + 1, 1) for t in range(PROMPT, PROMPT + 12)]
+    out.append(run(PROMPT + 12, PROMPT + 17, 0))
     return out
 
 
@@ -55,7 +58,7 @@ def _passes(model, ids):
 def test_every_decoding_pass_has_the_kernels_bits(arch, native, lean_calls, native_calls, monkeypatch):
     monkeypatch.setattr(fast_forward, "NATIVE", native)
     lean, reference = _pair(arch)
-    ids = torch.randint(0, lean.config.vocab_size, (1, 25), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, lean.config.vocab_size, (1, PROMPT + 17), generator=torch.Generator().manual_seed(3))
     got, want = _passes(lean, ids), _passes(reference, ids)
     assert len(lean_calls) == len(got)  # every pass took the lean path
     assert native_calls == ([True] * len(got) if native else [])
@@ -171,10 +174,10 @@ def test_other_calls_take_the_original_forward(lean_calls):
     from transformers import DynamicCache
 
     lean, reference = _pair("llama")
-    ids = torch.randint(0, lean.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(0, lean.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(6))
 
     many = [m(input_ids=ids, cache=DynamicCache(config=m.config), use_cache=True) for m in (lean, reference)]
-    assert torch.equal(many[0].logits, many[1].logits)  # 20 rows: more than the kernel takes
+    assert torch.equal(many[0].logits, many[1].logits)  # 70 rows: more than the kernel takes
     plain = [m(input_ids=ids) for m in (lean, reference)]  # no cache given
     assert torch.equal(plain[0].logits, plain[1].logits)
     short = ids[:, :4]
@@ -236,7 +239,8 @@ def test_smollm2_replies_and_logits_are_the_kernels(smollm2_folder, monkeypatch,
     reference = copy.deepcopy(lean)
     fast_forward.uninstall(reference)
     with torch.no_grad():
-        got, want = _passes(lean, ids.repeat(1, 3)), _passes(reference, ids.repeat(1, 3))
+        ids = ids.repeat(1, -(-(PROMPT + 17) // ids.shape[1]))
+        got, want = _passes(lean, ids), _passes(reference, ids)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
     text, final = generate(lean, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)
     text0, final0 = generate(reference, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)

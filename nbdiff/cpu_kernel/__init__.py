@@ -7,9 +7,10 @@ The kernels (small_m.h, kernel_body.h, avx2.cpp, avx512.cpp, avx512_bf16.cpp, op
 file) are built once per machine with the system's C++ compiler into `$NBDIFF_HOME/kernels/<key>/`
 (a few seconds) and registered as `torch.ops.nbdiff.small_m_linear`. `install(model)` switches a
 model's `nn.Linear` layers in fp32 (and in bf16 where the CPU has AVX512-BF16) to
-`SmallRowsLinear`, which takes the kernel for inputs of at most `MAX_ROWS[dtype]` rows and torch's
-own product otherwise (prefills, training, other dtypes and devices). Weights and state dicts are
-untouched.
+`SmallRowsLinear`, which takes the kernel for inputs of at most `max_rows(dtype, isa)` rows
+(`MAX_ROWS[dtype]`; on AVX2 fp32 prompts of up to 64 tokens too, through the kernel's many-row
+tiles) and torch's own product otherwise (long prefills, training, other dtypes and devices).
+Weights and state dicts are untouched.
 
 Each output element is summed in one fixed order whatever the number of rows, so a row decoded
 beside others gets the bits it gets alone. Without a compiler, on a CPU without AVX2 + FMA, or with
@@ -31,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear  # noqa: F401 (public here)
+from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear, max_rows  # noqa: F401 (public here)
 
 HERE = Path(__file__).parent
 SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
@@ -197,7 +198,7 @@ def _load() -> KernelStatus:
 
 
 def _what(isa: int) -> str:
-    return ", ".join(f"{NAMES[d]} products of up to {MAX_ROWS[d]} rows" for d in dtypes(isa))
+    return ", ".join(f"{NAMES[d]} products of up to {max_rows(d, isa)} rows" for d in dtypes(isa))
 
 
 NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}

@@ -13,6 +13,7 @@ struct Avx512 {
   // input rows share each read of a weight row. Columns per pass measured on SmolLM2's shapes (8
   // rows: 3 columns 4% faster than 2; 10-12 rows: 2 columns 8% faster than 1).
   static constexpr int kRows = 16;
+  static constexpr int kTileRows = 0, kTileCols = 0, kPanelRows = 0;  // no panel path: measured on AVX2 only
   template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : R <= 8 ? 3 : R <= 12 ? 2 : 1; }
   static V zero() { return _mm512_setzero_ps(); }
   static V load(const float* p) { return _mm512_loadu_ps(p); }

@@ -13,6 +13,7 @@ struct Avx512Bf16 {
   using In = __m512bh; // 32 bf16 elements
   static constexpr int L = 32;
   static constexpr int kRows = 16;
+  static constexpr int kTileRows = 0, kTileCols = 0, kPanelRows = 0;  // no panel path: measured on AVX2 only
   template <int R> static constexpr int cols() { return R == 1 ? 8 : R <= 4 ? 4 : R <= 8 ? 2 : 1; }
   static V zero() { return _mm512_setzero_ps(); }
   static In load(const T* p) { return (In)_mm512_loadu_si512(p); }

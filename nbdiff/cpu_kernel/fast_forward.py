@@ -316,17 +316,18 @@ def install(model: nn.Module) -> bool:
     """Give `model` the lean forward for its few-row passes; False (nothing done) where the model is
     not a Llama/Qwen2 fp32 model with sdpa attention whose products take the kernel (install the
     kernel first: nbdiff.cpu_kernel.install), or the switch is off."""
-    from nbdiff.cpu_kernel.linear import MAX_ROWS
+    from nbdiff.cpu_kernel.linear import max_rows as kernel_rows
 
     if switched_off() or installed(model):
         return False
     parts = _modules(model)
-    if parts is None or not _ready(model):
+    isa = _ready(model) if parts is not None else 0
+    if not isa:
         return False
     original = type(model).forward
     names = inspect.signature(original).parameters
     cache_arg = "cache" if "cache" in names else "past_key_values"
-    max_rows = MAX_ROWS[torch.float32]
+    max_rows = kernel_rows(torch.float32, isa)  # the products' limit: the lean forward runs what the kernel takes
 
     @functools.wraps(original)  # the same signature: callers read it (nbdiff.decode.context.cache_kwarg)
     def forward(self, *args, **kwargs):

@@ -90,9 +90,33 @@ static void chunk(const typename S::T* x, int64_t rows, int64_t K, const typenam
   block<S, R, S::template cols<R>()>(x, K, w, b, n0, n1, N, y);
 }
 
+// Many rows (a prompt): S::kTileRows x S::kTileCols tiles over panels of output columns small
+// enough to stay in the core's L2 cache while every row passes over them, so the weights come from
+// memory once and each tile loads fewer vectors per multiply-add than the few-row passes. Every
+// output element is summed exactly as above (one accumulator, the same k order), so a row's bits
+// are still the ones it gets alone.
+constexpr int64_t kPanelBytes = 128 * 1024;  // measured on AVX2 (Zen 3, 512 KiB L2): 64-256 KiB alike
+
+template <class S>
+static void panels(const typename S::T* x, int64_t M, int64_t K, const typename S::T* w, const float* b, int64_t n0,
+                   int64_t n1, int64_t N, float* y) {
+  constexpr int R = S::kTileRows, NB = S::kTileCols;
+  int64_t width = kPanelBytes / (K * static_cast<int64_t>(sizeof(typename S::T))) / NB * NB;
+  if (width < NB) width = NB;
+  for (int64_t p0 = n0; p0 < n1; p0 += width) {
+    const int64_t p1 = p0 + width < n1 ? p0 + width : n1;
+    int64_t m = 0;
+    for (; m + R <= M; m += R) block<S, R, NB>(x + m * K, K, w, b, p0, p1, N, y + m * N);
+    if (m < M) chunk<S, R - 1>(x + m * K, M - m, K, w, b, p0, p1, N, y + m * N);
+  }
+}
+
 template <class S>
 static void rows(const typename S::T* x, int64_t M, int64_t K, const typename S::T* w, const float* b, int64_t n0,
                  int64_t n1, int64_t N, float* y) {
+  if constexpr (S::kTileRows > 1) {
+    if (M > S::kPanelRows) return panels<S>(x, M, K, w, b, n0, n1, N, y);
+  }
   for (int64_t m = 0; m < M; m += S::kRows)
     chunk<S, S::kRows>(x + m * K, M - m < S::kRows ? M - m : S::kRows, K, w, b, n0, n1, N, y + m * N);
 }

@@ -12,10 +12,20 @@ from torch import nn
 # it has to read the weights twice; bf16: oneDNN with AMX, nearly flat in rows). Measured with
 # benchmarks/cpu_kernel.py (docs/benchmarks/cpu-kernel.md).
 MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
+# On AVX2 the kernel has a many-row path (kernel_body.h's panels: 4 x 3 tiles over weight panels that
+# stay in L2), which is as fast as MKL's sgemm or faster up to about 64 rows (AMD EPYC Zen 3: 43 rows
+# 0.72-0.96x MKL's time, 64 rows 0.93-1.03x, 128 rows 1.07x; docs/benchmarks/cpu-kernel.md): prompts
+# of up to this many tokens take the kernel too, so a prompt's rows get the bits they get one by one.
+PROMPT_ROWS = {1: 64}
+
+
+def max_rows(dtype: torch.dtype, isa: int) -> int:
+    """The most rows the kernel at `isa` takes in `dtype` (more: torch's product)."""
+    return PROMPT_ROWS.get(isa, MAX_ROWS[dtype]) if dtype is torch.float32 else MAX_ROWS[dtype]
 
 
 class SmallRowsLinear(nn.Linear):
-    """nn.Linear whose CPU forward of at most MAX_ROWS rows, without autograd, takes the kernel (fp32;
+    """nn.Linear whose CPU forward of at most max_rows(dtype, isa) rows, without autograd, takes the kernel (fp32;
     bf16 too at isa 3)."""
 
     _isa = 0  # set by install(); 0 (a layer made some other way): torch's product always
@@ -31,7 +41,7 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     dt = x.dtype
     if (isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and isa == 3))
             and x.device.type == "cpu"
-            and x.numel() <= MAX_ROWS[dt] * w.shape[1] and w.is_contiguous()
+            and x.numel() <= max_rows(dt, isa) * w.shape[1] and w.is_contiguous()
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
         return torch.ops.nbdiff.small_m_linear(x, w, bias, isa)
     return F.linear(x, w, bias)
