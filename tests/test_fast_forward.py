@@ -245,3 +245,23 @@ def test_smollm2_replies_and_logits_are_the_kernels(smollm2_folder, monkeypatch,
     text, final = generate(lean, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)
     text0, final0 = generate(reference, tokenizer, "List three colours.", block_size=1, max_new_tokens=24)
     assert final.tokens == final0.tokens and text == text0
+
+
+@pytest.mark.skipif(cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa()) <= 16,
+                    reason="prompts over 16 tokens take the kernel on AVX2 only (its many-row path)")
+@pytest.mark.parametrize("arch", ARCHS)
+@torch.no_grad()
+def test_a_prompt_gets_the_keys_its_tokens_get_one_at_a_time(arch, lean_calls):
+    """On AVX2 a prompt of up to 64 tokens takes the kernel: its first layer's keys and values (products of
+    each row alone, no attention yet) are bit for bit the ones the same tokens get fed one at a time."""
+    from transformers import DynamicCache
+
+    lean, _ = _pair(arch)
+    ids = torch.randint(0, lean.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(8))
+    whole, steps = DynamicCache(config=lean.config), DynamicCache(config=lean.config)
+    lean(input_ids=ids, cache=whole, use_cache=True, logits_to_keep=1)
+    for t in range(ids.shape[1]):
+        lean(input_ids=ids[:, t:t + 1], cache=steps, use_cache=True, logits_to_keep=1)
+    assert len(lean_calls) == 1 + ids.shape[1]  # the prompt took the lean forward too
+    a, b = whole.layers[0], steps.layers[0]
+    assert torch.equal(a.keys[..., :40, :], b.keys[..., :40, :]) and torch.equal(a.values[..., :40, :], b.values[..., :40, :])
