@@ -9,7 +9,7 @@ import torch
 
 import nbdiff
 from nbdiff.decode.decoder import decode
-from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL, DecodeOptions
+from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_AVX2, LOOKUP_BLOCK_SIZE_KERNEL, DecodeOptions
 from nbdiff.decode.plan import DraftingPlan, plan_drafting
 from nbdiff.drafter import save_drafter
 from nbdiff.drafter.folder import REGISTRY_ENV, shipped_drafter
@@ -60,6 +60,8 @@ def test_a_plan_for_each_drafter_value(converted, tmp_path):
 
     model._nbdiff_cpu_kernel = KernelStatus(True, "on (for this test)", 2)
     assert plan_drafting(model, DecodeOptions(exact=True)).block_size == LOOKUP_BLOCK_SIZE_KERNEL
+    model._nbdiff_cpu_kernel = KernelStatus(True, "on (AVX2, for this test)", 1)  # 2 rows cost one there, 4 do not
+    assert plan_drafting(model, DecodeOptions(exact=True)).block_size == LOOKUP_BLOCK_SIZE_AVX2 == 2
     model._nbdiff_cpu_kernel = KernelStatus(False, "off (for this test)")
     steps = plan_drafting(model, DecodeOptions(exact=True, draft_steps=1))
     assert (steps.kind, steps.block_size) == ("diffusion", 1)  # the folder's block size: diffusion drafts

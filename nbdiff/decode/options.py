@@ -137,7 +137,16 @@ block 2 and 1.10x at 8 (default model, fp32, median of 3 repeats; docs/benchmark
 products on the CPU")."""
 
 
+LOOKUP_BLOCK_SIZE_AVX2 = 2
+"""The same where the kernel runs on an AVX2-only CPU: there a pass of 2 tokens costs what one does but 4
+cost 1.16x (Qwen2.5-Coder-1.5B) to 1.33x (0.5B) one, against prompt lookup's 1.10-1.15 tokens per
+forward on code and chat; at block 4 exact mode was 0.91x block size 1 on the 1.5B (AMD EPYC Zen 3;
+docs/benchmarks/llamacpp.md, "An AVX2-only CPU")."""
+
+
 def lookup_block_size(model) -> int:
-    """Exact mode's default block size for n-gram drafts on this model (see the two constants)."""
+    """Exact mode's default block size for n-gram drafts on this model (see the three constants)."""
     kernel = getattr(model, "_nbdiff_cpu_kernel", None)  # set by nbdiff.loading.load_model on a CPU
-    return LOOKUP_BLOCK_SIZE_KERNEL if kernel is not None and kernel.ready else LOOKUP_BLOCK_SIZE
+    if kernel is None or not kernel.ready:
+        return LOOKUP_BLOCK_SIZE
+    return LOOKUP_BLOCK_SIZE_AVX2 if kernel.isa == 1 else LOOKUP_BLOCK_SIZE_KERNEL

@@ -162,7 +162,8 @@ def _block_size(model, options: DecodeOptions, kind: str | None, drafter=None) -
         return drafter.config.block_size, "the block the drafter was trained for"
     if settings is not None and kind == NGRAM:
         kernel = getattr(model, "_nbdiff_cpu_kernel", None)
-        where = "with nbdiff's few-row CPU kernel" if kernel is not None and kernel.ready else "with torch's products"
+        where = ("with torch's products" if kernel is None or not kernel.ready
+                 else "with nbdiff's few-row CPU kernel" + (" on AVX2" if kernel.isa == 1 else ""))
         return lookup_block_size(model), f"lookup drafts' measured best {where}"
     if settings is None:
         return 1, "a model that was never converted decodes as plain AR"
