@@ -9,7 +9,7 @@ import torch
 
 import nbdiff
 from nbdiff.decode.decoder import decode
-from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_AVX2, LOOKUP_BLOCK_SIZE_KERNEL, DecodeOptions
+from nbdiff.decode.options import LOOKUP_BLOCK_SIZE, LOOKUP_BLOCK_SIZE_KERNEL, DecodeOptions
 from nbdiff.decode.plan import DraftingPlan, plan_drafting
 from nbdiff.drafter import save_drafter
 from nbdiff.drafter.folder import REGISTRY_ENV, shipped_drafter
@@ -60,8 +60,9 @@ def test_a_plan_for_each_drafter_value(converted, tmp_path):
 
     model._nbdiff_cpu_kernel = KernelStatus(True, "on (for this test)", 2)
     assert plan_drafting(model, DecodeOptions(exact=True)).block_size == LOOKUP_BLOCK_SIZE_KERNEL
-    model._nbdiff_cpu_kernel = KernelStatus(True, "on (AVX2, for this test)", 1)  # 2 rows cost one there, 4 do not
-    assert plan_drafting(model, DecodeOptions(exact=True)).block_size == LOOKUP_BLOCK_SIZE_AVX2 == 2
+    model._nbdiff_cpu_kernel = KernelStatus(True, "on (AVX2, for this test)", 1)  # the same width, drafts that follow
+    avx2 = plan_drafting(model, DecodeOptions(exact=True))
+    assert avx2.block_size == LOOKUP_BLOCK_SIZE_KERNEL and avx2.lookup_follows
     model._nbdiff_cpu_kernel = KernelStatus(False, "off (for this test)")
     steps = plan_drafting(model, DecodeOptions(exact=True, draft_steps=1))
     assert (steps.kind, steps.block_size) == ("diffusion", 1)  # the folder's block size: diffusion drafts
@@ -270,3 +271,35 @@ def test_generate_json_reports_the_plan_and_near_ties(tmp_path, registry):
             assert isinstance(data["near_ties"], int) and data["drafter"] == "ngram"
         if dtype == "bf16":
             assert any(f"{data['near_ties']} here" in note for note in data["notes"])
+
+
+def test_lookup_drafts_follow_their_accepted_runs_where_the_kernel_runs_on_avx2(converted):
+    """On AVX2 (wide verifies cost there) the plan makes a row's next lookup draft at most one token longer
+    than its last draft's accepted run; AVX-512 keeps full-width drafts. Replies stay block size 1's."""
+    from nbdiff.cpu_kernel import KernelStatus
+    from nbdiff.decode.events import BlockEvent, FinalEvent
+
+    model, _ = converted
+    model._nbdiff_cpu_kernel = KernelStatus(True, "on (AVX-512, for this test)", 2)
+    assert not plan_drafting(model, DecodeOptions(exact=True, block_size=8)).lookup_follows
+    model._nbdiff_cpu_kernel = KernelStatus(True, "on (AVX2, for this test)", 1)
+    assert not plan_drafting(model, DecodeOptions(exact=True, block_size=2)).lookup_follows  # one-token drafts anyway
+    plan = plan_drafting(model, DecodeOptions(exact=True, block_size=8))
+    assert plan.kind == "ngram" and plan.lookup_follows and "last accepted run" in plan.why
+    prompt = [5, 17]  # this tiny model's reply repeats itself: lookup drafts are kept, then rejected
+    events = list(decode(model, [prompt], DecodeOptions(exact=True, block_size=8, max_new_tokens=60), mask_token_id=383,
+                         plan=plan))
+    blocks = [e for e in events if isinstance(e, BlockEvent)]
+    for before, after in zip(blocks, blocks[1:]):
+        if before.drafted:
+            assert len(after.drafted) <= before.accepted + 1
+    assert any(b.accepted < len(b.drafted) for b in blocks) and any(b.accepted > 0 for b in blocks)
+    ar = list(decode(model, [prompt], DecodeOptions(block_size=1, max_new_tokens=60), mask_token_id=383))[-1]
+    final = events[-1]
+    assert isinstance(final, FinalEvent) and final.tokens == ar.tokens
+    # the same call without following: full-width drafts after a rejection (the check above can fail)
+    wide = list(decode(model, [prompt], DecodeOptions(exact=True, block_size=8, max_new_tokens=60), mask_token_id=383,
+                       plan=plan_drafting(model, DecodeOptions(exact=True, block_size=8)).__class__(
+                           **{**vars(plan), "lookup_follows": False})))
+    wide_blocks = [e for e in wide if isinstance(e, BlockEvent)]
+    assert any(len(b.drafted) > a.accepted + 1 for a, b in zip(wide_blocks, wide_blocks[1:]) if a.drafted)

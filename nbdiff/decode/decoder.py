@@ -145,6 +145,8 @@ class Decoding:
         self.cancelled = False
         self.ended = False
         self.stats = Stats(accepted_at=[0] * max(b - 1, 0))
+        # the plan's lookup_follows: per row, the longest lookup draft to verify next (None: the block's width)
+        self.lookup_cap: list[int | None] = [None] * B
         self.last_logits: torch.Tensor | None = None  # [B, V] logits that give the next block's first token
         self.first: tuple[list[int], list[float]] | None = None  # exact mode: next first tokens, decided by verification
         self.trained = self._trained_drafting() if self.plan.trained else None
@@ -290,7 +292,8 @@ class Decoding:
         if self.trained is not None:
             found = self.trained.drafts(self.ctx, first, width, histories)
             return found.tokens, found.confidences
-        return [[] if h is None else ngram_draft(h, width - 1) for h in histories], None
+        caps = [width - 1 if c is None else min(width - 1, c) for c in self.lookup_cap]
+        return [[] if h is None else ngram_draft(h, cap) for h, cap in zip(histories, caps)], None
 
     def apply_drafts(self, block: Block, drafts: list[list[int]], confs: list[list[float]] | None = None) -> Iterator[StepEvent]:
         """Put drafts made before the block opened into it (no denoising forward) as one step per row."""
@@ -385,6 +388,10 @@ class Decoding:
             kept = [accepted[i] + 1 if block.limit[i] else 0 for i in range(B)]
             self.ctx.keep_last(n, kept)
             self.first = ([int(t) for t in packed[1]], packed[2].tolist())
+        if self.plan.lookup_follows:  # a row's next lookup draft: one token longer than this one's accepted run
+            for i in range(B):
+                if checks[i]:
+                    self.lookup_cap[i] = accepted[i] + 1
         for i in range(B):
             if block.limit[i]:
                 self.stats.verified += 1

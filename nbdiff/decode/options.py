@@ -134,19 +134,12 @@ LOOKUP_BLOCK_SIZE_KERNEL = 4
 """The same where nbdiff's few-row CPU kernel runs the model (nbdiff.cpu_kernel): a verify of 4 tokens
 costs about 1.1x one token there, and lookup at block 4 gave 1.15x `generate()` against 1.11x at
 block 2 and 1.10x at 8 (default model, fp32, median of 3 repeats; docs/benchmarks/cpu-kernel.md, "Few-row fp32
-products on the CPU")."""
-
-
-LOOKUP_BLOCK_SIZE_AVX2 = 2
-"""The same where the kernel runs on an AVX2-only CPU: there a pass of 2 tokens costs what one does but 4
-cost 1.16x (Qwen2.5-Coder-1.5B) to 1.33x (0.5B) one, against prompt lookup's 1.10-1.15 tokens per
-forward on code and chat; at block 4 exact mode was 0.91x block size 1 on the 1.5B (AMD EPYC Zen 3;
-docs/benchmarks/llamacpp.md, "An AVX2-only CPU")."""
+products on the CPU"). On AVX2-only CPUs, where 4 tokens cost 1.16-1.33x one, the plan makes each row's
+draft follow its last accepted run (DraftingPlan.lookup_follows; docs/benchmarks/llamacpp.md, "An AVX2-only
+CPU")."""
 
 
 def lookup_block_size(model) -> int:
-    """Exact mode's default block size for n-gram drafts on this model (see the three constants)."""
+    """Exact mode's default block size for n-gram drafts on this model (see the two constants)."""
     kernel = getattr(model, "_nbdiff_cpu_kernel", None)  # set by nbdiff.loading.load_model on a CPU
-    if kernel is None or not kernel.ready:
-        return LOOKUP_BLOCK_SIZE
-    return LOOKUP_BLOCK_SIZE_AVX2 if kernel.isa == 1 else LOOKUP_BLOCK_SIZE_KERNEL
+    return LOOKUP_BLOCK_SIZE_KERNEL if kernel is not None and kernel.ready else LOOKUP_BLOCK_SIZE

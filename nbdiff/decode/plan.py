@@ -71,6 +71,10 @@ class DraftingPlan:
     """The drafter in --drafter's words: 'ngram', 'diffusion', 'lookup+trained' (the folder's drafter/), a folder."""
     why: str = ""
     """One line for people (generate/bench --json): why this drafter and this block size."""
+    lookup_follows: bool = False
+    """Kind 'ngram': each row's next lookup draft is at most one token longer than its last draft's accepted
+    run (a rejected first token: a draft of one), so only drafts that keep being kept grow to the block's
+    width. Planned where wide verifies cost (the kernel on AVX2-only CPUs)."""
     counts_near_ties: bool = False
     """Greedy verification counts near-ties (nbdiff.decode.exact.near_ties): only where a verify pass can round
     unlike block size 1's one-token steps (`verify_rounds_like_steps`); elsewhere the count is 0 by definition."""
@@ -105,9 +109,17 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
         drafter = loaded_drafter(model, part if path is None else path)
         source = None if path is None else str(path)
     block, because = _block_size(model, options, kind, drafter)
+    kernel = getattr(model, "_nbdiff_cpu_kernel", None)
+    follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel is not None and kernel.ready and kernel.isa == 1
+    if follows:
+        why += "; each row's lookup draft at most one token longer than its last accepted run (wide verifies cost on AVX2)"
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
                         source, name, f"{why}; block size {block}: {because}",
-                        counts_near_ties=options.temperature == 0 and not verify_rounds_like_steps(model))
+                        counts_near_ties=options.temperature == 0 and not verify_rounds_like_steps(model),
+                        lookup_follows=follows)
+
+
+LOOKUP_FOLLOWS = True  # lookup_follows where it is planned (False: never; for comparisons)
 
 
 def verify_rounds_like_steps(model) -> bool:
