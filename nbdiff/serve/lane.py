@@ -181,6 +181,7 @@ class Lane(Decoding):
         self.produced += [[] for _ in range(k)]
         self.reasons += [None] * k
         self.step_count += [0] * k
+        self.lookup_cap += [None] * k
         self.limits += [o.max_new_tokens for o in options]
         self.owners += owners
         self.joined += [before - 1] * k  # minus one: the prefill forward belongs to them too
@@ -217,7 +218,7 @@ class Lane(Decoding):
         else:  # exact mode: verification decided the first tokens; the prefill's logits are spent
             self.last_logits = None
             self.first = ([self.first[0][i] for i in keep], [self.first[1][i] for i in keep])
-        for name in ("prompts", "produced", "reasons", "step_count", "limits", "samplers", "owners", "joined"):
+        for name in ("prompts", "produced", "reasons", "step_count", "lookup_cap", "limits", "samplers", "owners", "joined"):
             values = getattr(self, name)
             setattr(self, name, [values[i] for i in keep])
 
