@@ -183,7 +183,7 @@ def test_the_draft_vocabulary_head_takes_the_kernel_where_the_ar_head_does(ar, m
     """The head's rows of the draft vocabulary are a weight of their own: with the AR head on the few-row
     kernel, a decoding forward's few rows take it too (about 2.5x faster than torch's product for a
     12k-row head on one core), with the values of torch's product up to rounding."""
-    from nbdiff.cpu_kernel import linear
+    from nbdiff.drafter import model as drafter_model
 
     vocab = list(range(0, 380, 3))
     small = randomised(new_drafter(DrafterConfig.for_target(ar, block_size=4, mask_token_id=MASK, draft_vocab=vocab), ar))
@@ -191,8 +191,8 @@ def test_the_draft_vocabulary_head_takes_the_kernel_where_the_ar_head_does(ar, m
     with torch.no_grad():
         plain = small.head(h)
     calls = []
-    real = linear.few_rows_linear
-    monkeypatch.setattr(linear, "few_rows_linear", lambda *a: calls.append(a[3]) or real(*a))
+    real = drafter_model.few_rows_linear
+    monkeypatch.setattr(drafter_model, "few_rows_linear", lambda *a: calls.append(a[3]) or real(*a))
     cpu_kernel.install(ar)
     try:
         with torch.no_grad():

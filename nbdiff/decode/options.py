@@ -139,7 +139,13 @@ draft follow its last accepted run (DraftingPlan.lookup_follows; docs/benchmarks
 CPU")."""
 
 
+def kernel_isa(model) -> int:
+    """The isa nbdiff's few-row CPU kernel runs `model` at (nbdiff.cpu_kernel.cpu_isa's numbering; 1 = AVX2),
+    0 where torch's products do (a GPU, no compiler, the switch off)."""
+    kernel = getattr(model, "_nbdiff_cpu_kernel", None)  # set by nbdiff.loading.load_model on a CPU
+    return kernel.isa if kernel is not None and kernel.ready else 0
+
+
 def lookup_block_size(model) -> int:
     """Exact mode's default block size for n-gram drafts on this model (see the two constants)."""
-    kernel = getattr(model, "_nbdiff_cpu_kernel", None)  # set by nbdiff.loading.load_model on a CPU
-    return LOOKUP_BLOCK_SIZE_KERNEL if kernel is not None and kernel.ready else LOOKUP_BLOCK_SIZE
+    return LOOKUP_BLOCK_SIZE_KERNEL if kernel_isa(model) else LOOKUP_BLOCK_SIZE

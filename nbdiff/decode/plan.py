@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nbdiff.decode.options import AUTO, LOOKUP, TRAINED, DecodeOptions, lookup_block_size
+from nbdiff.decode.options import AUTO, LOOKUP, TRAINED, DecodeOptions, kernel_isa, lookup_block_size
 
 OFF, DIFFUSION, NGRAM, TRAINED_KIND = "off", "diffusion", "ngram", "trained"
 KINDS = (OFF, DIFFUSION, NGRAM, TRAINED_KIND)
@@ -109,8 +109,7 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
         drafter = loaded_drafter(model, part if path is None else path)
         source = None if path is None else str(path)
     block, because = _block_size(model, options, kind, drafter)
-    kernel = getattr(model, "_nbdiff_cpu_kernel", None)
-    follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel is not None and kernel.ready and kernel.isa == 1
+    follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel_isa(model) == 1
     if follows:
         why += "; each row's lookup draft at most one token longer than its last accepted run (wide verifies cost on AVX2)"
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
@@ -173,9 +172,8 @@ def _block_size(model, options: DecodeOptions, kind: str | None, drafter=None) -
     if drafter is not None:
         return drafter.config.block_size, "the block the drafter was trained for"
     if settings is not None and kind == NGRAM:
-        kernel = getattr(model, "_nbdiff_cpu_kernel", None)
-        where = ("with torch's products" if kernel is None or not kernel.ready
-                 else "with nbdiff's few-row CPU kernel" + (" on AVX2" if kernel.isa == 1 else ""))
+        isa = kernel_isa(model)
+        where = "with nbdiff's few-row CPU kernel" + (" on AVX2" if isa == 1 else "") if isa else "with torch's products"
         return lookup_block_size(model), f"lookup drafts' measured best {where}"
     if settings is None:
         return 1, "a model that was never converted decodes as plain AR"

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nbdiff.cpu_kernel.linear import few_rows_linear
 from nbdiff.drafter.config import DrafterConfig
 
 
@@ -202,12 +203,8 @@ class Drafter(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The AR LM head (frozen) on h [B, b, H], restricted to the draft vocabulary."""
         weight, bias = self._head_rows()
-        isa = getattr(self.lm_head, "_isa", 0)  # the AR head takes nbdiff's few-row CPU kernel: its rows here too
-        if isa:
-            from nbdiff.cpu_kernel.linear import few_rows_linear
-
-            return few_rows_linear(h.to(weight.dtype), weight, bias, isa)
-        return F.linear(h.to(weight.dtype), weight, bias)
+        # where the AR head takes nbdiff's few-row CPU kernel its rows here do too (isa 0: torch's product)
+        return few_rows_linear(h.to(weight.dtype), weight, bias, getattr(self.lm_head, "_isa", 0))
 
     def _head_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's rows of the draft vocabulary [Vd, H] (and bias), gathered once per weight version."""
