@@ -49,6 +49,25 @@ def test_text_jsonl_parquet_and_hf_dataset(tmp_path, tok):
     assert corpus.num_documents == 2
 
 
+def test_gzip_json_lines_read_as_the_plain_file_and_a_torn_one_is_refused(tmp_path, tok):
+    import gzip
+
+    records = [{"messages": CHAT}, {"text": "Once upon a time."}, {"messages": CHAT[:3]}]
+    plain = jsonl_file(tmp_path / "r.jsonl", records)
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    a, b = load_corpus([plain], tok), load_corpus([packed], tok)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.trainable, b.trainable) and b.num_documents == 3
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    (folder / "part-1.jsonl.gz").write_bytes(packed.read_bytes())
+    assert load_corpus([folder], tok).num_documents == 3  # a folder of shards finds them
+    torn = tmp_path / "torn.jsonl.gz"
+    torn.write_bytes(packed.read_bytes()[:-12])
+    with pytest.raises(NBDiffError, match="not a whole gzip file"):
+        load_corpus([torn], tok)
+
+
 def test_chat_losses_only_on_assistant_tokens(tok):
     ids, trainable = render_chat(CHAT, tok)
     full = tok.apply_chat_template(CHAT, tokenize=False)

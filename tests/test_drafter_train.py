@@ -317,3 +317,35 @@ def test_a_resumed_run_reads_its_held_out_features_from_disk(tiny_target, tmp_pa
     again = adapt(drafter_config(folder, data, tmp_path / "r", resume=True, **{**kw, "steps": 3}))
     assert again.status == "completed" and again.steps == 3 and again.evals[-1]["step"] == 3
     assert True not in calls  # no AR pass while evaluating: the features came from disk
+
+
+def test_a_run_from_a_drafter_folder_starts_where_that_drafter_ended(tiny_target, tmp_path):
+    """--drafter-from: more training for a drafter one has. The new run's first evaluation is the old run's
+    last (same weights, layout and draft vocabulary), and training goes on from there."""
+    from safetensors.torch import load_file
+
+    folder, data, *_ = tiny_target
+    kw = dict(eval_fraction=0.1, eval_every=0)
+    first = adapt(drafter_config(folder, data, tmp_path / "a", steps=40, drafter_vocab=64, drafter_intermediate=24,
+                                 **kw))
+    fro = dict(drafter_from=str(tmp_path / "a"), drafter_layers=2)  # 2 is the default: the folder's 1 layer stays
+    more = adapt(drafter_config(folder, data, tmp_path / "b", steps=40, **fro, **kw))
+    assert first.status == more.status == "completed"
+    assert more.evals[0]["step"] == 0 and first.evals[-1]["step"] == 40
+    assert more.evals[0]["tokens_per_verify"] == first.evals[-1]["tokens_per_verify"]
+    assert first.evals[-1]["tokens_per_verify"]["8"] > first.evals[0]["tokens_per_verify"]["8"]  # not a fresh drafter's
+    assert more.evals[0]["mdm"]["8"] == pytest.approx(first.evals[-1]["mdm"]["8"], rel=1e-5)
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in "ab")
+    assert {k: v.shape for k, v in wa.items()} == {k: v.shape for k, v in wb.items()}
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa)  # trained on
+    ca, cb = (json.loads((tmp_path / d / "config.json").read_text())["nbdiff_drafter"] for d in "ab")
+    assert cb["draft_vocab"] == ca["draft_vocab"] and cb["intermediate_size"] == 24 and cb["num_hidden_layers"] == 1
+
+    with pytest.raises(NBDiffError, match="drop --drafter-layers"):
+        drafter_config(folder, data, tmp_path / "x", drafter_from=str(tmp_path / "a"), drafter_layers=3)
+    with pytest.raises(NBDiffError, match="use --block-size 8"):
+        adapt(drafter_config(folder, data, tmp_path / "y", **fro, block_size=4, seq_len=128))
+    with pytest.raises(NBDiffError, match="no such folder"):
+        adapt(drafter_config(folder, data, tmp_path / "z", drafter_from=str(tmp_path / "nowhere"), drafter_layers=2))
+    with pytest.raises(NBDiffError, match="ships no drafter"):
+        adapt(drafter_config(folder, data, tmp_path / "w", drafter_from="auto", drafter_layers=2))

@@ -35,7 +35,13 @@ from nbdiff.fsutil import atomic_file
 
 PIPELINE_VERSION = "1"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
-DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".parquet")
+DATA_SUFFIXES = TEXT_SUFFIXES + (".jsonl", ".jsonl.gz", ".parquet")
+
+
+def data_suffix(path: Path) -> str:
+    """The data kind a file name says: its suffix, or '.jsonl.gz' for gzip-compressed JSON lines."""
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
 
 
 @dataclass
@@ -130,13 +136,13 @@ def expand_paths(paths: list[str | Path]) -> list[Path]:
             if _is_hf_dataset(p):
                 out.append(p)
                 continue
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in DATA_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.is_file() and data_suffix(f) in DATA_SUFFIXES)
             if not found:
                 raise NBDiffError(f"data folder {p} holds no data files",
                                   f"expected {', '.join(DATA_SUFFIXES)} files or a `datasets.save_to_disk` folder")
             out.extend(found)
         else:
-            if p.suffix.lower() not in DATA_SUFFIXES:
+            if data_suffix(p) not in DATA_SUFFIXES:
                 raise NBDiffError(f"unknown data file type: {p.name}",
                                   f"use {', '.join(DATA_SUFFIXES)} or a saved Hugging Face dataset folder")
             out.append(p)
@@ -150,7 +156,20 @@ def _is_hf_dataset(p: Path) -> bool:
 
 
 def _records_jsonl(path: Path, stats: DataStats) -> Iterator[dict]:
-    with path.open("rb") as fh:
+    import gzip
+    import zlib
+
+    if data_suffix(path) != ".jsonl.gz":
+        yield from _json_lines(path.open("rb"), stats)
+        return
+    try:
+        yield from _json_lines(gzip.open(path, "rb"), stats)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        raise NBDiffError(f"{path} is not a whole gzip file ({exc})", "compress the JSON lines again (gzip FILE.jsonl)") from None
+
+
+def _json_lines(fh, stats: DataStats) -> Iterator[dict]:
+    with fh:
         for raw in fh:
             if not raw.strip():
                 continue
@@ -283,7 +302,7 @@ def _valid_messages(msgs: Any) -> bool:
 def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bool]], DataStats]:
     """Token ids and loss-target masks of every document in one input (a text file is one document)."""
     stats = DataStats(files=1)
-    suffix = path.suffix.lower()
+    suffix = data_suffix(path)
     if path.is_file() and suffix in TEXT_SUFFIXES:
         try:
             text = path.read_bytes().decode("utf-8")
@@ -297,7 +316,7 @@ def _tokenize_file(path: Path, tokenizer) -> tuple[list[list[int]], list[list[bo
         return [ids], [[True] * len(ids)], stats
     if path.is_dir():
         records: Iterator[dict] = _records_hf(path)
-    elif suffix == ".jsonl":
+    elif suffix in (".jsonl", ".jsonl.gz"):
         records = _records_jsonl(path, stats)
     else:
         records = _records_parquet(path)

@@ -154,6 +154,9 @@ class AdaptConfig:
     """MLP width of every draft layer (0 = the model's; narrower layers make a smaller drafter to ship)."""
     drafter_init: str = "random"
     """Draft layers start 'random' or as a 'copy' of the model's last layers."""
+    drafter_from: str | None = None
+    """Go on training this drafter folder (its layers, layers read, vocabulary and weights) on --data;
+    'auto' = the drafter nbdiff ships for the model. Leave the other --drafter-* layout flags out."""
     drafter_target_layers: str = "auto"
     """Model layers whose outputs are fused: 'auto' (up to 5, spread from the 2nd to the 3rd-from-last) or '1,9,17'."""
     drafter_anchors: int = 32
@@ -231,6 +234,12 @@ class AdaptConfig:
         _at_least(self.drafter_intermediate, 0, "--drafter-intermediate")
         if self.drafter_gamma is not None and not self.drafter_gamma > 0:
             raise NBDiffError(f"--drafter-gamma must be > 0, got {self.drafter_gamma}")
+        if self.drafter_from is not None:
+            layout = ("drafter_layers", "drafter_intermediate", "drafter_init", "drafter_target_layers", "drafter_vocab")
+            given = [_flag(f.name) for f in fields(self) if f.name in layout and getattr(self, f.name) != f.default]
+            if given:
+                raise NBDiffError(f"--drafter-from takes the drafter's layout from {self.drafter_from}: "
+                                  f"{', '.join(given)} cannot change it", f"drop {', '.join(given)}")
 
     def _check_ranges(self) -> None:
         check_block_size(self.block_size, "--block-size")

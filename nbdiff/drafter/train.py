@@ -208,9 +208,13 @@ def target_layers(config, num_ar_layers: int) -> list[int]:
 
 
 def build_drafter(ar_model, config, mask_token_id: int, draft_vocab: list[int] | None):
-    """A fresh drafter for `ar_model` from the recipe (layers, layers read, block size, vocabulary, init), fp32."""
+    """A fresh drafter for `ar_model` from the recipe (layers, layers read, block size, vocabulary, init), fp32;
+    with --drafter-from, that drafter folder's drafter (`starting_drafter`)."""
     from nbdiff.drafter.config import DrafterConfig
     from nbdiff.drafter.folder import new_drafter
+
+    if config.drafter_from is not None:
+        return starting_drafter(ar_model, config, mask_token_id)
 
     dconf = DrafterConfig.for_target(
         ar_model, num_hidden_layers=config.drafter_layers,
@@ -224,6 +228,36 @@ def build_drafter(ar_model, config, mask_token_id: int, draft_vocab: list[int] |
     if config.drafter_init == "copy":
         copy_ar_layers(drafter, ar_model)
     return drafter
+
+
+def starting_drafter(ar_model, config, mask_token_id: int):
+    """The drafter --drafter-from names ('auto': the one nbdiff ships for ar_model), in fp32, to train on.
+
+    It must be this model's (`load_drafter` checks the weights), drafted at the run's block size and
+    with the model folder's mask token; its layout and draft vocabulary stay as they are (reply tokens
+    outside that vocabulary are not trained on)."""
+    from dataclasses import replace
+
+    from nbdiff.drafter.folder import load_drafter, shipped_drafter
+
+    path = config.drafter_from
+    if path == "auto":
+        path = shipped_drafter(ar_model)
+        if path is None:
+            raise NBDiffError("--drafter-from auto: nbdiff ships no drafter for this model",
+                              "name a drafter folder, or leave --drafter-from out to train a new drafter")
+    elif not Path(path).expanduser().is_dir():
+        raise NBDiffError(f"--drafter-from {path}: no such folder", "name a drafter folder (config.json, model.safetensors)")
+    drafter = load_drafter(path, ar_model)
+    c = drafter.config
+    if c.block_size != config.block_size:
+        raise NBDiffError(f"--drafter-from {path} drafts blocks of {c.block_size}, the run's --block-size is "
+                          f"{config.block_size}", f"use --block-size {c.block_size}")
+    if c.mask_token_id != mask_token_id:
+        raise NBDiffError(f"--drafter-from {path} uses mask token {c.mask_token_id}, the model folder {mask_token_id}",
+                          "convert the model again, or train a new drafter")
+    drafter.config = replace(c, target_name=str(config.model))
+    return drafter.float()
 
 
 def init_like_ar(drafter, ar_model) -> None:
@@ -451,7 +485,7 @@ def training_module(config, folder, device: torch.device, data, run_dir: Path, t
     ar.requires_grad_(False)
     ar.eval().to(device)
     vocab = None
-    if config.drafter_vocab:
+    if config.drafter_vocab and config.drafter_from is None:
         eos = [t for t in [tokenizer.eos_token_id] if t is not None]
         vocab = draft_vocabulary(data.train.input_ids, data.train.trainable, config.drafter_vocab, keep=eos)
     drafter = build_drafter(ar, config, folder.settings.mask_token_id, vocab)
@@ -464,7 +498,8 @@ def training_module(config, folder, device: torch.device, data, run_dir: Path, t
     module.use_flex = flex_available(device)
     flex = "flex attention block mask" if module.use_flex else "dense bool mask (sdpa)"
     module.nbdiff_notes = [
-        f"drafter: {config.drafter_layers} layers ({config.drafter_init} init), reads AR layers "
+        f"drafter: {len(drafter.layers)} layers "
+        f"({config.drafter_init + ' init' if config.drafter_from is None else 'from ' + str(config.drafter_from)}), reads AR layers "
         f"{drafter.config.target_layer_ids}, block {config.block_size}, "
         f"{drafter.config.draft_vocab_size} draft tokens, {config.drafter_anchors} anchors per row, {flex}",
         f"AR model frozen in {str(dtype).replace('torch.', '')}" + (", features cached on disk" if cache else "")]
