@@ -22,6 +22,8 @@ Four measurements (pick with --parts single,rounds,forward,serve):
           (cpu_kernel.uninstall: plain nn.Linear, the model's own forward; greedy, KV cache), and
           llama-completion on each of --variants. Reported: each engine's tokens/s per round (prefill
           included), the ratio nbdiff / engine within each round, and its median, low and high.
+          Without --llama-build (and --parts rounds alone) only nbdiff's engines run: a drafter
+          against another, e.g. --exact-drafters lookup+DIR1,lookup+DIR2,ngram.
   serve   `nbdiff serve --max-batch 8` against `llama-server -np 8`: 1 client, then 8 concurrent
           clients, each sending --requests streamed chat requests (benchmarks/serve_load.py's load
           generator and prompts), `--serve-tokens` tokens each; replies compared with nbdiff's.
@@ -581,35 +583,42 @@ def main() -> None:
         print(markdown(report))
         return
     torch.set_num_threads(args.threads)
-    for path, what in ((args.llama_build, "--llama-build"), (args.gguf, "--gguf"), (args.nbdiff, "--nbdiff")):
-        if path is None:
-            raise SystemExit(f"{what} is required (see --help)")
-        if not Path(path).exists():
-            raise SystemExit(f"{what} {path} does not exist")
     parts = args.parts.split(",")
     unknown = set(parts) - {"single", "rounds", "forward", "serve"}
     if unknown:
         raise SystemExit(f"unknown part(s) {', '.join(sorted(unknown))}: pick from single, rounds, forward, serve")
+    # part `rounds` alone runs without llama.cpp (nbdiff's engines only: drafters against block 1)
+    nbdiff_only = parts == ["rounds"] and args.llama_build is None
+    for path, what in ((args.llama_build, "--llama-build"), (args.gguf, "--gguf"), (args.nbdiff, "--nbdiff")):
+        if nbdiff_only and what != "--nbdiff":
+            continue
+        if path is None:
+            raise SystemExit(f"{what} is required (see --help)")
+        if not Path(path).exists():
+            raise SystemExit(f"{what} {path} does not exist")
     Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     Path(args.out_dir).mkdir(parents=True, exist_ok=True)
     from nbdiff.hardware import cpu_name
     from nbdiff.resources import bench_suites_dir
 
-    name = args.name or Path(args.gguf).stem
+    name = args.name or Path(args.gguf or args.nbdiff).stem
     variants = set(args.variants.split(","))
     if "serve" in parts:
         variants |= set(args.serve_variants.split(","))
-    ggufs = gguf_variants(argparse.Namespace(**{**vars(args), "variants": ",".join(sorted(variants))}))
+    ggufs = {} if nbdiff_only else gguf_variants(argparse.Namespace(**{**vars(args), "variants": ",".join(sorted(variants))}))
     prompts = [json.loads(line)["prompt"] for line in (bench_suites_dir() / "code.jsonl").read_text(encoding="utf-8").splitlines()[:args.prompts]]
-    version = subprocess.run([str(_bin(args.llama_build, "llama-completion", "llama-cli")), "--version"],
-                             capture_output=True, text=True, timeout=60)
+    build = "none (nbdiff only)"
+    if not nbdiff_only:
+        version = subprocess.run([str(_bin(args.llama_build, "llama-completion", "llama-cli")), "--version"],
+                                 capture_output=True, text=True, timeout=60)
+        build = (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?"
     report = {"name": name, "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__,
-              "llama_build": (version.stdout + version.stderr).strip().splitlines()[0] if (version.stdout + version.stderr).strip() else "?",
+              "llama_build": build,
               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "llama_load_mode": args.llama_load_mode, "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "gguf": {k: str(v) for k, v in ggufs.items()},
               "nbdiff_commit": _git("rev-parse", "--short", "HEAD"),
               "nbdiff_library_changes": _git("status", "--porcelain", "--", "nbdiff").splitlines()}
-    single_ggufs = {v: ggufs[v] for v in args.variants.split(",")}
+    single_ggufs = {} if nbdiff_only else {v: ggufs[v] for v in args.variants.split(",")}
     if "single" in parts:
         report["single"] = part_single(args, single_ggufs, prompts)
     if "rounds" in parts:
