@@ -94,10 +94,22 @@ def real_decoding(ar, tok, args, rows) -> None:
                           "simulated_tokens_per_verify": round(simulated, 3)}))
 
 
+def _lines(path: Path) -> int:
+    """Records in a JSON-lines data file, gzipped or not."""
+    import gzip
+
+    from nbdiff.adapt.data import data_suffix
+
+    with (gzip.open(path, "rt", encoding="utf-8") if data_suffix(path) == ".jsonl.gz" else open(path, encoding="utf-8")) as f:
+        return sum(1 for line in f if line.strip())
+
+
 def cmd_table(args) -> None:
     """One markdown row per evaluation of each run: replies, targets, minutes, tokens per verify (the
     drafter alone at every evaluated block, and lookup first at block 8), held-out loss."""
     import yaml
+
+    from nbdiff.adapt.data import expand_paths
 
     print("| run | distinct replies | step | drafted targets | training minutes | tokens per verify, block 8 | "
           "block 16 | lookup first, block 8 | held-out loss |")
@@ -105,7 +117,7 @@ def cmd_table(args) -> None:
     for run in args.runs:
         recs = [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
         data = yaml.safe_load((Path(run) / "recipe.yaml").read_text())["data"]
-        replies = sum(sum(1 for _ in open(d, encoding="utf-8")) for d in data)
+        replies = sum(_lines(f) for f in expand_paths(data))
         trains = {r["step"]: r for r in recs if r["event"] == "train"}
         for ev in (r for r in recs if r["event"] == "eval"):
             tr = trains.get(ev["step"], {})

@@ -236,8 +236,6 @@ def starting_drafter(ar_model, config, mask_token_id: int):
     It must be this model's (`load_drafter` checks the weights), drafted at the run's block size and
     with the model folder's mask token; its layout and draft vocabulary stay as they are (reply tokens
     outside that vocabulary are not trained on)."""
-    from dataclasses import replace
-
     from nbdiff.drafter.folder import load_drafter, shipped_drafter
 
     path = config.drafter_from
@@ -256,8 +254,7 @@ def starting_drafter(ar_model, config, mask_token_id: int):
     if c.mask_token_id != mask_token_id:
         raise NBDiffError(f"--drafter-from {path} uses mask token {c.mask_token_id}, the model folder {mask_token_id}",
                           "convert the model again, or train a new drafter")
-    drafter.config = replace(c, target_name=str(config.model))
-    return drafter.float()
+    return drafter.float()  # its target_name stays: load_drafter has checked that this is that model
 
 
 def init_like_ar(drafter, ar_model) -> None:
