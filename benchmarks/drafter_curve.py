@@ -96,11 +96,9 @@ def real_decoding(ar, tok, args, rows) -> None:
 
 def _lines(path: Path) -> int:
     """Records in a JSON-lines data file, gzipped or not."""
-    import gzip
+    from nbdiff.adapt.data import open_lines
 
-    from nbdiff.adapt.data import data_suffix
-
-    with (gzip.open(path, "rt", encoding="utf-8") if data_suffix(path) == ".jsonl.gz" else open(path, encoding="utf-8")) as f:
+    with open_lines(path) as f:
         return sum(1 for line in f if line.strip())
 
 

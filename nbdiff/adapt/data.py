@@ -155,16 +155,20 @@ def _is_hf_dataset(p: Path) -> bool:
     return any((p / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
+def open_lines(path: Path):
+    """A JSON-lines data file opened for reading bytes, through gzip where its name says `.jsonl.gz`."""
+    import gzip
+
+    return gzip.open(path, "rb") if data_suffix(path) == ".jsonl.gz" else path.open("rb")
+
+
 def _records_jsonl(path: Path, stats: DataStats) -> Iterator[dict]:
     import gzip
     import zlib
 
-    if data_suffix(path) != ".jsonl.gz":
-        yield from _json_lines(path.open("rb"), stats)
-        return
     try:
-        yield from _json_lines(gzip.open(path, "rb"), stats)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+        yield from _json_lines(open_lines(path), stats)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as exc:  # only a gzip stream raises these
         raise NBDiffError(f"{path} is not a whole gzip file ({exc})", "compress the JSON lines again (gzip FILE.jsonl)") from None
 
 
