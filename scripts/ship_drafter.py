@@ -27,7 +27,7 @@ def main() -> None:
 
     from transformers import AutoModelForCausalLM
 
-    from nbdiff.drafter.folder import WEIGHTS, is_drafter_folder, load_drafter, save_drafter
+    from nbdiff.drafter.folder import is_drafter_folder, load_drafter, save_drafter
 
     out = Path(args.out)
     if out.exists() and not is_drafter_folder(out):
@@ -40,11 +40,7 @@ def main() -> None:
     with torch.no_grad():
         for p in own:
             p.data = p.data.to(torch.bfloat16)
-    kept = {f.name: f.read_bytes() for f in out.iterdir() if f.is_file() and f.name not in ("config.json", WEIGHTS)} \
-        if out.is_dir() else {}  # the folder's README and the like stay
-    save_drafter(drafter, out)
-    for name, data in kept.items():
-        (out / name).write_bytes(data)
+    save_drafter(drafter, out)  # a drafter folder keeps its other files (README)
     size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
     print(f"{out}: {sum(p.numel() for p in own) / 1e6:.1f}M parameters in bf16, {size / 1e6:.1f} MB")
 

@@ -107,6 +107,25 @@ def test_save_load_round_trip_in_dflash_layout(ar, drafter, tmp_path):
     assert fingerprint(ar.to(torch.bfloat16)) == fingerprint(ar.float())  # dtype does not change it
 
 
+def test_saving_over_a_drafter_folder_keeps_its_other_files_and_refuses_other_folders(ar, drafter, tmp_path):
+    out = save_drafter(drafter, tmp_path / "d")
+    (out / "README.md").write_text("how it was made\n")
+    other = new_drafter(DrafterConfig.for_target(ar, num_hidden_layers=1, block_size=4, mask_token_id=MASK), ar)  # saved over the first
+    save_drafter(other, out)
+    assert (out / "README.md").read_text() == "how it was made\n"
+    loaded = load_drafter(out, ar)
+    assert len(loaded.layers) == 1
+    assert sorted(f.name for f in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]  # no temp left
+    with pytest.raises(NBDiffError, match="already holds a drafter"):
+        save_drafter(drafter, out, replace=False)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("not nbdiff's")
+    with pytest.raises(NBDiffError, match="not a drafter folder"):
+        save_drafter(drafter, mine)
+    assert [f.name for f in mine.iterdir()] == ["notes.txt"]
+
+
 def test_a_mismatched_pair_is_refused(ar, drafter, tmp_path):
     save_drafter(drafter, tmp_path / "d")
     with pytest.raises(NBDiffError, match="fingerprint"):

@@ -68,14 +68,32 @@ def dflash_config(c: DrafterConfig) -> dict:
 
 
 def save_drafter(drafter: Drafter, out_dir, *, replace: bool = True) -> Path:
-    """Write the drafter's own weights and config to out_dir atomically. Returns the folder."""
+    """Write the drafter's own weights and config to out_dir. Returns the folder.
+
+    A new (or empty) folder is written whole and renamed into place. An existing drafter folder
+    (`replace=True`) has only its weights and config replaced, each atomically, weights first and
+    config last; its other files (a README, a licence) stay. Any other non-empty folder is refused:
+    nothing here deletes what nbdiff did not write."""
     from safetensors.torch import save_file
+
+    from nbdiff.fsutil import atomic_file, atomic_write_text
 
     out = Path(out_dir)
     tensors = {k: v.detach().contiguous().cpu() for k, v in drafter.state_dict().items()}
+    config = json.dumps(dflash_config(drafter.config), indent=2) + "\n"
+    if out.is_dir() and any(out.iterdir()):
+        if not is_drafter_folder(out):
+            raise NBDiffError(f"{out} holds files and is not a drafter folder: not writing a drafter into it",
+                              "name a new or empty folder")
+        if not replace:
+            raise NBDiffError(f"{out} already holds a drafter", "name another folder, or replace it")
+        with atomic_file(out / WEIGHTS) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        atomic_write_text(out / "config.json", config)
+        return out
     with atomic_dir(out, replace=replace) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(dflash_config(drafter.config), indent=2) + "\n", encoding="utf-8")
+        (tmp / "config.json").write_text(config, encoding="utf-8")
     return out
 
 
