@@ -275,9 +275,17 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
         finally:
             install(model)
 
-    def run_exact(drafter: str):
+    def run_exact(spec: str):
         install(model)
-        return [nbdiff_stream(model, tokenizer, p, n, exact=True, drafter=drafter) for (_, p), n in zip(prompts, lengths)]
+        from nbdiff.decode import plan
+
+        drafter, *settings = spec.split("@")  # DRAFTER@name=value@...: decoding options of that row (e.g. draft_threshold=0)
+        extra = {name: float(value) for name, value in (s.split("=", 1) for s in settings)}
+        plan.COST_CUT = not extra.pop("cost_cut", 1) == 0  # @cost_cut=0: drafts cut by the threshold alone
+        try:
+            return [nbdiff_stream(model, tokenizer, p, n, exact=True, drafter=drafter, **extra) for (_, p), n in zip(prompts, lengths)]
+        finally:
+            plan.COST_CUT = True
 
     engines = {"nbdiff block 1 (fp32)": run_nbdiff, "transformers generate() (fp32)": run_generate}
     if args.nbdiff_exact:
@@ -549,7 +557,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (part `rounds`)")
     parser.add_argument("--nbdiff-exact", action="store_true", help="part `rounds`: add nbdiff --exact (its drafting plan)")
     parser.add_argument("--exact-drafters", default="auto",
-                        help="part `rounds` with --nbdiff-exact: one exact row per --drafter value, e.g. auto,ngram")
+                        help="part `rounds` with --nbdiff-exact: one exact row per --drafter value, e.g. auto,ngram "
+                             "(DRAFTER@draft_threshold=0: with that decoding option; DRAFTER@cost_cut=0: drafts cut by the threshold alone)")
     parser.add_argument("--llama-lookup", action="store_true", help="part `rounds`: add llama-lookup (prompt lookup decoding)")
     parser.add_argument("--lookup-draft", type=int, default=8, help="llama-lookup's --spec-draft-n-max")
     parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic",

@@ -447,3 +447,78 @@ def test_info_shows_the_drafter_a_folder_brings_along(tmp_path):
     assert shown.exit_code == 0 and "trained drafter" in shown.output and "block 4" in shown.output
     data = json.loads(CliRunner().invoke(app, ["info", str(tmp_path / "plain" / "drafter"), "--json"]).stdout)
     assert data["drafter"]["layers"] == 2 and data["architecture"] == "DFlashDraftModel"
+
+
+# how many draft tokens a verify checks: expected tokens per cost ---------------------------------
+
+
+def test_best_length_verifies_the_draft_prefix_with_the_most_expected_tokens_per_cost():
+    from types import SimpleNamespace
+
+    from nbdiff.decode.plan import verify_costs
+
+    costs = verify_costs(SimpleNamespace(device=torch.device("cpu")), 8)
+    assert costs[0] == 1.0 and list(costs) == sorted(costs) and costs[7] == pytest.approx(1.518)
+    assert verify_costs(SimpleNamespace(device=torch.device("cpu")), 16)[15] == pytest.approx(1.518 + 8 * 0.155)
+    assert verify_costs(SimpleNamespace(device=torch.device("cuda")), 8)[7] < 1.1  # a GPU pass of 8 costs about one
+    assert glue.best_length([0.95] * 7, costs) == 7  # sure drafts: the whole block
+    assert glue.best_length([0.05, 0.99, 0.99], costs) == 0  # an unlikely first token: verify nothing
+    assert glue.best_length([0.9, 0.5, 0.1, 0.9], costs) == 2  # the tail after an unlikely token does not pay
+    # one token with keep chance p pays where (1 + p) / costs[1] > 1: p above costs[1] - 1
+    edge = costs[1] - 1
+    assert glue.best_length([edge + 0.01], costs) == 1 and glue.best_length([edge - 0.01], costs) == 0
+    # the drafter forward's cost, paid whatever is verified, makes a longer verify worth more
+    assert glue.best_length([0.6, 0.6, 0.6, 0.6], costs, extra=0.0) <= glue.best_length([0.6, 0.6, 0.6, 0.6], costs, extra=0.5)
+    assert glue.best_length([], costs) == 0
+
+
+def test_verify_widths_follow_the_cost_and_replies_stay_exact(monkeypatch):
+    """Right drafts whose probabilities fall along the block: the threshold (0.05) leaves 3 tokens a verify,
+    the cost 2 (with 0.9, 0.5, 0.3 the third token's expected 0.135 is worth less than its row)."""
+    from nbdiff.decode import plan
+
+    model = tiny_model("llama")
+    drafter = random_drafter(model)
+    truths = [reference(model, p, 16) for p in PROMPTS[:2]]
+    oracle(monkeypatch, truths)
+    real = glue.TrainedDrafting.model_drafts
+
+    def falling(self, ctx, first, width):
+        ids, _ = real(self, ctx, first, width)
+        return ids, torch.tensor([0.9, 0.5, 0.3, 0.2, 0.1, 0.1, 0.1][: width - 1]).expand(len(first), width - 1)
+
+    monkeypatch.setattr(glue.TrainedDrafting, "model_drafts", falling)
+    cut = run(model, PROMPTS[:2], block_size=8, drafter=drafter, max_new_tokens=16)
+    monkeypatch.setattr(plan, "COST_CUT", False)
+    threshold_only = run(model, PROMPTS[:2], block_size=8, drafter=drafter, max_new_tokens=16)
+    assert cut[-1].tokens == threshold_only[-1].tokens == truths
+    kept = [[e.accepted for e in events if isinstance(e, BlockEvent) and e.seq == 0] for events in (cut, threshold_only)]
+    assert kept[0][:5] == [2] * 5 and kept[1][:4] == [3] * 4
+
+
+def test_lookup_drafts_are_cut_to_the_rows_running_keep_chance():
+    from types import SimpleNamespace
+
+    from nbdiff.decode.plan import verify_costs
+
+    model = tiny_model("llama")
+    ctx = SimpleNamespace(batch_size=2, followers={}, length=0, keep_hidden_states=False)
+    costs = verify_costs(model, 8)
+    drafting = glue.TrainedDrafting(random_drafter(model), ctx, lookup=True, draft_threshold=0.05, costs=costs)
+    history = [5, 6, 7, 8, 9, 10, 11, 12, 13, 5, 6]  # "5 6" was followed by 7 8 9 ...: a lookup match of 2
+    found = drafting.drafts(ctx, [6, 6], 8, [history, None])
+    assert drafting.lookup_chance(0) == 0.5 and len(found.tokens[0]) == glue.best_length([0.5] * 7, costs) == 3
+    assert found.tokens[0] == [7, 8, 9] and found.tokens[1] == [] and drafting.forwards == 0
+    for _ in range(4):  # row 0's lookup drafts keep nothing four times
+        drafting.looked = [True, False]
+        drafting.observe([0, 0], [3, 0])
+    assert drafting.lookup_chance(0) == 1 / 6 and drafting.lookup_chance(1) == 0.5
+    assert glue.best_length([1 / 6] * 7, costs) == 1
+    for _ in range(6):  # then six whose three tokens are all kept
+        drafting.looked = [True, False]
+        drafting.observe([3, 0], [3, 0])
+    assert drafting.lookup_chance(0) == (18 + 1) / (4 + 18 + 2)
+    longer = drafting.drafts(ctx, [6, 6], 8, [history, None]).tokens[0]
+    assert len(longer) == glue.best_length([19 / 24] * 7, costs) == 6 and longer[:3] == [7, 8, 9]
+    whole = glue.TrainedDrafting(random_drafter(model), ctx, lookup=True, draft_threshold=0.0, costs=costs)
+    assert len(whole.drafts(ctx, [6, 6], 8, [history, None]).tokens[0]) == 7  # threshold 0: every draft token

@@ -161,7 +161,8 @@ class Decoding:
         drafter = self.plan.drafter
         if self.mask_id is None or self.mask_id < 0:  # a plain AR model: the block's filler is the drafter's mask
             self.mask_id = drafter.config.mask_token_id
-        return TrainedDrafting(drafter, self.ctx, lookup=self.plan.lookup_first, draft_threshold=self.plan.draft_threshold)
+        return TrainedDrafting(drafter, self.ctx, lookup=self.plan.lookup_first, draft_threshold=self.plan.draft_threshold,
+                               costs=self.plan.verify_costs, drafter_cost=self.plan.drafter_cost)
 
     # ---- small helpers ---------------------------------------------------------------------
 
@@ -388,6 +389,8 @@ class Decoding:
             kept = [accepted[i] + 1 if block.limit[i] else 0 for i in range(B)]
             self.ctx.keep_last(n, kept)
             self.first = ([int(t) for t in packed[1]], packed[2].tolist())
+        if self.trained is not None:  # lookup's keep chance per row (combined drafting)
+            self.trained.observe(accepted, checks)
         if self.plan.lookup_follows:  # a row's next lookup draft: one token longer than this one's accepted run
             for i in range(B):
                 if checks[i]:

@@ -65,6 +65,11 @@ class DraftingPlan:
     """Kind 'trained': prompt lookup where its match has 2+ tokens, the drafter elsewhere."""
     draft_threshold: float = 0.0
     """Kind 'trained': verify draft tokens while the product of their probabilities exceeds this."""
+    verify_costs: tuple[float, ...] = ()
+    """Kind 'trained': verify_costs[m] = what a verify pass of m + 1 tokens costs against one token, m = 0..block-1
+    (`verify_costs`): with the drafter's cost, how many draft tokens each verify checks (nbdiff.drafter.decoding)."""
+    drafter_cost: float = 0.0
+    """Kind 'trained': a drafter forward's cost against a one-token step (DRAFTER_COST)."""
     source: str | None = None
     """Kind 'trained': the drafter's folder (None for a Drafter passed in loaded)."""
     name: str = ""
@@ -112,10 +117,42 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
     follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel_isa(model) == 1
     if follows:
         why += "; each row's lookup draft at most one token longer than its last accepted run (wide verifies cost on AVX2)"
+    costs = verify_costs(model, block) if drafter is not None and COST_CUT else ()
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
-                        source, name, f"{why}; block size {block}: {because}",
+                        costs, DRAFTER_COST if drafter is not None else 0.0, source, name, f"{why}; block size {block}: {because}",
                         counts_near_ties=options.temperature == 0 and not verify_rounds_like_steps(model),
                         lookup_follows=follows)
+
+
+ROW_COST_CPU = 0.074
+"""A CPU verify pass's cost per token past the first, against a one-token step, up to 8 tokens: Qwen2.5-Coder-0.5B in
+fp32, 2 threads, nbdiff's few-row kernel: 2/4/8 tokens 1.10x/1.19x/1.52x one (Intel Xeon model 106, 2026-12-07) and
+1.05x/1.14x/1.54x (Xeon model 207, docs/benchmarks/exact-mode.md); past 8 the kernel's row blocks end and each
+token costs ROW_COST_CPU_WIDE (16 tokens 2.76x)."""
+ROW_COST_CPU_WIDE = 0.155
+ROW_COST_GPU = 0.01
+"""A GPU pass of a few tokens costs about what one does (reading the weights dominates); not measured by nbdiff yet."""
+DRAFTER_COST = 0.09
+"""A trained drafter's forward against a one-token step: 6.9 ms against 78 ms for the shipped 2-layer drafter of
+Qwen2.5-Coder-0.5B (fp32, 2 threads, Intel Xeon model 106; docs/benchmarks/drafter-qwen05.md, section 9)."""
+
+
+COST_CUT = True  # False: drafts cut by --draft-threshold alone, as before 2026-12-07 (for comparisons)
+
+
+def verify_costs(model, block: int) -> tuple[float, ...]:
+    """costs[m]: a verify pass of m + 1 tokens against one token, m = 0..block-1 (the constants above)."""
+    import torch
+
+    device = getattr(model, "device", None)
+    gpu = device is not None and torch.device(device).type != "cpu"
+    out = []
+    for m in range(block):
+        if gpu:
+            out.append(1.0 + ROW_COST_GPU * m)
+        else:
+            out.append(1.0 + ROW_COST_CPU * min(m, 7) + ROW_COST_CPU_WIDE * max(m - 7, 0))
+    return tuple(round(c, 4) for c in out)
 
 
 LOOKUP_FOLLOWS = True  # lookup_follows where it is planned (False: never; for comparisons)

@@ -7,8 +7,9 @@
                 accepted tokens only
         draft:  ONE drafter forward of [first token, MASK, ...] at the block's positions against the
                 cached features; draft = argmax at offsets 1..b-1 (mapped back to AR ids)
-        width:  keep the draft while the product of its draft probabilities stays above
-                `draft_threshold` (0 = the whole block): a verify of fewer columns costs less
+        width:  of the leading draft tokens whose product of draft probabilities stays above
+                `draft_threshold`, verify the count that gives the most expected tokens per cost
+                (`best_length`: the plan's verify costs; a verify of fewer columns costs less)
         verify: the AR causal pass of exact mode (`nbdiff.decode.exact`); keep the accepted prefix
                 plus AR's token; the AR cache drops the rejected columns and hides them per row
 
@@ -27,7 +28,9 @@ probability p(x)).
 
 Combined drafting ("lookup+..."): per row, prompt lookup (`nbdiff.decode.drafters`) when its
 n-gram match is at least LOOKUP_MIN_MATCH tokens long (it costs no forward), the trained drafter
-otherwise; the drafter's forward is skipped when every row found a match.
+otherwise; the drafter's forward is skipped when every row found a match. A lookup draft has no
+probabilities of its own: each of its tokens is given the row's running keep chance of lookup tokens
+in this call (kept + 1) / (tried + 2), and `best_length` cuts it like a drafter's draft.
 """
 
 from __future__ import annotations
@@ -82,6 +85,22 @@ def loaded_drafter(model, part: Any) -> Drafter:
     return per_model[path]
 
 
+def best_length(chances: Sequence[float], costs: Sequence[float], extra: float = 0.0) -> int:
+    """How many leading draft tokens to verify (0..len(chances)): the count m with the most expected tokens per
+    cost, (1 + the sum of the first m products of keep chances) / (costs[m] + extra), where costs[m] is what a
+    verify of m + 1 tokens costs against one token and `extra` what drafting cost (the drafter's forward).
+    The first, smallest m wins a tie."""
+    best, best_rate = 0, 1.0 / (costs[0] + extra)
+    expected = chance = 1.0
+    for m, p in enumerate(chances, 1):
+        chance *= p
+        expected += chance
+        rate = expected / (costs[m] + extra)
+        if rate > best_rate:
+            best, best_rate = m, rate
+    return best
+
+
 @dataclass
 class Drafts:
     """Per row: draft tokens (AR ids) to verify and their draft probabilities."""
@@ -93,9 +112,16 @@ class Drafts:
 class TrainedDrafting:
     """The drafter side of one decode() run: its feature cache (on the context) and its forwards."""
 
-    def __init__(self, drafter: Drafter, ctx, *, lookup: bool = False, draft_threshold: float = 0.0):
+    def __init__(self, drafter: Drafter, ctx, *, lookup: bool = False, draft_threshold: float = 0.0,
+                 costs: Sequence[float] = (), drafter_cost: float = 0.0):
         self.drafter, self.lookup, self.draft_threshold = drafter, lookup, draft_threshold
+        # no costs, or a threshold of 0 (verify every draft token): drafts are not cut by cost
+        self.costs = tuple(costs) if draft_threshold > 0 else ()
+        self.drafter_cost = drafter_cost
         self.forwards = 0
+        B = ctx.batch_size
+        self.looked = [False] * B  # rows whose last draft came from prompt lookup
+        self.lookup_kept, self.lookup_tried = [0] * B, [0] * B  # lookup tokens kept / checked up to a rejection
         ctx.keep_hidden_states = True
         cache = ctx.followers.get(drafter)
         if cache is None or cache.length < ctx.length:  # a kept prefix without features: compute it again
@@ -137,10 +163,26 @@ class TrainedDrafting:
         return packed[0].long(), packed[1]
 
     def checked(self, conf: torch.Tensor) -> list[int]:
-        """Per row, how many leading draft tokens to verify: while the product of their probabilities > threshold."""
-        if self.draft_threshold <= 0:
+        """Per row, how many leading draft tokens to verify: of those whose product of probabilities stays above the
+        threshold, the count `best_length` picks with the plan's verify costs and the drafter forward's cost."""
+        if self.draft_threshold <= 0:  # 0: every draft token, whatever it costs
             return [conf.shape[1]] * conf.shape[0]
-        return (conf.cumprod(1) > self.draft_threshold).long().cumprod(1).sum(1).tolist()
+        upto = (conf.cumprod(1) > self.draft_threshold).long().cumprod(1).sum(1).tolist()
+        if not self.costs:
+            return upto
+        return [best_length(row[:k], self.costs, self.drafter_cost) for row, k in zip(conf.tolist(), upto)]
+
+    def lookup_chance(self, i: int) -> float:
+        """Row i's running keep chance of a lookup token in this call."""
+        return (self.lookup_kept[i] + 1) / (self.lookup_tried[i] + 2)
+
+    def observe(self, accepted: Sequence[int], checks: Sequence[int]) -> None:
+        """After a verify: rows whose draft came from lookup count its tokens kept and tried."""
+        for i, (looked, kept, checked) in enumerate(zip(self.looked, accepted, checks)):
+            if looked and checked:
+                self.lookup_kept[i] += kept
+                self.lookup_tried[i] += min(kept + 1, checked)
+        self.looked = [False] * len(self.looked)
 
     def drafts(self, ctx, first: Sequence[int], width: int, histories: Sequence[Sequence[int] | None]) -> Drafts:
         """Per row a draft of at most width - 1 tokens (rows whose history is None get none)."""
@@ -154,8 +196,11 @@ class TrainedDrafting:
                 if h is None:
                     continue
                 found, size = ngram_match(h, width - 1)
-                if found and size >= LOOKUP_MIN_MATCH:
+                if found and size >= LOOKUP_MIN_MATCH and self.costs:
+                    found = found[:best_length([self.lookup_chance(i)] * len(found), self.costs)]
+                if found and size >= LOOKUP_MIN_MATCH:  # (a lookup draft cut to nothing: the drafter's turn)
                     tokens[i], confs[i], need[i] = found, [1.0] * len(found), False
+                    self.looked[i] = True
         if width > 1 and any(need):
             ids, conf = self.model_drafts(ctx, first, width)
             for i, k in enumerate(self.checked(conf)):
