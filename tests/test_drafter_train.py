@@ -179,6 +179,20 @@ def test_resume_gives_the_same_drafter_as_an_uninterrupted_run(tiny_target, tmp_
         assert any((tmp_path / "a" / "feature-cache").rglob("row-*.safetensors"))
 
 
+def test_a_forced_run_keeps_caching_features_after_its_folder_takes_the_old_runs_place(tiny_target, tmp_path):
+    """--force writes into a staging folder that becomes --out at the first checkpoint; rows whose features are
+    first computed after that are cached in --out (the store follows the folder)."""
+    folder, data, *_ = tiny_target
+    kw = dict(steps=6, save_every=2, drafter_cache_features=True, drafter_vocab=64, batch_size=1)
+    first = adapt(drafter_config(folder, data, tmp_path / "r", steps=2, **{k: v for k, v in kw.items() if k != "steps"}))
+    assert first.status == "completed"
+    again = adapt(drafter_config(folder, data, tmp_path / "r", force=True, **kw))
+    assert again.status == "completed" and again.steps == 6
+    cached = list((tmp_path / "r" / "feature-cache").rglob("row-*.safetensors"))
+    assert len(cached) >= 4  # rows met at steps 3-6, after the commit at step 2, too
+    assert not list(tmp_path.glob(".r.nbdiff-tmp-*"))
+
+
 def test_drafter_recipe_refuses_lora_and_block_one(tiny_target, tmp_path):
     folder, data, *_ = tiny_target
     with pytest.raises(NBDiffError, match="drop --lora-rank"):

@@ -319,7 +319,8 @@ class AdaptRun:
         if cfg.target == "drafter":  # a new drafter beside the frozen model (nbdiff.drafter.train)
             from nbdiff.drafter.train import training_module
 
-            model = training_module(cfg, self.model_folder, acc.device, self.data, self.folder.dir, self.tokenizer)
+            # the folder as a function: a --force run's staging folder becomes --out at its first checkpoint
+            model = training_module(cfg, self.model_folder, acc.device, self.data, lambda: self.folder.dir, self.tokenizer)
         else:
             model = load_model(cfg, self.model_folder, acc.device)
         self.notes: list[str] = list(getattr(model, "nbdiff_notes", []))  # dtype, memory, attention

@@ -23,6 +23,7 @@ draft vocabulary (the most frequent reply tokens), features cached on disk acros
 from __future__ import annotations
 
 import hashlib
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -62,11 +63,17 @@ class FeatureStore:
     the layers read, the data, the dtype), so a changed model or data never reads stale features.
     """
 
-    def __init__(self, root: str | Path, key: str, dtype: torch.dtype = torch.bfloat16):
-        self.dir = Path(root) / hashlib.sha256(key.encode()).hexdigest()[:16]
+    def __init__(self, root: "str | Path | Callable[[], Path]", key: str, dtype: torch.dtype = torch.bfloat16):
+        # root: a folder, or a function giving it now (a --force run's folder moves when it commits)
+        self._root = root if callable(root) else (lambda: Path(root))
+        self._name = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
         self.hits = self.misses = 0
+
+    @property
+    def dir(self) -> Path:
+        return Path(self._root()) / self._name
 
     def _path(self, row: int) -> Path:
         return self.dir / f"row-{row:08d}.safetensors"
@@ -329,7 +336,7 @@ def eval_features(module: DrafterTraining, rows) -> torch.Tensor:
         disk = None
         if module.cache is not None:
             c = module.drafter.config
-            disk = FeatureStore(module.cache.dir.parent, f"eval|{c.target_fingerprint}|{c.target_layer_ids}|"
+            disk = FeatureStore(lambda: module.cache.dir.parent, f"eval|{c.target_fingerprint}|{c.target_layer_ids}|"
                                 f"{tuple(rows.input_ids.shape)}|{int(rows.input_ids.sum())}|"
                                 f"{int((rows.input_ids * rows.position_ids).sum())}", module.cache.dtype)
         parts = []
@@ -465,8 +472,11 @@ def evaluate_drafter(module: DrafterTraining, rows, config, autocast, block_size
 # ----------------------------------------------------------------------------- the run's parts
 
 
-def training_module(config, folder, device: torch.device, data, run_dir: Path, tokenizer) -> DrafterTraining:
-    """The module an adapt run with --target drafter trains (nbdiff.adapt.trainer calls this in setup)."""
+def training_module(config, folder, device: torch.device, data, run_dir: "Path | Callable[[], Path]",
+                    tokenizer) -> DrafterTraining:
+    """The module an adapt run with --target drafter trains (nbdiff.adapt.trainer calls this in setup).
+    `run_dir`: the run folder, or a function giving where it is now (a --force run moves it at its first
+    checkpoint, and the feature cache must follow)."""
     from transformers import AutoModelForCausalLM
 
     from nbdiff.adapt.run_folder import FEATURE_CACHE
@@ -490,7 +500,8 @@ def training_module(config, folder, device: torch.device, data, run_dir: Path, t
     if config.drafter_cache_features:
         key = f"{drafter.config.target_fingerprint}|{drafter.config.target_layer_ids}|{tuple(data.train.input_ids.shape)}" \
               f"|{int(data.train.input_ids.sum())}|{config.seed}"
-        cache = FeatureStore(run_dir / FEATURE_CACHE, key)
+        where = run_dir if callable(run_dir) else (lambda: Path(run_dir))
+        cache = FeatureStore(lambda: where() / FEATURE_CACHE, key)
     module = DrafterTraining(drafter, ar, cache).to(device)
     module.use_flex = flex_available(device)
     flex = "flex attention block mask" if module.use_flex else "dense bool mask (sdpa)"
