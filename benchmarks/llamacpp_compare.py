@@ -281,11 +281,12 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
 
         drafter, *settings = spec.split("@")  # DRAFTER@name=value@...: decoding options of that row (e.g. draft_threshold=0)
         extra = {name: float(value) for name, value in (s.split("=", 1) for s in settings)}
-        plan.COST_CUT = not extra.pop("cost_cut", 1) == 0  # @cost_cut=0: drafts cut by the threshold alone
+        default = plan.COST_CUT
+        plan.COST_CUT = bool(extra.pop("cost_cut", default))  # @cost_cut=1 / 0: drafts cut by cost / by the threshold alone
         try:
             return [nbdiff_stream(model, tokenizer, p, n, exact=True, drafter=drafter, **extra) for (_, p), n in zip(prompts, lengths)]
         finally:
-            plan.COST_CUT = True
+            plan.COST_CUT = default
 
     engines = {"nbdiff block 1 (fp32)": run_nbdiff, "transformers generate() (fp32)": run_generate}
     if args.nbdiff_exact:
@@ -558,7 +559,7 @@ def main() -> None:
     parser.add_argument("--nbdiff-exact", action="store_true", help="part `rounds`: add nbdiff --exact (its drafting plan)")
     parser.add_argument("--exact-drafters", default="auto",
                         help="part `rounds` with --nbdiff-exact: one exact row per --drafter value, e.g. auto,ngram "
-                             "(DRAFTER@draft_threshold=0: with that decoding option; DRAFTER@cost_cut=0: drafts cut by the threshold alone)")
+                             "(DRAFTER@draft_threshold=0: with that decoding option; DRAFTER@cost_cut=1: drafts cut by verify cost, nbdiff.decode.plan.COST_CUT)")
     parser.add_argument("--llama-lookup", action="store_true", help="part `rounds`: add llama-lookup (prompt lookup decoding)")
     parser.add_argument("--lookup-draft", type=int, default=8, help="llama-lookup's --spec-draft-n-max")
     parser.add_argument("--suites", default="code,chat,lists,rewrite,arithmetic",

@@ -55,8 +55,7 @@ class DecodeOptions:
     prompt and reply), a trained drafter (its folder, 'trained' = the model folder's drafter/, or a loaded nbdiff.drafter.Drafter; it turns
     exact mode on), or 'lookup+' before one of those: lookup when it finds a match, the drafter otherwise."""
     draft_threshold: float = 0.05
-    """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all); of
-    those, the count with the most expected tokens per verify cost (nbdiff.drafter.decoding.best_length).
+    """Trained drafter: verify draft tokens while the product of their draft probabilities exceeds this (0 = all).
     On a CPU a verify of 8 tokens costs about 2x one; 0.05 cut the tokens checked per verify from 6.4 to 0.75 at
     the same tokens per verify with a weak drafter (docs/benchmarks/drafter.md, "Trained drafter: decoding")."""
 

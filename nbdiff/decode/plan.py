@@ -137,7 +137,11 @@ DRAFTER_COST = 0.09
 Qwen2.5-Coder-0.5B (fp32, 2 threads, Intel Xeon model 106; docs/benchmarks/drafter-qwen05.md, section 9)."""
 
 
-COST_CUT = True  # False: drafts cut by --draft-threshold alone, as before 2026-12-07 (for comparisons)
+COST_CUT = False
+"""True: a trained drafter's drafts (and lookup's, lookup first) are cut to the length with the most expected tokens per
+verify cost (nbdiff.drafter.decoding.best_length). Off: in interleaved rounds on the 0.5B it verified fewer tokens
+(1.72 against 1.75 kept per forward on held-out code) without a speed-up that showed through the machine's noise
+(docs/benchmarks/drafter-qwen05.md, section 9); drafts are cut by --draft-threshold alone."""
 
 
 def verify_costs(model, block: int) -> tuple[float, ...]:

@@ -7,9 +7,10 @@
                 accepted tokens only
         draft:  ONE drafter forward of [first token, MASK, ...] at the block's positions against the
                 cached features; draft = argmax at offsets 1..b-1 (mapped back to AR ids)
-        width:  of the leading draft tokens whose product of draft probabilities stays above
-                `draft_threshold`, verify the count that gives the most expected tokens per cost
-                (`best_length`: the plan's verify costs; a verify of fewer columns costs less)
+        width:  the leading draft tokens whose product of draft probabilities stays above
+                `draft_threshold` (0 = the whole block): a verify of fewer columns costs less; with the
+                plan's verify costs (nbdiff.decode.plan.COST_CUT, off by default) of those the count
+                that gives the most expected tokens per cost (`best_length`)
         verify: the AR causal pass of exact mode (`nbdiff.decode.exact`); keep the accepted prefix
                 plus AR's token; the AR cache drops the rejected columns and hides them per row
 
@@ -28,9 +29,9 @@ probability p(x)).
 
 Combined drafting ("lookup+..."): per row, prompt lookup (`nbdiff.decode.drafters`) when its
 n-gram match is at least LOOKUP_MIN_MATCH tokens long (it costs no forward), the trained drafter
-otherwise; the drafter's forward is skipped when every row found a match. A lookup draft has no
-probabilities of its own: each of its tokens is given the row's running keep chance of lookup tokens
-in this call (kept + 1) / (tried + 2), and `best_length` cuts it like a drafter's draft.
+otherwise; the drafter's forward is skipped when every row found a match. With verify costs in the
+plan, a lookup draft, which has no probabilities of its own, has each token given the row's running
+keep chance of lookup tokens in this call, (kept + 1) / (tried + 2), and `best_length` cuts it too.
 """
 
 from __future__ import annotations
