@@ -72,21 +72,19 @@ def main() -> None:
     own = [s for s in steps if not s["lookup"]]
     print(f"{len(steps)} drafted steps, {len(own)} drafted by the drafter "
           f"(kept {sum(s['kept'] for s in own) / max(len(own), 1):.2f} tokens a step)\n")
-    print("| drafter's probability of its first token | steps | kept tokens a step | first token kept |\n|---|---|---|---|")
-    for lo, hi in BINS:
-        xs = [s for s in own if lo <= s["drafter_p"] < hi]
-        if xs:
-            print(f"| {lo:.1f}-{min(hi, 1.0):.1f} | {len(xs)} | {sum(s['kept'] for s in xs) / len(xs):.2f} | "
-                  f"{sum(s['kept'] > 0 for s in xs) / len(xs):.2f} |")
-    print("\n| model's probability of the step's first token | steps | kept tokens a step |\n|---|---|---|")
-    for lo, hi in BINS:
-        xs = [s for s in own if lo <= s["model_p"] < hi]
-        if xs:
-            print(f"| {lo:.1f}-{min(hi, 1.0):.1f} | {len(xs)} | {sum(s['kept'] for s in xs) / len(xs):.2f} |")
+    for key, title in (("drafter_p", "drafter's probability of its first token"),
+                       ("model_p", "model's probability of the step's first token")):
+        print(f"| {title} | steps | kept tokens a step | first token kept |\n|---|---|---|---|")
+        for lo, hi in BINS:
+            xs = [s for s in own if lo <= s[key] < hi]
+            if xs:
+                print(f"| {lo:.1f}-{min(hi, 1.0):.1f} | {len(xs)} | {sum(s['kept'] for s in xs) / len(xs):.2f} | "
+                      f"{sum(s['kept'] > 0 for s in xs) / len(xs):.2f} |")
+        print()
     by_suite: dict[str, list[int]] = {}
     for s in own:
         by_suite.setdefault(s["suite"], []).append(s["kept"])
-    print("\n| suite | drafter steps | kept tokens a step |\n|---|---|---|")
+    print("| suite | drafter steps | kept tokens a step |\n|---|---|---|")
     for suite, ks in by_suite.items():
         print(f"| {suite} | {len(ks)} | {sum(ks) / len(ks):.2f} |")
 

@@ -13,18 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
 
-
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cpu_kernel import timed  # noqa: E402  (benchmarks/cpu_kernel.py: median ms after one warm-up call)
 
 
 def main() -> None:
