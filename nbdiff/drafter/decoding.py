@@ -178,12 +178,14 @@ class TrainedDrafting:
         return (self.lookup_kept[i] + 1) / (self.lookup_tried[i] + 2)
 
     def observe(self, accepted: Sequence[int], checks: Sequence[int]) -> None:
-        """After a verify: rows whose draft came from lookup count its tokens kept and tried."""
+        """After a verify: rows whose draft came from lookup count its tokens kept and tried (read only where
+        drafts are cut by cost)."""
+        if not self.costs:
+            return
         for i, (looked, kept, checked) in enumerate(zip(self.looked, accepted, checks)):
             if looked and checked:
                 self.lookup_kept[i] += kept
                 self.lookup_tried[i] += min(kept + 1, checked)
-        self.looked = [False] * len(self.looked)
 
     def drafts(self, ctx, first: Sequence[int], width: int, histories: Sequence[Sequence[int] | None]) -> Drafts:
         """Per row a draft of at most width - 1 tokens (rows whose history is None get none)."""
@@ -192,14 +194,17 @@ class TrainedDrafting:
         tokens: list[list[int]] = [[] for _ in range(B)]
         confs: list[list[float]] = [[] for _ in range(B)]
         need = [h is not None for h in histories]
+        self.looked = [False] * B  # this step's rows drafted by lookup
         if self.lookup:
             for i, h in enumerate(histories):
                 if h is None:
                     continue
                 found, size = ngram_match(h, width - 1)
-                if found and size >= LOOKUP_MIN_MATCH and self.costs:
+                if not found or size < LOOKUP_MIN_MATCH:
+                    continue
+                if self.costs:
                     found = found[:best_length([self.lookup_chance(i)] * len(found), self.costs)]
-                if found and size >= LOOKUP_MIN_MATCH:  # (a lookup draft cut to nothing: the drafter's turn)
+                if found:  # (a lookup draft cut to nothing: the drafter's turn)
                     tokens[i], confs[i], need[i] = found, [1.0] * len(found), False
                     self.looked[i] = True
         if width > 1 and any(need):

@@ -63,9 +63,9 @@ class FeatureStore:
     the layers read, the data, the dtype), so a changed model or data never reads stale features.
     """
 
-    def __init__(self, root: "str | Path | Callable[[], Path]", key: str, dtype: torch.dtype = torch.bfloat16):
-        # root: a folder, or a function giving it now (a --force run's folder moves when it commits)
-        self._root = root if callable(root) else (lambda: Path(root))
+    def __init__(self, root: Callable[[], Path], key: str, dtype: torch.dtype = torch.bfloat16):
+        # root: a function giving the folder now (a --force run's folder moves when it commits)
+        self._root = root
         self._name = hashlib.sha256(key.encode()).hexdigest()[:16]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.dtype = dtype
@@ -472,10 +472,10 @@ def evaluate_drafter(module: DrafterTraining, rows, config, autocast, block_size
 # ----------------------------------------------------------------------------- the run's parts
 
 
-def training_module(config, folder, device: torch.device, data, run_dir: "Path | Callable[[], Path]",
+def training_module(config, folder, device: torch.device, data, run_dir: Callable[[], Path],
                     tokenizer) -> DrafterTraining:
     """The module an adapt run with --target drafter trains (nbdiff.adapt.trainer calls this in setup).
-    `run_dir`: the run folder, or a function giving where it is now (a --force run moves it at its first
+    `run_dir`: a function giving where the run folder is now (a --force run moves it at its first
     checkpoint, and the feature cache must follow)."""
     from transformers import AutoModelForCausalLM
 
@@ -500,8 +500,7 @@ def training_module(config, folder, device: torch.device, data, run_dir: "Path |
     if config.drafter_cache_features:
         key = f"{drafter.config.target_fingerprint}|{drafter.config.target_layer_ids}|{tuple(data.train.input_ids.shape)}" \
               f"|{int(data.train.input_ids.sum())}|{config.seed}"
-        where = run_dir if callable(run_dir) else (lambda: Path(run_dir))
-        cache = FeatureStore(lambda: where() / FEATURE_CACHE, key)
+        cache = FeatureStore(lambda: run_dir() / FEATURE_CACHE, key)
     module = DrafterTraining(drafter, ar, cache).to(device)
     module.use_flex = flex_available(device)
     flex = "flex attention block mask" if module.use_flex else "dense bool mask (sdpa)"
