@@ -191,6 +191,13 @@ def test_a_forced_run_keeps_caching_features_after_its_folder_takes_the_old_runs
     cached = list((tmp_path / "r" / "feature-cache").rglob("row-*.safetensors"))
     assert len(cached) >= 4  # rows met at steps 3-6, after the commit at step 2, too
     assert not list(tmp_path.glob(".r.nbdiff-tmp-*"))
+    # the forced run trained what a fresh run in an empty folder trains
+    from safetensors.torch import load_file
+
+    fresh = adapt(drafter_config(folder, data, tmp_path / "fresh", **kw))
+    assert fresh.tokens == again.tokens
+    wa, wb = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("r", "fresh"))
+    assert set(wa) == set(wb) and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
 
 
 def test_drafter_recipe_refuses_lora_and_block_one(tiny_target, tmp_path):
