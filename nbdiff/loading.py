@@ -136,7 +136,8 @@ def load_model(path: str | Path, quantize: str | None = None, device: str = "aut
     if dev == "cpu" and kind is None:
         from nbdiff.cpu_kernel import install
 
-        model._nbdiff_cpu_kernel = install(model)  # products of a few rows (nbdiff.cpu_kernel; fp32, bf16)
+        # products of a few rows (nbdiff.cpu_kernel; fp32, bf16); weights stored in bf16 stay bf16 under fp32 sums
+        model._nbdiff_cpu_kernel = install(model, bf16_weights=True)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
     settings = model_settings(model)

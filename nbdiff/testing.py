@@ -128,12 +128,13 @@ def save_tiny_checkpoint(path, arch: str = "llama", seed: int = 0, **overrides):
 
 
 def save_tiny_converted(path, arch: str = "llama", *, block_size: int = 4, adapted: int = 1, mask: str = "added",
-                        seed: int = 0, **overrides):
+                        seed: int = 0, dtype: torch.dtype | None = None, **overrides):
     """Write a tiny folder as `nbdiff convert` (or adapt, with `adapted` > 1) leaves it, without running convert.
 
     `mask="added"`: `<|mask|>` is added to the tokenizer, as convert does (vocabulary 385).
     `mask="last"`: the last vocabulary id serves as the mask and the tokenizer is unchanged (384).
-    The weights are those of `save_tiny_checkpoint` with the same seed and vocabulary.
+    The weights are those of `save_tiny_checkpoint` with the same seed and vocabulary (rounded to `dtype`
+    where given: a folder stored in bf16, as most checkpoints are).
     """
     from pathlib import Path
 
@@ -148,6 +149,8 @@ def save_tiny_converted(path, arch: str = "llama", *, block_size: int = 4, adapt
     mask_id = tok.mask_token_id if mask == "added" else len(tok) - 1
     attach_settings(model.config, BlockDiffusionSettings(
         block_size=block_size, mask_token_id=mask_id, mask_token="<|mask|>", adapted_block_size=adapted, source="tiny"))
+    if dtype is not None:
+        model.to(dtype)
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return Path(path)

@@ -32,10 +32,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear, max_rows  # noqa: F401 (public here)
+from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear, bf16_exact, max_rows  # noqa: F401 (public here)
 
 HERE = Path(__file__).parent
-SOURCES = ("small_m.h", "kernel_body.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
+SOURCES = ("small_m.h", "kernel_body.h", "fp32_rows.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
 TORCH_SOURCES = ("op.cpp", "layers.cpp")  # compiled against torch's headers
 # each kernel source and the compiler flags for its instruction set
 OBJECTS = {"avx2": "-mavx2 -mfma", "avx512": "-mavx512f -mfma", "avx512_bf16": "-mavx512f -mavx512bw -mavx512bf16 -mfma"}
@@ -229,12 +229,35 @@ def small_m_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     return torch.ops.nbdiff.small_m_linear(x, weight, bias, state.isa if isa is None else isa)
 
 
-def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:
+BF16_SWITCH = "NBDIFF_BF16_WEIGHTS"
+
+
+def keep_bf16(layers: list[nn.Module]) -> int:
+    """Give each fp32 linear layer in `layers` whose weight holds only bf16 numbers (a checkpoint stored in bf16
+    and loaded in fp32: every value widened exactly) a bf16 copy of that weight instead, and return how many
+    changed. The arithmetic stays fp32: the kernel widens each weight as it reads it and sums exactly as over the
+    fp32 weight (the same bits, from half the bytes: a one-token step reads the weights from memory, so it is
+    about twice as fast), and torch's product, for more rows, takes a widened copy (few_rows_linear). A weight
+    shared with another module (tied embeddings) is copied, not changed: the embedding keeps its fp32 table."""
+    changed = 0
+    for module in layers:
+        w = module.weight
+        if w.dtype is not torch.float32 or not bf16_exact(w):
+            continue
+        module.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=w.requires_grad)
+        module._kept_bf16 = True  # for users of the weight alone (a drafter's head rows): widen it, fp32 sums
+        changed += 1
+    return changed
+
+
+def install(model: nn.Module, fast_forward: bool = True, bf16_weights: bool = False) -> KernelStatus:
     """Switch `model`'s CPU nn.Linear layers (exactly nn.Linear, not subclasses such as quantized or
     LoRA layers) in a dtype the kernel takes on this CPU (fp32; bf16 with AVX512-BF16) to
     SmallRowsLinear when the kernel is ready; a no-op otherwise (and no build when the model has no
     such layer). fast_forward: also give an fp32 Llama/Qwen2 model the lean forward for its few-row
-    passes (nbdiff.cpu_kernel.fast_forward; same bits, less Python)."""
+    passes (nbdiff.cpu_kernel.fast_forward; same bits, less Python). bf16_weights: keep the fp32 layers
+    whose weights are bf16 numbers in bf16 (`keep_bf16`: the same bits, half the bytes; for models loaded
+    to decode, not to train: the weights' optimizer would see bf16; `NBDIFF_BF16_WEIGHTS=0` turns it off)."""
     kinds = dtypes(cpu_isa())
     layers = [m for m in model.modules()
               if type(m) is nn.Linear and m.weight.dtype in kinds and m.weight.device.type == "cpu"]
@@ -242,6 +265,8 @@ def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:
         return KernelStatus(False, f"off (no CPU linear layers in {' or '.join(NAMES[d] for d in kinds) or 'any dtype it takes here'})")
     state = status()
     if state.ready:
+        kept = keep_bf16(layers) if bf16_weights and os.environ.get(BF16_SWITCH, "1").strip().lower() not in (
+            "0", "false", "no", "off") else 0
         for module in layers:
             module.__class__ = SmallRowsLinear
             module._isa = state.isa
@@ -252,14 +277,20 @@ def install(model: nn.Module, fast_forward: bool = True) -> KernelStatus:
             from nbdiff.cpu_kernel import fast_forward as lean
 
             lean.install(model)
+        if kept:
+            state = KernelStatus(True, f"{state.reason[:-1]}; {kept} of {len(layers)} weights kept in bf16 as stored, "
+                                       "fp32 sums)", state.isa)
     return state
 
 
 def uninstall(model: nn.Module) -> None:
-    """Back to plain nn.Linear and the model's own forward (for comparisons)."""
+    """Back to plain nn.Linear and the model's own forward, with fp32 weights where keep_bf16 kept bf16 ones
+    (the same values; for comparisons)."""
     from nbdiff.cpu_kernel import fast_forward as lean
 
     lean.uninstall(model)
     for module in model.modules():
         if type(module) is SmallRowsLinear:
             module.__class__ = nn.Linear
+            if vars(module).pop("_kept_bf16", False):
+                module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=module.weight.requires_grad)

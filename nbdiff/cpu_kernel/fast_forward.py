@@ -29,8 +29,9 @@ written into its room in place (no copy of the whole cache per token). What a fo
 per layer is read once per model and kept (`_Plan`) while every module and weight stays in place.
 Other caches take the Python loop (`_layers`).
 
-Only fp32 weights take it (the bf16 kernel's multi-weight call is not written; bf16 models keep
-the original forward), only with sdpa attention, full attention in every layer, and a cache given.
+Only fp32 arithmetic takes it: fp32 weights, or weights stored in bf16 under an fp32 model
+(nbdiff.cpu_kernel.keep_bf16: widened exactly as the kernel reads them; bf16 models keep the original
+forward), only with sdpa attention, full attention in every layer, and a cache given.
 `NBDIFF_FAST_FORWARD=0` leaves every model's forward alone.
 """
 from __future__ import annotations
@@ -77,6 +78,9 @@ def _modules(model):
     if getattr(config, "hidden_act", None) != "silu" or len(layers) != config.num_hidden_layers:
         return None
     prefix = type(model).__name__.removesuffix("ForCausalLM")
+    if inner.embed_tokens.weight.dtype is not torch.float32:
+        return None  # fp32 arithmetic only
+    weights = (torch.float32, torch.bfloat16)  # bf16: kept as stored (nbdiff.cpu_kernel.keep_bf16), widened exactly
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         if (type(layer).__name__ != f"{prefix}DecoderLayer" or type(attn).__name__ != f"{prefix}Attention"
@@ -89,7 +93,7 @@ def _modules(model):
                        for norm in (layer.input_layernorm, layer.post_attention_layernorm))):
             return None
         projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj, mlp.down_proj)
-        if any(not isinstance(p, nn.Linear) or p.weight.dtype is not torch.float32 for p in projections):
+        if any(not isinstance(p, nn.Linear) or p.weight.dtype not in weights for p in projections):
             return None
     if type(inner.norm).__name__ != f"{prefix}RMSNorm" or not isinstance(model.lm_head, nn.Linear):
         return None

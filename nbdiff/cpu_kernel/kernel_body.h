@@ -1,7 +1,8 @@
 // The kernel, written once over a SIMD type `S` (see avx512.cpp, avx2.cpp, avx512_bf16.cpp, which
-// compile it for their instruction set). S provides: T (the element type of x and w), In (a vector
-// of L elements as loaded), V (an accumulator of fp32 lanes), zero(), load(p), load_tail(p, n),
-// fma(w, x, acc), sum(acc) (the lanes in a fixed order), kRows and cols<R>().
+// compile it for their instruction set). S provides: T (the element type of x), W (the element type
+// of w: T, or bf16 bits widened to fp32 as they are loaded), In (a vector of L elements as loaded),
+// V (an accumulator of fp32 lanes), zero(), load(p), load_tail(p, n) (x), load_w(p), load_w_tail(p, n)
+// (w), fma(w, x, acc), sum(acc) (the lanes in a fixed order), kRows, kSplit and cols<R>().
 #pragma once
 #include <immintrin.h>
 #include <cstdint>
@@ -26,13 +27,13 @@ constexpr int kPrefetchColumns = 4;  // how many weight rows ahead to prefetch (
 
 // R input rows, NB output columns per pass (R * NB accumulators stay in registers).
 template <class S, int R, int NB>
-static inline int64_t columns(const typename S::T* __restrict x, int64_t K, const typename S::T* __restrict w,
+static inline int64_t columns(const typename S::T* __restrict x, int64_t K, const typename S::W* __restrict w,
                               const float* __restrict b, int64_t n, int64_t n1, int64_t N,
                               float* __restrict y) {
   const int64_t body = K - K % S::L;
   const int tail = static_cast<int>(K - body);
   for (; n + NB <= n1; n += NB) {
-    const typename S::T* wn = w + n * K;
+    const typename S::W* wn = w + n * K;
     typename S::V acc[NB][R];
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j)
@@ -43,7 +44,7 @@ static inline int64_t columns(const typename S::T* __restrict x, int64_t K, cons
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
         _mm_prefetch(reinterpret_cast<const char*>(wn + (kPrefetchColumns + j) * K + k), _MM_HINT_T0);
-        wv[j] = S::load(wn + j * K + k);
+        wv[j] = S::load_w(wn + j * K + k);
       }
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
@@ -57,7 +58,7 @@ static inline int64_t columns(const typename S::T* __restrict x, int64_t K, cons
       for (int r = 0; r < R; ++r) {
         const typename S::In xv = S::load_tail(x + r * K + body, tail);
 #pragma GCC unroll 16
-        for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(S::load_tail(wn + j * K + body, tail), xv, acc[j][r]);
+        for (int j = 0; j < NB; ++j) acc[j][r] = S::fma(S::load_w_tail(wn + j * K + body, tail), xv, acc[j][r]);
       }
     }
 #pragma GCC unroll 16
@@ -73,7 +74,7 @@ static inline int64_t columns(const typename S::T* __restrict x, int64_t K, cons
 }
 
 template <class S, int R, int NB>
-static void block(const typename S::T* x, int64_t K, const typename S::T* w, const float* b, int64_t n0, int64_t n1,
+static void block(const typename S::T* x, int64_t K, const typename S::W* w, const float* b, int64_t n0, int64_t n1,
                   int64_t N, float* y) {
   const int64_t n = columns<S, R, NB>(x, K, w, b, n0, n1, N, y);
   columns<S, R, 1>(x, K, w, b, n, n1, N, y);
@@ -82,7 +83,7 @@ static void block(const typename S::T* x, int64_t K, const typename S::T* w, con
 // All M rows, S::kRows at a time (each weight row is read once per chunk); the pass shape for
 // each count of rows is S::cols<R>().
 template <class S, int R>
-static void chunk(const typename S::T* x, int64_t rows, int64_t K, const typename S::T* w, const float* b, int64_t n0,
+static void chunk(const typename S::T* x, int64_t rows, int64_t K, const typename S::W* w, const float* b, int64_t n0,
                   int64_t n1, int64_t N, float* y) {
   if constexpr (R > 1) {
     if (rows < R) return chunk<S, R - 1>(x, rows, K, w, b, n0, n1, N, y);
@@ -98,10 +99,10 @@ static void chunk(const typename S::T* x, int64_t rows, int64_t K, const typenam
 constexpr int64_t kPanelBytes = 128 * 1024;  // measured on AVX2 (Zen 3, 512 KiB L2): 64-256 KiB alike
 
 template <class S>
-static void panels(const typename S::T* x, int64_t M, int64_t K, const typename S::T* w, const float* b, int64_t n0,
+static void panels(const typename S::T* x, int64_t M, int64_t K, const typename S::W* w, const float* b, int64_t n0,
                    int64_t n1, int64_t N, float* y) {
   constexpr int R = S::kTileRows, NB = S::kTileCols;
-  int64_t width = kPanelBytes / (K * static_cast<int64_t>(sizeof(typename S::T))) / NB * NB;
+  int64_t width = kPanelBytes / (K * static_cast<int64_t>(sizeof(typename S::W))) / NB * NB;
   if (width < NB) width = NB;
   for (int64_t p0 = n0; p0 < n1; p0 += width) {
     const int64_t p1 = p0 + width < n1 ? p0 + width : n1;
@@ -111,14 +112,22 @@ static void panels(const typename S::T* x, int64_t M, int64_t K, const typename 
   }
 }
 
+// Up to S::kRows rows in one pass over the weights; more in passes of at most S::kSplit rows, as even as
+// they come (16 rows: two of 8, each at its column count, rather than 12 + 4).
 template <class S>
-static void rows(const typename S::T* x, int64_t M, int64_t K, const typename S::T* w, const float* b, int64_t n0,
+static void rows(const typename S::T* x, int64_t M, int64_t K, const typename S::W* w, const float* b, int64_t n0,
                  int64_t n1, int64_t N, float* y) {
   if constexpr (S::kTileRows > 1) {
     if (M > S::kPanelRows) return panels<S>(x, M, K, w, b, n0, n1, N, y);
   }
-  for (int64_t m = 0; m < M; m += S::kRows)
-    chunk<S, S::kRows>(x + m * K, M - m < S::kRows ? M - m : S::kRows, K, w, b, n0, n1, N, y + m * N);
+  if (M <= 0) return;
+  if (M <= S::kRows) return chunk<S, S::kRows>(x, M, K, w, b, n0, n1, N, y);
+  const int64_t passes = (M + S::kSplit - 1) / S::kSplit;
+  for (int64_t p = 0, m = 0; p < passes; ++p) {
+    const int64_t r = (M - m) / (passes - p);  // the rows left, shared evenly by the passes left
+    chunk<S, S::kSplit>(x + m * K, r, K, w, b, n0, n1, N, y + m * N);
+    m += r;
+  }
 }
 
 }  // namespace nbdiff_kernel

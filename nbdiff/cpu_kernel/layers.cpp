@@ -29,14 +29,15 @@
 #include <cmath>
 #include <vector>
 
-#include "small_m.h"
+#include "fp32_rows.h"
 
 namespace {
 
 using OptTensor = std::optional<at::Tensor>;
 
-// y_i = x W_i^T + b_i for each weight, every output its own contiguous tensor shaped like x with
-// N_i features; one parallel_for over all the weights' output columns (as small_m_linear_multi).
+// y_i = x W_i^T + b_i for each weight (fp32 or bf16; the biases fp32), every output its own contiguous
+// tensor shaped like x with N_i features; one parallel_for over all the weights' output columns (as
+// small_m_linear_multi).
 std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<const at::Tensor*>& ws,
                                  const std::vector<const OptTensor*>& bs, int64_t isa) {
   const int64_t K = x.size(-1);
@@ -52,14 +53,13 @@ std::vector<at::Tensor> products(const at::Tensor& x, const std::vector<const at
     start[s + 1] = start[s] + ws[s]->size(0);
   }
   const float* xp = x2.data_ptr<float>();
-  auto kernel = isa >= 2 ? nbdiff_kernel::rows_avx512 : nbdiff_kernel::rows_avx2;
   at::parallel_for(0, start[S], 64, [&](int64_t a, int64_t b) {
     for (size_t s = 0; s < S; ++s) {
       const int64_t n0 = std::max(a, start[s]), n1 = std::min(b, start[s + 1]);
       if (n0 < n1) {
         const float* bp = bs[s]->has_value() ? (*bs[s])->data_ptr<float>() : nullptr;
-        kernel(xp, M, K, ws[s]->data_ptr<float>(), bp, n0 - start[s], n1 - start[s], start[s + 1] - start[s],
-               ys[s].data_ptr<float>());
+        nbdiff_kernel::fp32_rows(xp, M, K, *ws[s], bp, n0 - start[s], n1 - start[s], start[s + 1] - start[s],
+                                 ys[s].data_ptr<float>(), isa);
       }
     }
   });

@@ -25,8 +25,8 @@ def max_rows(dtype: torch.dtype, isa: int) -> int:
 
 
 class SmallRowsLinear(nn.Linear):
-    """nn.Linear whose CPU forward of at most max_rows(dtype, isa) rows, without autograd, takes the kernel (fp32;
-    bf16 too at isa 3)."""
+    """nn.Linear whose CPU forward of at most max_rows(dtype, isa) rows, without autograd, takes the kernel (fp32,
+    an fp32 input with a bf16 weight: see keep_bf16; bf16 too at isa 3)."""
 
     _isa = 0  # set by install(); 0 (a layer made some other way): torch's product always
 
@@ -36,12 +36,24 @@ class SmallRowsLinear(nn.Linear):
 
 def few_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, isa: int) -> torch.Tensor:
     """x w^T + bias through the kernel at `isa` where SmallRowsLinear would take it (few rows on the CPU, no
-    autograd, a contiguous weight of x's dtype), else torch's product. A trained drafter's LM head (the AR
-    model's head restricted to its draft vocabulary: a weight of its own) takes it too."""
+    autograd, a contiguous weight of x's dtype, or a bf16 weight under an fp32 x), else torch's product. A bf16
+    weight under an fp32 x (nbdiff.cpu_kernel.keep_bf16) is widened to fp32 either way, exactly: the kernel as
+    it reads it, torch's product on a widened copy, so the result has the bits the fp32 weight gives. A trained
+    drafter's LM head (the AR model's head restricted to its draft vocabulary: a weight of its own) takes it too."""
     dt = x.dtype
-    if (isa and dt is w.dtype and (dt is torch.float32 or (dt is torch.bfloat16 and isa == 3))
+    widened = dt is torch.float32 and w.dtype is torch.bfloat16
+    if (isa and (dt is w.dtype or widened) and (dt is torch.float32 or (dt is torch.bfloat16 and isa == 3))
             and x.device.type == "cpu"
             and x.numel() <= max_rows(dt, isa) * w.shape[1] and w.is_contiguous()
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
         return torch.ops.nbdiff.small_m_linear(x, w, bias, isa)
+    if widened:
+        w, bias = w.float(), (bias.float() if bias is not None else None)
     return F.linear(x, w, bias)
+
+
+def bf16_exact(w: torch.Tensor, chunk: int = 1 << 22) -> bool:
+    """Whether every value of the fp32 tensor `w` is a bf16 number (its low 16 bits all zero), so that a bf16
+    copy holds it exactly. Read in pieces of `chunk` elements (no full-size temporary)."""
+    flat = w.detach().reshape(-1).view(torch.int32)
+    return all(not torch.any(flat[i:i + chunk] & 0xFFFF) for i in range(0, flat.numel(), chunk))

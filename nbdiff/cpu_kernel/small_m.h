@@ -1,4 +1,4 @@
-// Products y = x W^T + b (fp32, or bf16 with fp32 sums) for a handful of rows (decoding steps, verify passes, packed serving).
+// Products y = x W^T + b (fp32; fp32 x with bf16 W; or bf16 with fp32 sums) for a handful of rows (decoding steps, verify passes, packed serving).
 //
 // Why: for 2-16 rows MKL's sgemm costs nearly as much per row as its one-row gemv, because it does
 // not overlap streaming the weights from memory with the arithmetic on them. These kernels read
@@ -19,6 +19,12 @@ void rows_avx512(const float* x, int64_t M, int64_t K, const float* w, const flo
                  int64_t n0, int64_t n1, int64_t N, float* y);
 void rows_avx2(const float* x, int64_t M, int64_t K, const float* w, const float* b,
                int64_t n0, int64_t n1, int64_t N, float* y);
+// fp32 x, bf16 w (raw bits, widened exactly to fp32): the bits rows_avx512 / rows_avx2 give on the
+// widened weights, from half the bytes.
+void rows_avx512_w16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* b,
+                     int64_t n0, int64_t n1, int64_t N, float* y);
+void rows_avx2_w16(const float* x, int64_t M, int64_t K, const uint16_t* w, const float* b,
+                   int64_t n0, int64_t n1, int64_t N, float* y);
 // bf16 x and w (raw bits), fp32 sums in y; AVX512-BF16 only.
 void rows_avx512_bf16(const uint16_t* x, int64_t M, int64_t K, const uint16_t* w, const float* b,
                       int64_t n0, int64_t n1, int64_t N, float* y);

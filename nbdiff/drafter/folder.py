@@ -318,5 +318,6 @@ def load_drafter(path, ar_model) -> Drafter:
                           f"{len(unexpected)} tensors, e.g. {(missing or unexpected)[0]})", "write the drafter folder again")
     from nbdiff.cpu_kernel import install
 
-    install(drafter)  # fp32 on a CPU: its block of drafted rows through the few-row kernel
+    # fp32 on a CPU: its block of drafted rows through the few-row kernel, weights saved in bf16 kept so (fp32 sums)
+    install(drafter, bf16_weights=True)
     return drafter.eval()

@@ -148,6 +148,12 @@ class Drafter(nn.Module):
         self._rows = None  # the LM head rows of the draft vocabulary, gathered on first use
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The arithmetic's dtype: its norms' (a loaded drafter's linear weights may be kept in bf16 under fp32
+        sums, nbdiff.cpu_kernel.keep_bf16)."""
+        return self.hidden_norm.weight.dtype
+
+    @property
     def embed_tokens(self) -> nn.Module:
         return self._shared[0]
 
@@ -163,7 +169,7 @@ class Drafter(nn.Module):
 
     def fuse(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """AR layer outputs (each [B, T, H], in target_layer_ids order) -> context features [B, T, H]."""
-        x = torch.cat(hidden_states, dim=-1).to(self.fc.weight.dtype)
+        x = torch.cat(hidden_states, dim=-1).to(self.dtype)
         return self.hidden_norm(self.fc(x))
 
     def extend(self, cache: FeatureCache, feats: torch.Tensor, feat_pos: torch.Tensor) -> None:
@@ -191,7 +197,7 @@ class Drafter(nn.Module):
         """
         with torch.no_grad():
             x = self.embed_tokens(block_ids)
-        x = x.to(self.fc.weight.dtype)  # [B, b, H]
+        x = x.to(self.dtype)  # [B, b, H]
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 ctx_k, ctx_v = cache.keys[i], cache.values[i]
@@ -203,8 +209,10 @@ class Drafter(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The AR LM head (frozen) on h [B, b, H], restricted to the draft vocabulary."""
         weight, bias = self._head_rows()
+        if not getattr(self.lm_head, "_kept_bf16", False):  # kept: an fp32 head stored in bf16, widened as it is read
+            h = h.to(weight.dtype)
         # where the AR head takes nbdiff's few-row CPU kernel its rows here do too (isa 0: torch's product)
-        return few_rows_linear(h.to(weight.dtype), weight, bias, getattr(self.lm_head, "_isa", 0))
+        return few_rows_linear(h, weight, bias, getattr(self.lm_head, "_isa", 0))
 
     def _head_rows(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The LM head's rows of the draft vocabulary [Vd, H] (and bias), gathered once per weight version."""

@@ -144,7 +144,7 @@ class DrafterTraining(torch.nn.Module):
         return self.drafter(batch.block_ids, batch.block_pos, feats, batch.position_ids, mask)
 
     def _dtype(self) -> torch.dtype:
-        return self.drafter.fc.weight.dtype
+        return self.drafter.dtype
 
     def draft_targets(self, targets: torch.Tensor) -> torch.Tensor:
         """AR-vocabulary targets -> draft-vocabulary indices (IGNORE outside the draft vocabulary)."""
