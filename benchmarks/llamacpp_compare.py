@@ -263,7 +263,7 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
     texts = [_templated(tokenizer, p) for _, p in prompts]
 
     def run_nbdiff():
-        install(model)
+        install(model, bf16_weights=True)  # as load_model does: a folder stored in bf16 keeps bf16 weights (fp32 sums)
         runs = [nbdiff_stream(model, tokenizer, p, n) for (_, p), n in zip(prompts, lengths)]
         assert [r["new_tokens"] for r in runs] == lengths, "nbdiff's replies changed length between rounds"
         return runs
@@ -273,16 +273,18 @@ def part_rounds(args, ggufs: dict[str, Path]) -> dict:
         try:
             return [hf_generate(model, tokenizer, p, n, r["finish"] == "eos") for (_, p), n, r in zip(prompts, lengths, first)]
         finally:
-            install(model)
+            install(model, bf16_weights=True)
 
     def run_exact(spec: str):
-        install(model)
+        install(model, bf16_weights=True)
         from nbdiff.decode import plan
 
         drafter, *settings = spec.split("@")  # DRAFTER@name=value@...: decoding options of that row (e.g. draft_threshold=0)
-        extra = {name: float(value) for name, value in (s.split("=", 1) for s in settings)}
+        extra = {name: int(float(value)) if float(value).is_integer() and name == "block_size" else float(value)
+                 for name, value in (s.split("=", 1) for s in settings)}
         default = plan.COST_CUT
-        plan.COST_CUT = bool(extra.pop("cost_cut", default))  # @cost_cut=1 / 0: drafts cut by cost / by the threshold alone
+        if "cost_cut" in extra:  # @cost_cut=1 / 0: drafts cut by cost / by the threshold alone (else the plan's default)
+            plan.COST_CUT = bool(extra.pop("cost_cut"))
         try:
             return [nbdiff_stream(model, tokenizer, p, n, exact=True, drafter=drafter, **extra) for (_, p), n in zip(prompts, lengths)]
         finally:

@@ -19,7 +19,8 @@ Lookup first, then the drafter: 1.54 against 1.23 tokens per verify for the draf
 gives fewer tokens than block size 1; a one-step diffusion draft costs a forward and kept about
 one token on the models we ship (docs/benchmarks/exact-mode.md, "Exact mode's default drafter").
 
-Block size when none is asked for: a trained drafter's own (the block it was trained for); lookup
+Block size when none is asked for: a trained drafter's own (the block it was trained for; at most
+TRAINED_BLOCK_BF16 where the model's weights are kept in bf16 on a CPU); lookup
 drafts `lookup_block_size(model)` (the folder's block size is the diffusion's); otherwise the
 block size the folder was adapted to (`nbdiff.loading.default_block_size`), 1 for a model that was
 never converted.
@@ -117,12 +118,20 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
     follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel_isa(model) == 1
     if follows:
         why += "; each row's lookup draft at most one token longer than its last accepted run (wide verifies cost on AVX2)"
-    costs = verify_costs(model, block) if drafter is not None and COST_CUT else ()
+    costs = verify_costs(model, block) if drafter is not None and cuts_by_cost(model) else ()
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
-                        costs, DRAFTER_COST if drafter is not None else 0.0, source, name, f"{why}; block size {block}: {because}",
+                        costs, drafter_cost(model) if drafter is not None else 0.0, source, name,
+                        f"{why}; block size {block}: {because}",
                         counts_near_ties=options.temperature == 0 and not verify_rounds_like_steps(model),
                         lookup_follows=follows)
 
+
+TRAINED_BLOCK_BF16 = 4
+"""A trained drafter's block where the model's weights are kept in bf16 on a CPU (`kept_bf16`): a verify of 4 tokens
+costs about 1.26x one there, 8 tokens 2.2x (VERIFY_COSTS_CPU_BF16). Measured on Qwen2.5-Coder-0.5B's shipped drafter
+(trained at 8) over 8 held-out code prompts, 2 interleaved rounds (Intel Xeon model 106, 2 threads): block 4 with
+drafts cut by cost 1.44x block size 1, block 8 1.35x, block 8 cut by cost 1.29x; in the next run, beside llama.cpp,
+block 4 1.47x, block 8 1.43x, block 4 cut by cost 1.37x (docs/benchmarks/drafter-qwen05.md, section 10)."""
 
 ROW_COST_CPU = 0.074
 """A CPU verify pass's cost per token past the first, against a one-token step, up to 8 tokens: Qwen2.5-Coder-0.5B in
@@ -130,18 +139,45 @@ fp32, 2 threads, nbdiff's few-row kernel: 2/4/8 tokens 1.10x/1.19x/1.52x one (In
 1.05x/1.14x/1.54x (Xeon model 207, docs/benchmarks/exact-mode.md); past 8 the kernel's row blocks end and each
 token costs ROW_COST_CPU_WIDE (16 tokens 2.76x)."""
 ROW_COST_CPU_WIDE = 0.155
+VERIFY_COSTS_CPU_BF16 = (1.0, 1.17, 1.26, 1.26, 1.58, 1.77, 1.9, 2.17, 2.33, 2.6, 2.95, 3.3, 3.45, 3.6, 3.75, 3.9)
+"""A CPU verify pass of 1..16 tokens against a one-token step where the weights are kept in bf16 under fp32 sums
+(nbdiff.cpu_kernel.keep_bf16): a step reads half the bytes, so it takes half the time, while every extra row costs
+the multiply-adds it cost in fp32. Qwen2.5-Coder-0.5B, 2 threads, Intel Xeon model 106 (AVX-512, one 512-bit FMA
+per cycle): one token 41-45 ms, 4 tokens 51-56, 8 tokens 91-96, 16 tokens 147-197 (two runs of
+benchmarks/step_costs.py, docs/benchmarks/cpu-kernel.md); past 16 tokens 0.15 more per token."""
 ROW_COST_GPU = 0.01
 """A GPU pass of a few tokens costs about what one does (reading the weights dominates); not measured by nbdiff yet."""
 DRAFTER_COST = 0.09
 """A trained drafter's forward against a one-token step: 6.9 ms against 78 ms for the shipped 2-layer drafter of
 Qwen2.5-Coder-0.5B (fp32, 2 threads, Intel Xeon model 106; docs/benchmarks/drafter-qwen05.md, section 9)."""
+DRAFTER_COST_BF16 = 0.16
+"""The same against a one-token step of the model's weights kept in bf16: 6.9-7.8 ms against 41-45 ms."""
 
 
-COST_CUT = False
+COST_CUT: bool | None = False
 """True: a trained drafter's drafts (and lookup's, lookup first) are cut to the length with the most expected tokens per
-verify cost (nbdiff.drafter.decoding.best_length). Off: in interleaved rounds on the 0.5B it verified fewer tokens
-(1.72 against 1.75 kept per forward on held-out code) without a speed-up that showed through the machine's noise
-(docs/benchmarks/drafter-qwen05.md, section 9); drafts are cut by --draft-threshold alone."""
+verify cost (nbdiff.drafter.decoding.best_length). False (the default): drafts are cut by --draft-threshold alone.
+None: cut by cost where the model's weights are kept in bf16 on a CPU (`kept_bf16`), by the threshold elsewhere.
+Measured and left off: with fp32 weights, in interleaved rounds on the 0.5B the cut verified fewer tokens (1.72
+against 1.75 kept per forward on held-out code) without a speed-up that showed through the machine's noise
+(docs/benchmarks/drafter-qwen05.md, section 9); with kept bf16 weights, at block 4, 25.3 against 27.2 tokens/s
+(section 10)."""
+
+
+def kept_bf16(model) -> bool:
+    """Whether the model's output layer reads weights kept in bf16 under fp32 sums (nbdiff.cpu_kernel.keep_bf16)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return bool(getattr(head, "_kept_bf16", False))
+
+
+def cuts_by_cost(model) -> bool:
+    """COST_CUT for this model (None: where its weights are kept in bf16)."""
+    return kept_bf16(model) if COST_CUT is None else COST_CUT
+
+
+def drafter_cost(model) -> float:
+    return DRAFTER_COST_BF16 if kept_bf16(model) else DRAFTER_COST
+
 
 
 def verify_costs(model, block: int) -> tuple[float, ...]:
@@ -150,10 +186,14 @@ def verify_costs(model, block: int) -> tuple[float, ...]:
 
     device = getattr(model, "device", None)
     gpu = device is not None and torch.device(device).type != "cpu"
+    bf16 = not gpu and kept_bf16(model)
     out = []
     for m in range(block):
         if gpu:
             out.append(1.0 + ROW_COST_GPU * m)
+        elif bf16:
+            table = VERIFY_COSTS_CPU_BF16
+            out.append(table[min(m, len(table) - 1)] + 0.15 * max(m - len(table) + 1, 0))
         else:
             out.append(1.0 + ROW_COST_CPU * min(m, 7) + ROW_COST_CPU_WIDE * max(m - 7, 0))
     return tuple(round(c, 4) for c in out)
@@ -211,7 +251,11 @@ def _block_size(model, options: DecodeOptions, kind: str | None, drafter=None) -
         return options.block_size, "as asked"
     settings = model_settings(model)
     if drafter is not None:
-        return drafter.config.block_size, "the block the drafter was trained for"
+        trained = drafter.config.block_size
+        if kept_bf16(model) and trained > TRAINED_BLOCK_BF16:
+            return TRAINED_BLOCK_BF16, (f"the drafter's block of {trained} cut to {TRAINED_BLOCK_BF16}: with weights kept "
+                                        "in bf16 a step costs half, a verify's extra rows what they cost in fp32")
+        return trained, "the block the drafter was trained for"
     if settings is not None and kind == NGRAM:
         isa = kernel_isa(model)
         where = "with nbdiff's few-row CPU kernel" + (" on AVX2" if isa == 1 else "") if isa else "with torch's products"
