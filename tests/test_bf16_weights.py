@@ -1,7 +1,9 @@
 """Weights stored in bf16 under fp32 arithmetic on the CPU (nbdiff.cpu_kernel.keep_bf16): the kernel
-widens each weight as it reads it, so every product, pass, logit and reply has the bits the same model
-loaded in fp32 gets (half the bytes read; about twice as fast per one-token step, benchmarks in
-docs/benchmarks/cpu-kernel.md), and weights that are not bf16 numbers stay fp32."""
+widens each weight as it reads it, so every product has the bits the fp32 kernel gives on the widened
+weight, and every decoding pass, logit and reply the bits of the same model loaded in fp32 (half the
+bytes read; about twice as fast per one-token step, docs/benchmarks/cpu-kernel.md); prompts of 17-64
+rows take the kernel's many-row path instead of torch's product; weights that are not bf16 numbers
+stay fp32."""
 
 from __future__ import annotations
 
@@ -80,11 +82,17 @@ def test_a_kept_layer_has_the_fp32_layers_bits_few_rows_many_rows_and_with_autog
     cpu_kernel.install(nn.Sequential(ref))
     cpu_kernel.install(nn.Sequential(kept), bf16_weights=True)
     assert type(kept) is cpu_kernel.SmallRowsLinear and kept.weight.dtype is torch.bfloat16
-    limit = cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa())
+    limit = cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa())  # the fp32 layer's kernel rows
+    wide = cpu_kernel.max_rows(torch.float32, cpu_kernel.cpu_isa(), torch.bfloat16)  # the kept layer's: a prompt's too
+    assert wide == 64 >= limit
     with torch.no_grad():
-        for rows in (1, 3, limit, limit + 1, 3 * limit):  # the kernel, then torch's product on a widened copy
+        for rows in (1, 3, limit, limit + 1, 40, wide, wide + 1, 100):
             x = torch.randn(rows, 32)
-            assert torch.equal(kept(x), ref(x)), rows
+            if limit < rows <= wide:  # the kernel's many-row path, where the fp32 layer takes torch's product
+                assert torch.equal(kept(x), cpu_kernel.small_m_linear(x, ref.weight, ref.bias)), rows
+                torch.testing.assert_close(kept(x), ref(x), rtol=1e-5, atol=1e-5)
+            else:  # the kernel, or above its rows torch's product on a widened copy: the fp32 layer's bits
+                assert torch.equal(kept(x), ref(x)), rows
     x = torch.randn(4, 32, requires_grad=True)
     out = kept(x)
     assert torch.equal(out, ref(x))
@@ -130,13 +138,13 @@ def test_a_bf16_folder_decodes_in_fp32_with_the_fp32_bits(arch, tmp_path, monkey
         assert torch.equal(kept.lm_head.weight.float(), kept.model.embed_tokens.weight)
     assert all(m.weight.dtype is torch.float32 for m in wide.modules() if type(m) is cpu_kernel.SmallRowsLinear)
     assert fast_forward.installed(kept) and fast_forward.installed(wide)
-    ids = torch.randint(0, 300, (2, 70))
+    ids = torch.randint(0, 300, (2, 83))
     for native in (True, False):
         monkeypatch.setattr(fast_forward, "NATIVE", native)
         from transformers import DynamicCache
 
         caches = DynamicCache(config=kept.config), DynamicCache(config=wide.config)
-        for a, b in ((0, 6), (6, 7), (7, 8), (8, 13), (13, 70)):  # a prompt, steps, a verify pass, a long one
+        for a, b in ((0, 6), (6, 7), (7, 8), (8, 13), (13, 83)):  # a prompt, steps, a verify pass, a long one
             got, want = (m(input_ids=ids[:, a:b], cache=c, use_cache=True, output_hidden_states=True)
                          for m, c in zip((kept, wide), caches))
             assert torch.equal(got.logits, want.logits), (native, a, b)

@@ -237,8 +237,9 @@ def keep_bf16(layers: list[nn.Module]) -> int:
     and loaded in fp32: every value widened exactly) a bf16 copy of that weight instead, and return how many
     changed. The arithmetic stays fp32: the kernel widens each weight as it reads it and sums exactly as over the
     fp32 weight (the same bits, from half the bytes: a one-token step reads the weights from memory, so it is
-    about twice as fast), and torch's product, for more rows, takes a widened copy (few_rows_linear). A weight
-    shared with another module (tied embeddings) is copied, not changed: the embedding keeps its fp32 table."""
+    about twice as fast); prompts of up to 64 rows take its many-row path, longer ones torch's product on a
+    widened copy (few_rows_linear). A weight shared with another module (tied embeddings) is copied, not
+    changed: the embedding keeps its fp32 table."""
     changed = 0
     for module in layers:
         w = module.weight

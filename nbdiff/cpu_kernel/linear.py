@@ -17,10 +17,16 @@ MAX_ROWS = {torch.float32: 16, torch.bfloat16: 12}
 # 0.72-0.96x MKL's time, 64 rows 0.93-1.03x, 128 rows 1.07x; docs/benchmarks/cpu-kernel.md): prompts
 # of up to this many tokens take the kernel too, so a prompt's rows get the bits they get one by one.
 PROMPT_ROWS = {1: 64}
+WIDENED_ROWS = 64
+"""fp32 inputs with bf16 weights (nbdiff.cpu_kernel.keep_bf16) take the kernel up to this many rows on AVX2 and
+AVX-512: both have a many-row path for them, faster than torch's product on a widened copy of the weights."""
 
 
-def max_rows(dtype: torch.dtype, isa: int) -> int:
-    """The most rows the kernel at `isa` takes in `dtype` (more: torch's product)."""
+def max_rows(dtype: torch.dtype, isa: int, weight: torch.dtype | None = None) -> int:
+    """The most rows the kernel at `isa` takes in `dtype` (more: torch's product); `weight`: the weight's dtype where
+    it is not `dtype` (bf16 under fp32 inputs)."""
+    if dtype is torch.float32 and weight is torch.bfloat16:
+        return WIDENED_ROWS
     return PROMPT_ROWS.get(isa, MAX_ROWS[dtype]) if dtype is torch.float32 else MAX_ROWS[dtype]
 
 
@@ -38,13 +44,14 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     """x w^T + bias through the kernel at `isa` where SmallRowsLinear would take it (few rows on the CPU, no
     autograd, a contiguous weight of x's dtype, or a bf16 weight under an fp32 x), else torch's product. A bf16
     weight under an fp32 x (nbdiff.cpu_kernel.keep_bf16) is widened to fp32 either way, exactly: the kernel as
-    it reads it, torch's product on a widened copy, so the result has the bits the fp32 weight gives. A trained
+    it reads it (up to WIDENED_ROWS rows), torch's product on a widened copy, so the result has the bits the
+    fp32 weight gives in the same product. A trained
     drafter's LM head (the AR model's head restricted to its draft vocabulary: a weight of its own) takes it too."""
     dt = x.dtype
     widened = dt is torch.float32 and w.dtype is torch.bfloat16
     if (isa and (dt is w.dtype or widened) and (dt is torch.float32 or (dt is torch.bfloat16 and isa == 3))
             and x.device.type == "cpu"
-            and x.numel() <= max_rows(dt, isa) * w.shape[1] and w.is_contiguous()
+            and x.numel() <= max_rows(dt, isa, w.dtype) * w.shape[1] and w.is_contiguous()
             and not (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))):
         return torch.ops.nbdiff.small_m_linear(x, w, bias, isa)
     if widened:
