@@ -175,8 +175,8 @@ def test_a_drafters_head_rows_from_a_kept_head_give_the_fp32_logits(tmp_path, mo
 
 def test_the_plan_drafts_blocks_of_4_and_knows_the_bf16_costs_where_weights_are_kept_in_bf16(tmp_path, monkeypatch):
     """Kept bf16 weights halve a step's time but not an extra row's multiply-adds: a trained drafter's block is cut to
-    TRAINED_BLOCK_BF16, and drafts cut by cost (COST_CUT True, or None: where the weights are kept) take the bf16 verify
-    costs; fp32 weights keep the drafter's block and the fp32 costs."""
+    TRAINED_BLOCK_BF16, and drafts cut by cost (COST_CUT True) take the bf16 verify costs; fp32 weights keep the
+    drafter's block and the fp32 costs."""
     from nbdiff.decode import plan
     from nbdiff.decode.options import DecodeOptions
     from nbdiff.loading import load_model
@@ -190,18 +190,16 @@ def test_the_plan_drafts_blocks_of_4_and_knows_the_bf16_costs_where_weights_are_
     mask = kept.config.vocab_size - 1
     drafters = {id(m): random_drafter(m, mask, block_size=8) for m in (kept, wide)}
     options = lambda m, **o: DecodeOptions(exact=True, drafter=drafters[id(m)], **o)
-    assert plan.COST_CUT is False and not plan.cuts_by_cost(kept)  # the default: the threshold alone
+    assert plan.COST_CUT is False  # the default: the threshold alone
     got = plan.plan_drafting(kept, options(kept))
     assert got.block_size == plan.TRAINED_BLOCK_BF16 == 4 and "cut to 4" in got.why and got.verify_costs == ()
     assert plan.plan_drafting(kept, options(kept, block_size=8)).block_size == 8  # as asked
     got = plan.plan_drafting(wide, options(wide))
     assert got.block_size == 8 and got.verify_costs == () and got.drafter_cost == plan.DRAFTER_COST
-    monkeypatch.setattr(plan, "COST_CUT", None)
-    assert plan.cuts_by_cost(kept) and not plan.cuts_by_cost(wide)
+    monkeypatch.setattr(plan, "COST_CUT", True)
     got = plan.plan_drafting(kept, options(kept, block_size=8))
     assert got.verify_costs == plan.VERIFY_COSTS_CPU_BF16[:8] and got.drafter_cost == plan.DRAFTER_COST_BF16
     assert plan.verify_costs(kept, 18)[-2:] == (pytest.approx(4.05), pytest.approx(4.2))
-    assert plan.plan_drafting(wide, options(wide)).verify_costs == ()
-    monkeypatch.setattr(plan, "COST_CUT", True)
-    assert plan.plan_drafting(wide, options(wide)).verify_costs[7] == pytest.approx(1 + 7 * plan.ROW_COST_CPU)
+    got = plan.plan_drafting(wide, options(wide))
+    assert got.verify_costs[7] == pytest.approx(1 + 7 * plan.ROW_COST_CPU) and got.drafter_cost == plan.DRAFTER_COST
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear, bf16_exact, max_rows  # noqa: F401 (public here)
+from nbdiff.cpu_kernel.linear import MAX_ROWS, SmallRowsLinear, bf16_exact, kept_bf16, max_rows  # noqa: F401 (public here)
 
 HERE = Path(__file__).parent
 SOURCES = ("small_m.h", "kernel_body.h", "fp32_rows.h", "avx512.cpp", "avx2.cpp", "avx512_bf16.cpp", "op.cpp", "layers.cpp")
@@ -130,8 +130,8 @@ _lock = threading.Lock()
 _status: KernelStatus | None = None
 
 
-def _switched_off() -> bool:
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off")
+def _switched_off(name: str = ENV_SWITCH) -> bool:
+    return os.environ.get(name, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def describe() -> str:
@@ -246,7 +246,7 @@ def keep_bf16(layers: list[nn.Module]) -> int:
         if w.dtype is not torch.float32 or not bf16_exact(w):
             continue
         module.weight = nn.Parameter(w.detach().to(torch.bfloat16), requires_grad=w.requires_grad)
-        module._kept_bf16 = True  # for users of the weight alone (a drafter's head rows): widen it, fp32 sums
+        module._kept_bf16 = True  # read through kept_bf16 by users of the weight alone (a drafter's head rows)
         changed += 1
     return changed
 
@@ -266,8 +266,7 @@ def install(model: nn.Module, fast_forward: bool = True, bf16_weights: bool = Fa
         return KernelStatus(False, f"off (no CPU linear layers in {' or '.join(NAMES[d] for d in kinds) or 'any dtype it takes here'})")
     state = status()
     if state.ready:
-        kept = keep_bf16(layers) if bf16_weights and os.environ.get(BF16_SWITCH, "1").strip().lower() not in (
-            "0", "false", "no", "off") else 0
+        kept = keep_bf16(layers) if bf16_weights and not _switched_off(BF16_SWITCH) else 0
         for module in layers:
             module.__class__ = SmallRowsLinear
             module._isa = state.isa

@@ -59,6 +59,11 @@ def few_rows_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
     return F.linear(x, w, bias)
 
 
+def kept_bf16(layer) -> bool:
+    """Whether `layer` (a linear layer, or None) holds a weight kept in bf16 under fp32 sums (keep_bf16)."""
+    return bool(getattr(layer, "_kept_bf16", False))
+
+
 def bf16_exact(w: torch.Tensor, chunk: int = 1 << 22) -> bool:
     """Whether every value of the fp32 tensor `w` is a bf16 number (its low 16 bits all zero), so that a bf16
     copy holds it exactly. Read in pieces of `chunk` elements (no full-size temporary)."""

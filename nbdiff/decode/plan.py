@@ -118,7 +118,7 @@ def plan_drafting(model, options: DecodeOptions, *, registry=None) -> DraftingPl
     follows = LOOKUP_FOLLOWS and kind == NGRAM and block > 2 and kernel_isa(model) == 1
     if follows:
         why += "; each row's lookup draft at most one token longer than its last accepted run (wide verifies cost on AVX2)"
-    costs = verify_costs(model, block) if drafter is not None and cuts_by_cost(model) else ()
+    costs = verify_costs(model, block) if drafter is not None and COST_CUT else ()
     return DraftingPlan(kind, block, drafter, lookup, options.draft_threshold if drafter is not None else 0.0,
                         costs, drafter_cost(model) if drafter is not None else 0.0, source, name,
                         f"{why}; block size {block}: {because}",
@@ -154,30 +154,25 @@ DRAFTER_COST_BF16 = 0.16
 """The same against a one-token step of the model's weights kept in bf16: 6.9-7.8 ms against 41-45 ms."""
 
 
-COST_CUT: bool | None = False
+COST_CUT = False
 """True: a trained drafter's drafts (and lookup's, lookup first) are cut to the length with the most expected tokens per
-verify cost (nbdiff.drafter.decoding.best_length). False (the default): drafts are cut by --draft-threshold alone.
-None: cut by cost where the model's weights are kept in bf16 on a CPU (`kept_bf16`), by the threshold elsewhere.
-Measured and left off: with fp32 weights, in interleaved rounds on the 0.5B the cut verified fewer tokens (1.72
-against 1.75 kept per forward on held-out code) without a speed-up that showed through the machine's noise
-(docs/benchmarks/drafter-qwen05.md, section 9); with kept bf16 weights, at block 4, 25.3 against 27.2 tokens/s
-(section 10)."""
+verify cost (nbdiff.drafter.decoding.best_length; with the bf16 costs where the model's weights are kept in bf16).
+False (the default): drafts are cut by --draft-threshold alone. Measured and left off: with fp32 weights, in
+interleaved rounds on the 0.5B the cut verified fewer tokens (1.72 against 1.75 kept per forward on held-out code)
+without a speed-up that showed through the machine's noise (docs/benchmarks/drafter-qwen05.md, section 9); with kept
+bf16 weights, at block 4, 25.3 against 27.2 tokens/s (section 10)."""
 
 
 def kept_bf16(model) -> bool:
     """Whether the model's output layer reads weights kept in bf16 under fp32 sums (nbdiff.cpu_kernel.keep_bf16)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return bool(getattr(head, "_kept_bf16", False))
+    from nbdiff.cpu_kernel.linear import kept_bf16 as layer_kept
 
-
-def cuts_by_cost(model) -> bool:
-    """COST_CUT for this model (None: where its weights are kept in bf16)."""
-    return kept_bf16(model) if COST_CUT is None else COST_CUT
+    return layer_kept(model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None)
 
 
 def drafter_cost(model) -> float:
+    """A trained drafter forward's cost against a one-token step of this model."""
     return DRAFTER_COST_BF16 if kept_bf16(model) else DRAFTER_COST
-
 
 
 def verify_costs(model, block: int) -> tuple[float, ...]:

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nbdiff.cpu_kernel.linear import few_rows_linear
+from nbdiff.cpu_kernel.linear import few_rows_linear, kept_bf16
 from nbdiff.drafter.config import DrafterConfig
 
 
@@ -209,7 +209,7 @@ class Drafter(nn.Module):
     def head(self, h: torch.Tensor) -> torch.Tensor:
         """The AR LM head (frozen) on h [B, b, H], restricted to the draft vocabulary."""
         weight, bias = self._head_rows()
-        if not getattr(self.lm_head, "_kept_bf16", False):  # kept: an fp32 head stored in bf16, widened as it is read
+        if not kept_bf16(self.lm_head):  # kept: an fp32 head stored in bf16, widened as it is read
             h = h.to(weight.dtype)
         # where the AR head takes nbdiff's few-row CPU kernel its rows here do too (isa 0: torch's product)
         return few_rows_linear(h, weight, bias, getattr(self.lm_head, "_isa", 0))
