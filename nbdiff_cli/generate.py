@@ -78,6 +78,7 @@ def generate(
                            accepted_length=round(final.accepted_length, 4), drafted=final.drafted,
                            accepted=final.accepted, accepted_at=final.accepted_at,
                            drafter_forwards=final.drafter_forwards,  # `forwards` counts the AR model's only
+                           drafter_gated=final.drafter_gated,  # row blocks the first-token gate left to lookup
                            near_ties=final.near_ties)  # kept tokens decided by a near-tie (nbdiff.decode.exact)
         typer.echo(json.dumps(payload, ensure_ascii=False))
         return

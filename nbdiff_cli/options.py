@@ -86,6 +86,8 @@ DrafterOpt = Annotated[str, typer.Option("--drafter", help="Exact mode: auto (pr
                                          rich_help_panel=DECODING)]
 DraftThreshold = Annotated[float, typer.Option("--draft-threshold", help="Trained drafter: verify drafted tokens while the product of their draft probabilities exceeds this (0 = the whole block).",
                                                rich_help_panel=DECODING)]
+DraftGate = Annotated[Optional[float], typer.Option("--draft-gate", help="Trained drafter: run it for a block only where the model's confidence in the block's first token is at least this (0 = every block). [default: the plan's, 0.6]",
+                                                    rich_help_panel=DECODING)]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt (chat template).", rich_help_panel=DECODING)]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.", rich_help_panel=HARDWARE)]
 Dtype = Annotated[DtypeChoice, typer.Option("--dtype", help="Weight dtype (auto: bf16 on GPU and on CPUs with native bf16, else fp32; `nbdiff info` shows the choice).", rich_help_panel=HARDWARE)]
@@ -117,6 +119,7 @@ DECODING_FLAGS = {
     "block_size": BlockSize, "sub_blocks": SubBlocks, "threshold": Threshold, "confidence": ConfidenceOpt,
     "temperature": Temperature, "top_k": TopK, "top_p": TopP, "max_new_tokens": MaxNewTokens, "seed": Seed,
     "exact": Exact, "draft_steps": DraftSteps, "drafter": DrafterOpt, "draft_threshold": DraftThreshold,
+    "draft_gate": DraftGate,
 }
 HARDWARE_FLAGS = {"device": Device, "dtype": Dtype, "quantize": Quantize}
 _CHOICES = {"confidence": Confidence}

@@ -19,6 +19,16 @@ def quiet_hf():
 
 
 @pytest.fixture
+def ungated_drafters(monkeypatch):
+    """Trained drafters draft every block unless a test sets --draft-gate itself: a tiny random model gives every
+    token a confidence of about 1/vocabulary, so the plan's first-token gate (nbdiff.decode.plan.DRAFT_GATE, tested in
+    tests/test_drafter_decode.py with gates chosen from such confidences) would leave every block to lookup."""
+    from nbdiff.decode import plan
+
+    monkeypatch.setattr(plan, "DRAFT_GATE", 0.0)
+
+
+@pytest.fixture
 def anyio_backend():
     return "asyncio"
 

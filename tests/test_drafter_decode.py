@@ -16,6 +16,8 @@ from nbdiff.testing import ARCHITECTURES, tiny_model
 
 from decode_helpers import assert_top2_ar_distribution, linked_copy
 
+pytestmark = pytest.mark.usefixtures("ungated_drafters")  # gates set per test (conftest)
+
 MASK = 383
 PROMPTS = [[5, 17, 33, 80, 12, 7, 99], [40, 41], [300, 12, 9, 9, 61]]
 
@@ -155,6 +157,70 @@ def test_lookup_first_then_the_trained_drafter(tmp_path):
     both = run(model, prompts, block_size=8, drafter=f"lookup+{tmp_path / 'd'}", max_new_tokens=16)[-1]
     assert both.tokens == alone.tokens == [reference(model, p, 16) for p in prompts]
     assert both.drafter_forwards < alone.drafter_forwards
+
+
+# the first-token gate: the drafter runs only where the model is sure of the block's first token ---------------
+
+
+def _first_confidences(events):
+    """(seq, block) -> the model's confidence in that block's first token (the AR step's record)."""
+    from nbdiff.decode.events import StepEvent
+
+    return {(e.seq, e.block): e.confidences[0] for e in events if isinstance(e, StepEvent) and e.ar}
+
+
+def test_the_first_token_gate_leaves_unsure_blocks_to_lookup_and_stays_exact(monkeypatch):
+    """Blocks whose first token's confidence is under the gate get no drafter draft, the others the whole block's
+    (threshold 0); replies are AR's whatever the gate, and the drafter's cache, filled only when it drafts,
+    still gives the last draft the logits of features computed from scratch."""
+    model = tiny_model("llama")
+    drafter = random_drafter(model)
+    truth = [reference(model, p, 24) for p in PROMPTS]
+    ungated = run(model, PROMPTS, block_size=4, drafter=drafter, max_new_tokens=24, draft_threshold=0.0, draft_gate=0.0)
+    confs = sorted(_first_confidences(ungated).values())
+    gate = confs[len(confs) // 2]  # about half the blocks under it
+    seen = {}
+    real_forward = drafter.forward
+
+    def spy(block_ids, block_pos, feats=None, feat_pos=None, attn_mask=None, cache=None, logits_from=0):
+        out = real_forward(block_ids, block_pos, feats, feat_pos, attn_mask, cache, logits_from)
+        seen.update(block=block_ids.clone(), pos=block_pos.clone(), logits=out.clone(), mask=attn_mask)
+        return out
+
+    monkeypatch.setattr(drafter, "forward", spy)
+    events = run(model, PROMPTS, block_size=4, drafter=drafter, max_new_tokens=24, draft_threshold=0.0, draft_gate=gate)
+    final = events[-1]
+    assert ungated[-1].tokens == final.tokens == truth
+    first = _first_confidences(events)
+    blocks = [e for e in events if isinstance(e, BlockEvent)]
+    under = [e for e in blocks if first[e.seq, e.block] < gate]
+    over = [e for e in blocks if first[e.seq, e.block] >= gate and not e.last]
+    assert under and over
+    assert all(e.drafted == [] for e in under)  # no drafter draft (these prompts give lookup no match either)
+    assert all(e.drafted for e in over) and any(len(e.drafted) == 3 for e in over)  # drafted as without the gate
+    assert final.drafter_gated >= len(under) and 0 < final.drafter_forwards < ungated[-1].drafter_forwards
+    assert final.plan["draft_gate"] == gate
+    # the last drafter forward read features absorbed in pieces of several columns: as from one plain AR forward
+    if seen["mask"] is None:  # no row had a rejected column hidden at that forward: each row's text is contiguous
+        for i, prompt in enumerate(PROMPTS):
+            text = prompt + truth[i][: int(seen["pos"][i, 0]) - len(prompt)]
+            with torch.no_grad():
+                hs = model(torch.tensor([text]), output_hidden_states=True).hidden_states
+                feats = drafter.fuse(drafter.select(hs))
+                alone = real_forward(seen["block"][i:i + 1], seen["pos"][i:i + 1], feats, torch.arange(len(text))[None])[:, 1:]
+            torch.testing.assert_close(seen["logits"][i:i + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_a_gate_of_one_never_runs_the_drafter_and_zero_always_does():
+    model = tiny_model("qwen2")
+    drafter = random_drafter(model)
+    never = run(model, PROMPTS[:1], block_size=4, drafter=drafter, max_new_tokens=12, draft_gate=1.0)[-1]
+    always = run(model, PROMPTS[:1], block_size=4, drafter=drafter, max_new_tokens=12, draft_threshold=0.0, draft_gate=0.0)[-1]
+    assert never.tokens == always.tokens == [reference(model, PROMPTS[0], 12)]
+    assert never.drafter_forwards == 0 and never.drafter_gated > 0
+    assert always.drafter_forwards > 0 and always.drafter_gated == 0
+    with pytest.raises(NBDiffError, match="--draft-gate"):
+        DecodeOptions(exact=True, draft_gate=1.5)
 
 
 # sampling: the speculative rule keeps the AR distribution ----------------------------------------

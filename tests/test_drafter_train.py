@@ -16,6 +16,8 @@ from nbdiff.drafter.data import build_blocks, dense_mask, sample_anchors, valid_
 from nbdiff.drafter.train import DrafterTraining, ar_hidden_states, build_drafter
 from nbdiff.errors import NBDiffError
 
+pytestmark = pytest.mark.usefixtures("ungated_drafters")  # gates set per test (conftest)
+
 WORDS = "the quick brown fox jumps over a lazy dog hello how are you today once upon a time fortune".split()
 
 

@@ -16,6 +16,8 @@ from nbdiff.drafter.folder import REGISTRY_ENV, shipped_drafter
 from nbdiff.errors import NBDiffError
 from nbdiff.testing import random_drafter, save_tiny_checkpoint, save_tiny_converted, tiny_model
 
+pytestmark = pytest.mark.usefixtures("ungated_drafters")  # gates set per test (conftest)
+
 
 @pytest.fixture
 def registry(tmp_path, monkeypatch):
@@ -80,6 +82,11 @@ def test_a_plan_for_each_drafter_value(converted, tmp_path):
     both = plan_drafting(model, DecodeOptions(drafter=f"lookup+{tmp_path / 'd'}", block_size=4, draft_threshold=0.3))
     assert (both.kind, both.block_size, both.lookup_first, both.draft_threshold) == ("trained", 4, True, 0.3)
     assert both.drafter is folder.drafter  # loaded once per model
+    from nbdiff.decode import plan as plan_module
+
+    assert folder.draft_gate == plan_module.DRAFT_GATE and steps.draft_gate == auto.draft_gate == 0.0  # trained only
+    gated = plan_drafting(model, DecodeOptions(drafter=str(tmp_path / "d"), draft_gate=0.25))
+    assert gated.draft_gate == 0.25 and gated.to_dict()["draft_gate"] == 0.25
     loaded = random_drafter(model, mask, block_size=16, seed=1)
     given = plan_drafting(model, DecodeOptions(drafter=loaded))
     assert given.drafter is loaded and given.source is None and given.block_size == 16 and given.name.startswith("<Drafter")

@@ -30,7 +30,10 @@ MODES = {
     "block-1": dict(block_size=1),
     "block-8-threshold": dict(block_size=8, threshold=0.5),
     "exact-lookup": dict(exact=True, drafter="ngram", block_size=4),
-    "exact-drafter": dict(exact=True, block_size=4, draft_threshold=0.0),  # + the trained drafter
+    "exact-drafter": dict(exact=True, block_size=4, draft_threshold=0.0, draft_gate=0.0),  # + the trained drafter
+    # the first-token gate at about the tiny models' median confidence: the drafter skips about half the blocks, so
+    # its cache is filled in pieces of several columns, and a turn's kept prefix must still be a fresh call's
+    "exact-drafter-gated": dict(exact=True, block_size=4, draft_threshold=0.0, draft_gate=0.014),
 }
 FIGURES = ("new_tokens", "forwards", "tokens_per_forward", "steps", "drafted", "accepted", "verified_blocks",
            "drafter_forwards", "finish_reason", "prompt_tokens")
@@ -52,7 +55,7 @@ def tiny(request, tmp_path_factory):
 
 def options_for(mode: str, drafter_dir: str, **extra) -> DecodeOptions:
     opts = dict(MODES[mode], **extra)
-    if mode == "exact-drafter":
+    if mode.startswith("exact-drafter"):
         opts["drafter"] = drafter_dir
     return DecodeOptions(**opts)
 
@@ -133,8 +136,10 @@ def converse(model, tok, options: DecodeOptions, turns=TURNS, session: Session |
 def test_every_turn_through_a_session_equals_a_fresh_call(tiny, mode):
     _, model, tok, drafter_dir = tiny
     finals = converse(model, tok, options_for(mode, drafter_dir, max_new_tokens=12))
-    if mode == "exact-drafter":
+    if mode.startswith("exact-drafter"):
         assert all(kept.drafter_forwards > 0 for kept, _ in finals)
+    if mode == "exact-drafter-gated":
+        assert any(kept.drafter_gated > 0 for kept, _ in finals)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -241,9 +246,13 @@ def test_chat_turns_equal_fresh_calls(tiny, monkeypatch, mode):
     folder, _, _, drafter_dir = tiny
     flags = {"block-1": ["--block-size", "1"], "block-8-threshold": ["--block-size", "8", "--threshold", "0.5"],
              "exact-lookup": ["--exact", "--drafter", "ngram", "--block-size", "4"],
-             "exact-drafter": ["--drafter", drafter_dir, "--block-size", "4", "--draft-threshold", "0"]}[mode]
+             "exact-drafter": ["--drafter", drafter_dir, "--block-size", "4", "--draft-threshold", "0", "--draft-gate", "0"],
+             "exact-drafter-gated": ["--drafter", drafter_dir, "--block-size", "4", "--draft-threshold", "0",
+                                     "--draft-gate", "0.014"]}[mode]
     output, seen = chat_turns(monkeypatch, folder, ["-n", "12", "--dtype", "fp32", *flags])
     assert_chat_equals_fresh(output, seen)
+    if mode == "exact-drafter-gated":  # the flag reached the plan: some blocks skipped the drafter, some did not
+        assert any(final.drafter_gated for *_, final in seen) and all(final.drafter_forwards for *_, final in seen)
 
 
 # ---- SmolLM2 and the default model (slower) ---------------------------------------------------------

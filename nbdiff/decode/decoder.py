@@ -162,7 +162,7 @@ class Decoding:
         if self.mask_id is None or self.mask_id < 0:  # a plain AR model: the block's filler is the drafter's mask
             self.mask_id = drafter.config.mask_token_id
         return TrainedDrafting(drafter, self.ctx, lookup=self.plan.lookup_first, draft_threshold=self.plan.draft_threshold,
-                               costs=self.plan.verify_costs, drafter_cost=self.plan.drafter_cost)
+                               costs=self.plan.verify_costs, drafter_cost=self.plan.drafter_cost, gate=self.plan.draft_gate)
 
     # ---- small helpers ---------------------------------------------------------------------
 
@@ -282,16 +282,18 @@ class Decoding:
             block.tokens[torch.tensor(where_rows), torch.tensor(where_offs)] = torch.tensor(values, device=self.ctx.device)
         yield from events
 
-    def drafts(self, first: list[int], width: int) -> tuple[list[list[int]], list[list[float]] | None] | None:
+    def drafts(self, first: list[int], width: int, first_conf: list[float] | None = None
+               ) -> tuple[list[list[int]], list[list[float]] | None] | None:
         """Exact mode's drafts made before the block opens: per row up to width - 1 tokens (and their
-        confidences) from the n-gram lookup or the trained drafter; None = the block's denoising drafts it."""
+        confidences) from the n-gram lookup or the trained drafter (gated by the first tokens' confidences
+        `first_conf`); None = the block's denoising drafts it."""
         o = self.options
         if not o.exact or not (self.trained is not None or self.plan.kind == NGRAM):
             return None
         histories = [None if self.done(i) or first[i] in self.eos else self.prompts[i] + self.produced[i] + [first[i]]
                      for i in range(len(first))]
         if self.trained is not None:
-            found = self.trained.drafts(self.ctx, first, width, histories)
+            found = self.trained.drafts(self.ctx, first, width, histories, first_conf)
             return found.tokens, found.confidences
         caps = [width - 1 if c is None else min(width - 1, c) for c in self.lookup_cap]
         return [[] if h is None else ngram_draft(h, cap) for h, cap in zip(histories, caps)], None
@@ -424,6 +426,7 @@ class Decoding:
             drafted=s.drafted, accepted=s.accepted, accepted_at=list(s.accepted_at), verified_blocks=s.verified,
             accepted_length=(s.verified + s.accepted) / s.verified if s.verified else 0.0,
             reused_tokens=self.ctx.reused, drafter_forwards=self.trained.forwards if self.trained is not None else 0,
+            drafter_gated=self.trained.gated if self.trained is not None else 0,
             near_ties=s.near_ties, plan=self.plan.to_dict(),
         )
 
@@ -454,7 +457,7 @@ def decode(
     while True:
         first, first_conf = run.first_tokens()
         width = min(o.block_size, max(o.max_new_tokens - len(p) for p, r in zip(run.produced, run.reasons) if r is None))
-        drafts = run.drafts(first, width)
+        drafts = run.drafts(first, width, first_conf)
         if drafts is not None:
             width = 1 + max(len(d) for d in drafts[0])
         block, events = run.open_block(width, first, first_conf)

@@ -102,6 +102,9 @@ class FinalEvent:
     """Prompt tokens served from a kept cache (chat's next turn) instead of being computed again."""
     drafter_forwards: int = 0
     """Exact mode with a trained drafter: its forwards (`forwards` counts the AR model's only)."""
+    drafter_gated: int = 0
+    """Exact mode with a trained drafter: row blocks left without a drafter draft by the first-token gate
+    (DraftingPlan.draft_gate)."""
     near_ties: int = 0
     """Greedy exact mode: kept tokens whose top two logits were within the dtype's rounding
     (nbdiff.decode.exact.near_ties); a reply with none is block size 1's reply in the same dtype. Counted

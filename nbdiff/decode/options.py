@@ -59,6 +59,11 @@ class DecodeOptions:
     On a CPU a verify of 8 tokens costs about 2x one; 0.05 cut the tokens checked per verify from 6.4 to 0.75 at
     the same tokens per verify with a weak drafter (docs/benchmarks/drafter.md, "Trained drafter: decoding")."""
 
+    draft_gate: float | None = None
+    """Trained drafter: a row's drafter forward runs only where the model's confidence in the block's first token
+    (by --confidence's rule) is at least this; below it the row drafts by lookup or not at all (0 = always draft;
+    None = the plan's DRAFT_GATE, nbdiff.decode.plan)."""
+
     def __post_init__(self) -> None:
         if self.block_size is not None:
             check_block_size(self.block_size, "--block-size")
@@ -86,6 +91,8 @@ class DecodeOptions:
         self._check_drafter()
         if not 0.0 <= self.draft_threshold < 1.0:
             raise NBDiffError(f"--draft-threshold must be in [0, 1), got {self.draft_threshold}", "0 verifies every draft token")
+        if self.draft_gate is not None and not 0.0 <= self.draft_gate <= 1.0:
+            raise NBDiffError(f"--draft-gate must be in [0, 1], got {self.draft_gate}", "0 runs the drafter at every block")
 
     def _check_drafter(self) -> None:
         """'diffusion', 'ngram', or a trained drafter (which turns exact mode on: it only drafts for verification)."""

@@ -2,9 +2,12 @@
 
     prefill (AR, causal, hidden states kept)  -> the first token; features of the prompt columns
     per block:
-        absorb: fuse the AR hidden states of the columns the last AR pass added (and kept), project
-                them into every draft layer's keys/values: the drafter's FeatureCache grows by the
-                accepted tokens only
+        collect: keep the chosen AR layers' outputs of the columns the last AR pass added (and kept)
+        gate:   a row whose block's first token the model gave less than the plan's `draft_gate`
+                confidence gets no drafter draft (lookup's, or none: a one-token pass, block size 1's step)
+        absorb: where a drafter forward follows, fuse everything collected since the last one and
+                project it into every draft layer's keys/values (one product for several columns):
+                the drafter's FeatureCache grows by the accepted tokens only
         draft:  ONE drafter forward of [first token, MASK, ...] at the block's positions against the
                 cached features; draft = argmax at offsets 1..b-1 (mapped back to AR ids)
         width:  the leading draft tokens whose product of draft probabilities stays above
@@ -114,8 +117,9 @@ class TrainedDrafting:
     """The drafter side of one decode() run: its feature cache (on the context) and its forwards."""
 
     def __init__(self, drafter: Drafter, ctx, *, lookup: bool = False, draft_threshold: float = 0.0,
-                 costs: Sequence[float] = (), drafter_cost: float = 0.0):
-        self.drafter, self.lookup, self.draft_threshold = drafter, lookup, draft_threshold
+                 costs: Sequence[float] = (), drafter_cost: float = 0.0, gate: float = 0.0):
+        self.drafter, self.lookup, self.draft_threshold, self.gate = drafter, lookup, draft_threshold, gate
+        self.gated = 0  # row steps the first-token gate left without a drafter draft
         # no costs, or a threshold of 0 (verify every draft token): drafts are not cut by cost
         self.costs = tuple(costs) if draft_threshold > 0 else ()
         self.drafter_cost = drafter_cost
@@ -131,17 +135,32 @@ class TrainedDrafting:
             if ctx.length:
                 ctx.forget()
         self.cache = cache
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # collected columns not absorbed yet
+        self.pending_length = 0
 
-    @torch.no_grad()
-    def absorb(self, ctx) -> None:
-        """Features of the columns the last AR pass added and the context kept."""
-        new = ctx.length - self.cache.length
+    def collect(self, ctx) -> None:
+        """Keep the drafter's inputs from the columns the last AR pass added and the context kept (the chosen layers'
+        outputs, concatenated); `absorb` turns them into features only when a drafter forward needs them, so steps
+        that draft by lookup, or that the first-token gate skips, cost no drafter arithmetic."""
+        new = ctx.length - self.cache.length - self.pending_length
         if new <= 0:
             return
         states = self.drafter.select(ctx.hidden_states)  # each [B, n, H], n >= new
-        feats = self.drafter.fuse([h[:, :new] for h in states])  # [B, new, H]
-        self.drafter.extend(self.cache, feats, ctx.last_positions[:, :new])
+        self.pending.append((torch.cat([h[:, :new] for h in states], -1), ctx.last_positions[:, :new]))
+        self.pending_length += new
         ctx.hidden_states = None  # every layer's states of the pass: not kept longer than needed
+
+    @torch.no_grad()
+    def absorb(self, ctx) -> None:
+        """Fuse the collected columns into features and project them into the drafter's cache (one product for all
+        the columns collected since the last drafter forward)."""
+        self.collect(ctx)
+        if not self.pending:
+            return
+        states = torch.cat([x for x, _ in self.pending], 1) if len(self.pending) > 1 else self.pending[0][0]
+        positions = torch.cat([q for _, q in self.pending], 1) if len(self.pending) > 1 else self.pending[0][1]
+        self.pending, self.pending_length = [], 0
+        self.drafter.extend(self.cache, self.drafter.fuse_concatenated(states), positions)
 
     def _mask(self, ctx, width: int) -> torch.Tensor | None:
         """[B, 1, width, C + width] bool: the context's visible columns, then the whole block; None if all visible."""
@@ -187,9 +206,11 @@ class TrainedDrafting:
                 self.lookup_kept[i] += kept
                 self.lookup_tried[i] += min(kept + 1, checked)
 
-    def drafts(self, ctx, first: Sequence[int], width: int, histories: Sequence[Sequence[int] | None]) -> Drafts:
-        """Per row a draft of at most width - 1 tokens (rows whose history is None get none)."""
-        self.absorb(ctx)  # every AR pass's kept columns, also when no drafter forward follows
+    def drafts(self, ctx, first: Sequence[int], width: int, histories: Sequence[Sequence[int] | None],
+               first_conf: Sequence[float] | None = None) -> Drafts:
+        """Per row a draft of at most width - 1 tokens (rows whose history is None get none). `first_conf`: the
+        model's confidence in each row's first token; a row below the gate gets no drafter draft this step."""
+        self.collect(ctx)  # every AR pass's kept columns, also when no drafter forward follows
         B = len(first)
         tokens: list[list[int]] = [[] for _ in range(B)]
         confs: list[list[float]] = [[] for _ in range(B)]
@@ -207,7 +228,13 @@ class TrainedDrafting:
                 if found:  # (a lookup draft cut to nothing: the drafter's turn)
                     tokens[i], confs[i], need[i] = found, [1.0] * len(found), False
                     self.looked[i] = True
+        if self.gate > 0 and first_conf is not None:
+            for i, c in enumerate(first_conf):
+                if need[i] and c < self.gate:
+                    need[i] = False
+                    self.gated += 1
         if width > 1 and any(need):
+            self.absorb(ctx)
             ids, conf = self.model_drafts(ctx, first, width)
             for i, k in enumerate(self.checked(conf)):
                 if need[i]:

@@ -41,15 +41,21 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotary embedding (rotate-half convention) of x [B, h, T, d] at positions pos [B, T]."""
-    d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))  # [d/2]
+def rope_tables(pos: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [B, 1, T, d] of the rotary embedding at positions pos [B, T] (rotate-half convention); one pair
+    serves every layer's queries and keys at those positions."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d))  # [d/2]
     ang = pos.float()[:, None, :, None] * inv  # [B, 1, T, d/2]
-    cos, sin = torch.cat([ang, ang], -1).cos(), torch.cat([ang, ang], -1).sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated * sin).to(x.dtype)
+    ang = torch.cat([ang, ang], -1)
+    return ang.cos(), ang.sin()
+
+
+def rope(x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary embedding of x [B, h, T, d] with `rope_tables` of its positions."""
+    cos, sin = tables
+    xf = x.float()
+    x1, x2 = xf.chunk(2, dim=-1)
+    return (xf * cos + torch.cat([-x2, x1], dim=-1) * sin).to(x.dtype)
 
 
 @dataclass
@@ -88,14 +94,16 @@ class Attention(nn.Module):
             y = getattr(self, norm)(y)
         return y.transpose(1, 2)  # [B, h, T, d]
 
-    def project_kv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys (normed, rotated) and values [B, kv_heads, T, d] of inputs x [B, T, H] at positions pos [B, T]."""
-        return rope(self._heads(x, self.k_proj, "k_norm"), pos, self.c.rope_theta), self._heads(x, self.v_proj, None)
+    def project_kv(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys (normed, rotated) and values [B, kv_heads, T, d] of inputs x [B, T, H]; `tables`: `rope_tables` of
+        their positions."""
+        return rope(self._heads(x, self.k_proj, "k_norm"), tables), self._heads(x, self.v_proj, None)
 
-    def forward(self, x, pos, ctx_k, ctx_v, mask):
-        """x [B, b, H] (normed block), ctx_k/ctx_v [B, kv, C, d]; mask bool/additive [B, 1, b, C + b], BlockMask or None."""
-        q = rope(self._heads(x, self.q_proj, "q_norm"), pos, self.c.rope_theta)  # [B, h, b, d]
-        k_blk, v_blk = self.project_kv(x, pos)
+    def forward(self, x, tables, ctx_k, ctx_v, mask):
+        """x [B, b, H] (normed block), `rope_tables` of its positions, ctx_k/ctx_v [B, kv, C, d]; mask bool/additive
+        [B, 1, b, C + b], BlockMask or None."""
+        q = rope(self._heads(x, self.q_proj, "q_norm"), tables)  # [B, h, b, d]
+        k_blk, v_blk = self.project_kv(x, tables)
         k, v = torch.cat([ctx_k, k_blk], 2), torch.cat([ctx_v, v_blk], 2)  # [B, kv, C + b, d]
         if mask is not None and not isinstance(mask, torch.Tensor):  # a flex-attention BlockMask (training on GPU)
             from torch.nn.attention.flex_attention import flex_attention
@@ -126,8 +134,8 @@ class DraftLayer(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
-    def forward(self, x, pos, ctx_k, ctx_v, mask):
-        x = x + self.self_attn(self.input_layernorm(x), pos, ctx_k, ctx_v, mask)
+    def forward(self, x, tables, ctx_k, ctx_v, mask):
+        x = x + self.self_attn(self.input_layernorm(x), tables, ctx_k, ctx_v, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -169,13 +177,17 @@ class Drafter(nn.Module):
 
     def fuse(self, hidden_states: list[torch.Tensor]) -> torch.Tensor:
         """AR layer outputs (each [B, T, H], in target_layer_ids order) -> context features [B, T, H]."""
-        x = torch.cat(hidden_states, dim=-1).to(self.dtype)
-        return self.hidden_norm(self.fc(x))
+        return self.fuse_concatenated(torch.cat(hidden_states, dim=-1))
+
+    def fuse_concatenated(self, x: torch.Tensor) -> torch.Tensor:
+        """`fuse` of the layer outputs already concatenated along the last axis [B, T, n * H]."""
+        return self.hidden_norm(self.fc(x.to(self.dtype)))
 
     def extend(self, cache: FeatureCache, feats: torch.Tensor, feat_pos: torch.Tensor) -> None:
         """Append context features [B, n, H] at positions [B, n] to a decoding cache (every layer's K/V)."""
+        tables = self.rope_tables(feat_pos)
         for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.project_kv(feats, feat_pos)
+            k, v = layer.self_attn.project_kv(feats, tables)
             if i < len(cache.keys):
                 cache.keys[i] = torch.cat([cache.keys[i], k], 2)
                 cache.values[i] = torch.cat([cache.values[i], v], 2)
@@ -198,12 +210,14 @@ class Drafter(nn.Module):
         with torch.no_grad():
             x = self.embed_tokens(block_ids)
         x = x.to(self.dtype)  # [B, b, H]
+        tables = self.rope_tables(block_pos)
+        feat_tables = self.rope_tables(feat_pos) if cache is None else None
         for i, layer in enumerate(self.layers):
             if cache is not None:
                 ctx_k, ctx_v = cache.keys[i], cache.values[i]
             else:
-                ctx_k, ctx_v = layer.self_attn.project_kv(feats, feat_pos)
-            x = layer(x, block_pos, ctx_k, ctx_v, attn_mask)
+                ctx_k, ctx_v = layer.self_attn.project_kv(feats, feat_tables)
+            x = layer(x, tables, ctx_k, ctx_v, attn_mask)
         return self.head(self.norm(x[:, logits_from:]))
 
     def head(self, h: torch.Tensor) -> torch.Tensor:
@@ -225,6 +239,10 @@ class Drafter(nn.Module):
         if self._rows is None or self._rows[0] != key:
             self._rows = (key, weight[self.draft_ids], bias[self.draft_ids] if bias is not None else None)
         return self._rows[1], self._rows[2]
+
+    def rope_tables(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables of positions pos [B, T] (shared by every draft layer)."""
+        return rope_tables(pos, self.config.head_dim, self.config.rope_theta)
 
     def to_full_vocab(self, ids: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary ids (e.g. argmax of the logits) -> AR vocabulary ids."""

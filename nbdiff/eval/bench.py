@@ -442,7 +442,7 @@ def _decode_options(spec: RowSpec, config: BenchConfig, max_new_tokens: int):
 def _final_extras(final) -> dict[str, float]:
     """Exact-mode counts of a FinalEvent (absent from decoders without exact mode): summable per suite."""
     out: dict[str, float] = {}
-    for name in ("drafted", "accepted", "verified_blocks", "drafter_forwards", "near_ties"):
+    for name in ("drafted", "accepted", "verified_blocks", "drafter_forwards", "drafter_gated", "near_ties"):
         value = getattr(final, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
             out[name] = float(value)
@@ -719,6 +719,8 @@ def _exact_figures(chosen: Sequence[Sample]) -> dict[str, float]:
     if sums.get("drafter_forwards"):  # a trained drafter's forwards, apart from the AR forwards of the row
         out["drafter_forwards"] = sums["drafter_forwards"]
         out["checked_per_verify"] = sums.get("drafted", 0.0) / blocks  # draft tokens a verify checks (its width - 1)
+    if sums.get("drafter_gated"):  # row blocks the first-token gate left to lookup (DraftingPlan.draft_gate)
+        out["drafter_gated"] = sums["drafter_gated"]
     for k in (1, 2, 3):
         if f"accepted_at_{k}" in sums:
             out[f"accepted_at_{k}"] = sums[f"accepted_at_{k}"] / blocks
