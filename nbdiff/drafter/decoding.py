@@ -157,8 +157,7 @@ class TrainedDrafting:
         self.collect(ctx)
         if not self.pending:
             return
-        states = torch.cat([x for x, _ in self.pending], 1) if len(self.pending) > 1 else self.pending[0][0]
-        positions = torch.cat([q for _, q in self.pending], 1) if len(self.pending) > 1 else self.pending[0][1]
+        states, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))  # [B, n, k * H], [B, n]
         self.pending, self.pending_length = [], 0
         self.drafter.extend(self.cache, self.drafter.fuse_concatenated(states), positions)
 
@@ -228,7 +227,7 @@ class TrainedDrafting:
                 if found:  # (a lookup draft cut to nothing: the drafter's turn)
                     tokens[i], confs[i], need[i] = found, [1.0] * len(found), False
                     self.looked[i] = True
-        if self.gate > 0 and first_conf is not None:
+        if self.gate > 0 and first_conf is not None and width > 1:
             for i, c in enumerate(first_conf):
                 if need[i] and c < self.gate:
                     need[i] = False
