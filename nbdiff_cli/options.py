@@ -86,7 +86,7 @@ DrafterOpt = Annotated[str, typer.Option("--drafter", help="Exact mode: auto (pr
                                          rich_help_panel=DECODING)]
 DraftThreshold = Annotated[float, typer.Option("--draft-threshold", help="Trained drafter: verify drafted tokens while the product of their draft probabilities exceeds this (0 = the whole block).",
                                                rich_help_panel=DECODING)]
-DraftGate = Annotated[Optional[float], typer.Option("--draft-gate", help="Trained drafter: run it for a block only where the model's confidence in the block's first token is at least this (0 = every block). [default: the plan's, 0.6]",
+DraftGate = Annotated[Optional[float], typer.Option("--draft-gate", help="Trained drafter: run it for a block only where the model's confidence in the block's first token is at least this (0 = every block; default 0.6, the plan's DRAFT_GATE).",
                                                     rich_help_panel=DECODING)]
 SystemPrompt = Annotated[Optional[str], typer.Option("--system", help="System prompt (chat template).", rich_help_panel=DECODING)]
 Device = Annotated[DeviceChoice, typer.Option("--device", help="Where to run.", rich_help_panel=HARDWARE)]

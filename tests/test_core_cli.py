@@ -43,6 +43,15 @@ def test_help_is_light_and_lists_every_registered_command():
         assert sub.exit_code == 0, (name, sub.output)
 
 
+def test_the_draft_gate_flag_names_the_plans_default():
+    """The help is light (no nbdiff.decode import), so it states DRAFT_GATE's value itself: kept equal here."""
+    from nbdiff.decode.plan import DRAFT_GATE
+
+    for name in ("generate", "chat", "visualize"):
+        sub = runner.invoke(app, [name, "--help"], env={"COLUMNS": "300"})
+        assert "--draft-gate" in sub.output and f"default {DRAFT_GATE}, the plan's DRAFT_GATE" in sub.output, name
+
+
 def test_settings_validation_names_the_field():
     with pytest.raises(NBDiffError, match="block_size"):
         BlockDiffusionSettings(block_size=3, mask_token_id=1)

@@ -399,6 +399,11 @@ def test_generate_cli_with_a_drafter_folder_and_its_errors(tmp_path):
     assert b["drafter"] == str(tmp_path / "d")
     line = CliRunner().invoke(app, base[:-1] + ["--drafter", str(tmp_path / "d")])
     assert line.exit_code == 0 and f"{b['drafter_forwards']} drafter forwards" in line.output
+    gated = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "d"), "--draft-gate", "1"])  # never sure enough
+    c = json.loads(gated.stdout)
+    assert c["text"] == a["text"] and c["drafter_forwards"] == 0 and c["drafter_gated"] > 0 and c["plan"]["draft_gate"] == 1.0
+    wrong = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "d"), "--draft-gate", "2"])
+    assert wrong.exit_code != 0 and "--draft-gate must be in [0, 1]" in wrong.output and "Traceback" not in wrong.output
     missing = CliRunner().invoke(app, base + ["--drafter", str(tmp_path / "nope")])
     assert missing.exit_code == 1 and "drafter folder" in missing.output and "Traceback" not in missing.output
     other = tmp_path / "other"

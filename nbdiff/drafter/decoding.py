@@ -136,18 +136,16 @@ class TrainedDrafting:
                 ctx.forget()
         self.cache = cache
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # collected columns not absorbed yet
-        self.pending_length = 0
 
     def collect(self, ctx) -> None:
         """Keep the drafter's inputs from the columns the last AR pass added and the context kept (the chosen layers'
         outputs, concatenated); `absorb` turns them into features only when a drafter forward needs them, so steps
         that draft by lookup, or that the first-token gate skips, cost no drafter arithmetic."""
-        new = ctx.length - self.cache.length - self.pending_length
+        new = ctx.length - self.cache.length - sum(positions.shape[1] for _, positions in self.pending)
         if new <= 0:
             return
         states = self.drafter.select(ctx.hidden_states)  # each [B, n, H], n >= new
         self.pending.append((torch.cat([h[:, :new] for h in states], -1), ctx.last_positions[:, :new]))
-        self.pending_length += new
         ctx.hidden_states = None  # every layer's states of the pass: not kept longer than needed
 
     @torch.no_grad()
@@ -158,7 +156,7 @@ class TrainedDrafting:
         if not self.pending:
             return
         states, positions = (torch.cat(parts, 1) for parts in zip(*self.pending))  # [B, n, k * H], [B, n]
-        self.pending, self.pending_length = [], 0
+        self.pending = []
         self.drafter.extend(self.cache, self.drafter.fuse_concatenated(states), positions)
 
     def _mask(self, ctx, width: int) -> torch.Tensor | None:
