@@ -39,7 +39,7 @@ def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
 def plot(
     metrics: Annotated[list[Path], typer.Argument(help="metrics.jsonl of an adapt run (or its --out folder); several runs are overlaid.",
                                                   show_default=False)],
-    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write. [default: loss.png next to the metrics]",
+    output: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write. \\[default: loss.png next to the metrics]",
                                                    show_default=False)] = None,
     title: Annotated[Optional[str], typer.Option("--title", help="Figure title.")] = None,
 ) -> None:

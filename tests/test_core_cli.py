@@ -52,6 +52,14 @@ def test_the_draft_gate_flag_names_the_plans_default():
         assert "--draft-gate" in sub.output and f"default {DRAFT_GATE}, the plan's DRAFT_GATE" in sub.output, name
 
 
+def test_hand_written_defaults_in_help_survive_rich_markup():
+    """Typer reads help as Rich markup, which swallows an unescaped "[default: ...]" that is not its own."""
+    bench = runner.invoke(app, ["bench", "--help"], env={"COLUMNS": "300"}).output
+    for text in ("[default: all]", "[default: --thresholds]", "[default: --draft-threshold's]"):
+        assert text in bench, text
+    assert "[default: loss.png next to the metrics]" in runner.invoke(app, ["plot", "--help"], env={"COLUMNS": "300"}).output
+
+
 def test_settings_validation_names_the_field():
     with pytest.raises(NBDiffError, match="block_size"):
         BlockDiffusionSettings(block_size=3, mask_token_id=1)
